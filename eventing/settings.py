@@ -1,0 +1,175 @@
+"""Typed settings for the local stack, read once at the CLI edge and passed down.
+
+Why a port offset instead of one flag per port: SeaweedFS alone opens a dozen listeners,
+and a test run must start a second stack beside a developer's running one without a
+clash. Shifting every default by one number keeps the well-known ports (9092, 8081,
+8333 …) for the normal case and makes a parallel stack a single flag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Literal
+
+BrokerStorage = Literal["memory", "s3"]
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Every TCP port the local stack listens on (all on the loopback host)."""
+
+    broker: int = 9092
+    registry: int = 8081
+    gateway: int = 8080
+    dispatcher_metrics: int = 9464
+    s3: int = 8333
+    iceberg: int = 8181
+    prometheus: int = 9090
+    otlp_grpc: int = 4317
+    otlp_http: int = 4318
+    # SeaweedFS internals: named explicitly, or `weed mini` binds defaults of its own.
+    weed_master: int = 9333
+    weed_master_grpc: int = 19333
+    weed_volume: int = 8380
+    weed_volume_grpc: int = 18380
+    weed_filer: int = 8888
+    weed_filer_grpc: int = 18888
+    weed_s3_grpc: int = 18333
+    weed_metrics: int = 9327
+    weed_debug: int = 6060
+    weed_admin: int = 23646
+    weed_admin_grpc: int = 33646
+
+    def shifted(self, offset: int) -> Ports:
+        """Return the same layout moved by `offset` (e.g. 20000 for a test stack)."""
+        return Ports(**{f.name: getattr(self, f.name) + offset for f in fields(self)})
+
+    def all(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """S3 keys for the embedded object store, generated per state folder, never in git."""
+
+    access_key: str
+    secret_key: str
+
+    @staticmethod
+    def load_or_create(path: Path) -> Credentials:
+        if path.exists():
+            data = json.loads(path.read_text())
+            return Credentials(data["access_key"], data["secret_key"])
+        creds = Credentials("sluice" + secrets.token_hex(4), secrets.token_urlsafe(24))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"access_key": creds.access_key, "secret_key": creds.secret_key}, fh)
+        return creds
+
+    def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
+        return f"Credentials(access_key={self.access_key!r}, secret_key='***')"
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """Everything `sluice up` needs to know, resolved before any process starts."""
+
+    state_dir: Path
+    project_dir: Path
+    host: str = "127.0.0.1"
+    ports: Ports = field(default_factory=Ports)
+    broker_storage: BrokerStorage = "s3"
+    broker_bucket: str = "tansu"
+    warehouse_bucket: str = "warehouse"
+    schemas_topic: str = "_schemas"
+    traces_topic: str = "sluice.traces"
+    region: str = "us-east-1"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.ports.broker}"
+
+    @property
+    def registry_url(self) -> str:
+        return f"http://{self.host}:{self.ports.registry}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://{self.host}:{self.ports.s3}"
+
+    @property
+    def iceberg_url(self) -> str:
+        return f"http://{self.host}:{self.ports.iceberg}"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://{self.host}:{self.ports.prometheus}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.host}:{self.ports.gateway}"
+
+    @property
+    def schemas_dir(self) -> Path:
+        return self.project_dir / "schemas"
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials.load_or_create(self.state_dir / "credentials.json")
+
+    # The settings file pins a state folder to the ports and storage it was started
+    # with, so `status` and `down` need no flags and never guess.
+    @property
+    def settings_file(self) -> Path:
+        return self.state_dir / "stack.json"
+
+    def save(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        data = {
+            "host": self.host,
+            "ports": self.ports.all(),
+            "broker_storage": self.broker_storage,
+        }
+        self.settings_file.write_text(json.dumps(data, indent=2))
+
+    def with_saved(self) -> StackSettings:
+        """Return these settings overridden by what the state folder was started with."""
+        if not self.settings_file.exists():
+            return self
+        data = json.loads(self.settings_file.read_text())
+        return replace(
+            self,
+            host=data.get("host", self.host),
+            ports=Ports(**data["ports"]),
+            broker_storage=data.get("broker_storage", self.broker_storage),
+        )
+
+
+def default_project_dir() -> Path:
+    """The source checkout that holds `schemas/`, `functions/` and `infra/`."""
+    return Path(__file__).resolve().parent.parent
+
+
+def load_settings(
+    *,
+    state_dir: str | os.PathLike[str] | None = None,
+    port_offset: int = 0,
+    broker_storage: BrokerStorage | None = None,
+    project_dir: str | os.PathLike[str] | None = None,
+) -> StackSettings:
+    """Build settings from explicit values; the CLI maps flags and env vars onto these."""
+    project = Path(project_dir) if project_dir else default_project_dir()
+    state = Path(state_dir) if state_dir else project / ".state"
+    settings = StackSettings(
+        state_dir=state.resolve(),
+        project_dir=project.resolve(),
+        ports=Ports().shifted(port_offset),
+    )
+    if broker_storage:
+        settings = replace(settings, broker_storage=broker_storage)
+    return settings

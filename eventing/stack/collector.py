@@ -1,0 +1,47 @@
+"""rotel, the OTLP collector: receives spans on 4317/4318 and writes them to a topic.
+
+Spans land in Kafka so Sluice's own pipeline can carry its own traces; on a cluster the
+shipped OpenTelemetry Collector config sends them to Tempo instead.
+"""
+
+from __future__ import annotations
+
+from eventing.settings import StackSettings
+from eventing.stack import binaries
+from eventing.stack.health import http_status
+from eventing.stack.process import PartSpec
+
+NAME = "collector"
+
+
+def spec(settings: StackSettings) -> PartSpec:
+    p = settings.ports
+    run_dir = settings.state_dir / "data" / NAME
+    run_dir.mkdir(parents=True, exist_ok=True)
+    http = f"http://{settings.host}:{p.otlp_http}"
+    argv = [
+        binaries.rotel(), "start",
+        "--otlp-grpc-endpoint", f"{settings.host}:{p.otlp_grpc}",
+        "--otlp-http-endpoint", f"{settings.host}:{p.otlp_http}",
+        # Own pid/log names: the defaults are fixed paths in /tmp that two stacks share.
+        "--pid-file", str(run_dir / "rotel.pid"),
+        "--log-file", str(run_dir / "rotel.log"),
+        "--otlp-receiver-metrics-disabled", "--otlp-receiver-logs-disabled",
+        "--exporter", "kafka",
+        "--kafka-exporter-brokers", settings.bootstrap,
+        "--kafka-exporter-traces-topic", settings.traces_topic,
+        "--kafka-exporter-format", "json",
+        "--batch-timeout", "10ms",
+    ]
+    return PartSpec(
+        name=NAME,
+        argv=argv,
+        env=binaries.base_env(),
+        cwd=run_dir,
+        endpoint=f"otlp grpc {settings.host}:{p.otlp_grpc}  http {http}",
+        health=lambda: http_status(
+            http + "/v1/traces", method="POST", content=b'{"resourceSpans": []}',
+            headers={"Content-Type": "application/json"},
+        ) == 200,
+        ports=[p.otlp_grpc, p.otlp_http],
+    )

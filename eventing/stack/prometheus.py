@@ -1,0 +1,63 @@
+"""Prometheus 2.42 (Debian package) scraping every Sluice process of the stack."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from eventing.settings import StackSettings
+from eventing.stack import binaries
+from eventing.stack.health import http_status
+from eventing.stack.process import PartSpec
+
+NAME = "prometheus"
+
+
+def scrape_config(settings: StackSettings) -> dict:
+    """The local scrape config: the same job names the cluster config uses."""
+    h, p = settings.host, settings.ports
+    rules_dir = settings.project_dir / "infra" / "prometheus"
+    return {
+        "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
+        "rule_files": [str(rules_dir / "*.rules.yml")],
+        "scrape_configs": [
+            {"job_name": "prometheus", "static_configs": [{"targets": [f"{h}:{p.prometheus}"]}]},
+            {"job_name": "sluice-registry",
+             "static_configs": [{"targets": [f"{h}:{p.registry}"]}]},
+            {"job_name": "sluice-gateway", "static_configs": [{"targets": [f"{h}:{p.gateway}"]}]},
+            {"job_name": "sluice-dispatcher",
+             "static_configs": [{"targets": [f"{h}:{p.dispatcher_metrics}"]}]},
+            {"job_name": "seaweedfs", "static_configs": [{"targets": [f"{h}:{p.weed_metrics}"]}]},
+        ],
+    }
+
+
+def write_config(settings: StackSettings) -> Path:
+    conf_dir = settings.state_dir / "data" / NAME
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    path = conf_dir / "prometheus.yml"
+    path.write_text(yaml.safe_dump(scrape_config(settings), sort_keys=False))
+    return path
+
+
+def spec(settings: StackSettings) -> PartSpec:
+    config = write_config(settings)
+    tsdb = settings.state_dir / "data" / NAME / "tsdb"
+    tsdb.mkdir(parents=True, exist_ok=True)
+    return PartSpec(
+        name=NAME,
+        argv=[
+            binaries.prometheus(),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tsdb}",
+            f"--web.listen-address={settings.host}:{settings.ports.prometheus}",
+            "--web.enable-lifecycle",
+            "--web.enable-remote-write-receiver",
+        ],
+        env=binaries.base_env(),
+        cwd=tsdb.parent,
+        endpoint=f"prometheus {settings.prometheus_url}",
+        health=lambda: http_status(settings.prometheus_url + "/-/ready") == 200,
+        ports=[settings.ports.prometheus],
+    )
