@@ -1,0 +1,151 @@
+"""Run one user function on one event and turn what it returns into output records.
+
+The same host code serves every invocation mode: the local dispatcher calls it in
+process, and the HTTP wrapper (`eventing.host`, the entry point of a function's
+container) calls it for each POST a KafkaSource sends. That is what makes "the events a
+function returns reach its output topics before its input counts as processed" hold both
+locally and on Knative, where a KafkaSource drops HTTP replies.
+
+A function is a plain `functions-framework` CloudEvent target:
+
+    @functions_framework.cloud_event
+    def enrich(event: CloudEvent) -> CloudEvent | list[CloudEvent] | dict | None: ...
+
+It receives the event with `data` decoded (Avro → dict through the registry, JSON →
+Python objects, anything else stays bytes) and returns nothing, one event, several
+events, or bare dicts (each becomes an event of the input's type). Returned events keep
+the input's `partitionkey` (so per-key order holds along a chain) and its trace context
+unless they set their own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+from cloudevents.http import CloudEvent
+
+from eventing import binding
+from eventing.topology import Function
+
+AVRO_CONTENT_TYPES = frozenset(
+    {"application/avro", "avro/binary", "application/vnd.apache.avro+binary"}
+)
+OutputRecord = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]
+_INHERITED = ("partitionkey", "traceparent", "tracestate")
+
+
+class Serde(Protocol):
+    """What the host needs from `eventing.serde.AvroSerde`."""
+
+    def decode(self, value: bytes) -> Any: ...
+
+    def encode(self, topic: str, record: Any) -> bytes: ...
+
+    def has_schema(self, topic: str) -> bool: ...
+
+
+class OutputError(RuntimeError):
+    """The function returned something that cannot go to any of its outputs."""
+
+
+def load_target(source: Path, target: str) -> Callable[[CloudEvent], Any]:
+    """Import `target` from the file `source` (a functions-framework source file)."""
+    module_name = f"sluice_fn_{source.parent.name}_{abs(hash(str(source)))}"
+    if module_name in sys.modules:
+        module = sys.modules[module_name]
+    else:
+        spec = importlib.util.spec_from_file_location(module_name, source)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {source}")
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(source.parent))  # the function's own helper modules
+        try:
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(source.parent))
+    fn = getattr(module, target, None)
+    if not callable(fn):
+        raise ImportError(f"{source} has no function {target!r} (set `target` in the topology)")
+    return fn
+
+
+class FunctionHost:
+    """Decode → call → route and encode outputs, for one function."""
+
+    def __init__(self, function: Function, serde: Serde | None,
+                 user: Callable[[CloudEvent], Any] | None = None) -> None:
+        self.function = function
+        self.serde = serde
+        self.user = user or load_target(function.source, function.target)
+        self.source_uri = f"/sluice/functions/{function.name}"
+        self._schema_topics = {t: bool(serde and serde.has_schema(t)) for t in function.outputs}
+
+    def decode_data(self, event: CloudEvent) -> None:
+        """Replace the event's bytes with the value the function reads."""
+        data = event.data
+        if not isinstance(data, bytes | bytearray):
+            return
+        ct = event._get_attributes().get("datacontenttype")
+        media = ct.split(";", 1)[0].strip().lower() if ct else None
+        if media in AVRO_CONTENT_TYPES or (data[:1] == b"\x00" and media is None and self.serde):
+            if self.serde is None:
+                raise RuntimeError("Avro data but no schema registry configured")
+            event.data = self.serde.decode(bytes(data))
+        elif binding.is_json_content_type(ct):
+            event.data = orjson.loads(data) if data else None
+
+    def call(self, event: CloudEvent) -> list[OutputRecord]:
+        """Run the function on a decoded-or-raw event and return its output records.
+
+        Raises whatever the function raises (the dispatcher retries and dead-letters),
+        and `OutputError` for a returned event no output takes.
+        """
+        self.decode_data(event)
+        result = self.user(event)
+        if result is None:
+            return []
+        if not isinstance(result, list | tuple):
+            result = (result,)
+        in_attrs = event._get_attributes()
+        records: list[OutputRecord] = []
+        for i, item in enumerate(result):
+            out = self._as_event(item, in_attrs, i)
+            attrs = out._get_attributes()
+            for name in _INHERITED:
+                if name not in attrs and name in in_attrs:
+                    attrs[name] = in_attrs[name]
+            topic = self.function.route(attrs["type"])
+            if topic is None:
+                raise OutputError(
+                    f"function {self.function.name!r} returned an event of type "
+                    f"{attrs['type']!r} that none of its outputs "
+                    f"({', '.join(self.function.outputs) or 'none'}) takes"
+                )
+            if self._schema_topics.get(topic) and not isinstance(out.data, bytes | None):
+                out.data = self.serde.encode(topic, out.data)  # type: ignore[union-attr]
+                attrs["datacontenttype"] = "application/avro"
+            key, value, headers = binding.encode_binary(out, validate=False)
+            records.append((topic, key, value, headers))
+        return records
+
+    def _as_event(self, item: Any, in_attrs: dict[str, Any], index: int) -> CloudEvent:
+        if isinstance(item, CloudEvent):
+            return item
+        if isinstance(item, dict):
+            return binding.make_event({
+                "specversion": "1.0",
+                "id": f"{in_attrs['id']}/{self.function.name}/{index}",
+                "source": self.source_uri,
+                "type": in_attrs["type"],
+                **({"time": in_attrs["time"]} if "time" in in_attrs else {}),
+            }, item)
+        raise OutputError(
+            f"function {self.function.name!r} returned {type(item).__name__}; return a "
+            "CloudEvent, a dict, a list of them, or None"
+        )
