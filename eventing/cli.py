@@ -21,6 +21,9 @@ def _settings(args: argparse.Namespace) -> StackSettings:
         port_offset=int(args.port_offset if args.port_offset is not None
                         else os.environ.get("SLUICE_PORT_OFFSET", "0")),
         broker_storage=getattr(args, "storage", None) or os.environ.get("SLUICE_BROKER_STORAGE"),
+        pipeline=not getattr(args, "no_pipeline", False),
+        gateway_token_file=getattr(args, "token_file", None)
+        or os.environ.get("SLUICE_GATEWAY_TOKEN_FILE"),
     )
     return settings
 
@@ -32,7 +35,7 @@ def _stack(args: argparse.Namespace):
     stack = Stack(settings)
     if stack.running() or args.command in ("status", "down"):
         # A running (or stopped) stack keeps the ports and storage it was started with.
-        settings = settings.with_saved()
+        settings = settings.with_saved(keep_pipeline=args.command == "up")
         stack = Stack(settings)
     return stack
 
@@ -108,6 +111,99 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from eventing import topology as topo
+    from eventing.runner import RunSettings, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    s = _stack(args).settings
+    try:
+        topology = topo.load(args.topology or s.topology_path)
+    except topo.TopologyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    settings = RunSettings(bootstrap=args.bootstrap or s.bootstrap,
+                           registry_url=args.registry or s.registry_url)
+    metrics = (args.metrics_host, args.metrics_port) if args.metrics_port else None
+    stats = run(topology, args.function or [], settings, stop, metrics)
+    for name, st in stats.items():
+        print(f"{name}: {st}")
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from eventing import topology as topo
+    from eventing.gateway import GatewaySettings, serve
+
+    s = _settings(args).with_saved()
+    try:
+        topology = topo.load(args.topology or s.topology_path)
+    except topo.TopologyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    token = os.environ.get("SLUICE_GATEWAY_TOKEN") or None
+    if args.token_file:
+        try:
+            with open(args.token_file) as fh:
+                token = fh.read().strip() or None
+        except OSError as exc:
+            print(f"error: cannot read the token file: {exc}", file=sys.stderr)
+            return 2
+    settings = GatewaySettings.from_topology(
+        topology,
+        bootstrap=args.bootstrap or s.bootstrap,
+        registry_url=args.registry or s.registry_url,
+        host=args.host,
+        port=args.port if args.port is not None else s.ports.gateway,
+        token=token,
+        message_timeout_ms=args.message_timeout_ms,
+        log_level=args.log_level,
+    )
+    serve(settings)
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from eventing.publish import GatewayError, Progress, Publisher, one_event, read_jsonl
+
+    url = args.gateway or _settings(args).with_saved().gateway_url
+    token = os.environ.get("SLUICE_GATEWAY_TOKEN") or None
+    try:
+        with Publisher(url, token) as publisher:
+            if args.file:
+                total, events = read_jsonl(args.file)
+                progress = Progress(total, sys.stderr)
+                sent = publisher.send_many(events, batch_size=args.batch_size,
+                                           progress=progress)
+                progress(sent, final=True)
+                print(f"published {sent} events to {url}")
+            else:
+                if not args.type or args.data is None:
+                    print("error: give --file, or --type and --data (and --source)",
+                          file=sys.stderr)
+                    return 2
+                event = one_event(args.type, args.source, args.data, args.id, args.key)
+                print(publisher.send(event))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except GatewayError as exc:
+        print(f"\nerror: gateway answered {exc.status or 'nothing'} ({exc.error}): "
+              f"{exc.reason}", file=sys.stderr)
+        for bad in exc.events[:20]:
+            print(f"  event {bad['index']} (0-based, blank lines skipped): {bad.get('reason')}",
+                  file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", help="state folder (default ./.state, env SLUICE_STATE_DIR)")
@@ -119,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--storage", choices=["s3", "memory"], default=None,
                     help="broker storage: s3 keeps data across restarts (default), "
                          "memory is faster and forgets")
+    up.add_argument("--no-pipeline", action="store_true",
+                    help="start only the infrastructure, not the gateway and functions")
+    up.add_argument("--token-file", help="require this bearer token at the gateway "
+                    "(env SLUICE_GATEWAY_TOKEN_FILE)")
     up.set_defaults(func=cmd_up)
 
     status = sub.add_parser("status", help="report each part: pid, endpoint, health, uptime")
@@ -139,6 +239,41 @@ def build_parser() -> argparse.ArgumentParser:
     schemas = sub.add_parser("schemas", help="register every schemas/*.avsc with the registry")
     schemas.add_argument("--registry", help="registry URL (default: the local stack's)")
     schemas.set_defaults(func=cmd_schemas)
+    run_p = sub.add_parser("run", help="run the topology's functions (foreground)")
+    run_p.add_argument("--topology", help="topology file (default functions/topology.yaml)")
+    run_p.add_argument("--function", action="append", help="only this function (repeatable)")
+    run_p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the local stack)")
+    run_p.add_argument("--registry", help="schema registry URL (default: the local stack's)")
+    run_p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    run_p.add_argument("--metrics-host", default="127.0.0.1")
+    run_p.set_defaults(func=cmd_run)
+
+    gw = sub.add_parser("gateway", help="run the CloudEvents ingest gateway (foreground)")
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, help="port (default: the local stack's gateway port)")
+    gw.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the local stack)")
+    gw.add_argument("--registry", help="schema registry URL (default: the local stack's)")
+    gw.add_argument("--topology", help="topology file (default functions/topology.yaml)")
+    gw.add_argument("--token-file", help="require this bearer token (default: env "
+                    "SLUICE_GATEWAY_TOKEN; none means no authentication)")
+    gw.add_argument("--message-timeout-ms", type=int, default=5000,
+                    help="answer 503 when the broker has not acknowledged within this time")
+    gw.add_argument("--log-level", default="info",
+                    choices=["critical", "error", "warning", "info", "debug"])
+    gw.set_defaults(func=cmd_gateway)
+
+    pub = sub.add_parser("publish", help="publish CloudEvents to the gateway "
+                         "(bearer token from env SLUICE_GATEWAY_TOKEN)")
+    pub.add_argument("--type", help="event type (routes it to a topic)")
+    pub.add_argument("--source", help="event source (default /sluice/publish)")
+    pub.add_argument("--data", help="event data as JSON text")
+    pub.add_argument("--id", help="event id (default: a new UUID)")
+    pub.add_argument("--key", help="partition key (the partitionkey extension)")
+    pub.add_argument("--file", help="JSON Lines file, one structured CloudEvent per line "
+                     "(id, source, specversion filled in when missing)")
+    pub.add_argument("--batch-size", type=int, default=500, help="events per request (--file)")
+    pub.add_argument("--gateway", help="gateway URL (default: the local stack's)")
+    pub.set_defaults(func=cmd_publish)
     return parser
 
 

@@ -20,7 +20,7 @@ from typing import Protocol
 from confluent_kafka import Message, Producer
 
 from eventing import binding
-from eventing.runtime import FunctionHost
+from eventing.runtime import FunctionHost, Reject
 
 # Knative retries these statuses; any other failure status goes straight to dead letter.
 RETRYABLE_STATUS = frozenset({404, 408, 409, 429}) | frozenset(range(500, 600))
@@ -76,6 +76,11 @@ class InProcessInvoker:
             for msg in lane:
                 try:
                     records = call(record_event(msg, source_name))
+                except Reject as exc:
+                    append((msg, Failure(422, f"Reject: {exc}", retryable=False)))
+                    if ordered:
+                        break
+                    continue
                 except Exception as exc:  # noqa: BLE001 - any failure is the function's
                     append((msg, Failure(500, f"{type(exc).__name__}: {exc}")))
                     if ordered:

@@ -46,11 +46,32 @@ class Serde(Protocol):
 
     def encode(self, topic: str, record: Any) -> bytes: ...
 
-    def has_schema(self, topic: str) -> bool: ...
+    def writer_for(self, topic: str) -> Any: ...
+
+
+class Reject(Exception):
+    """Raised by a function for an event that no retry can fix: dead-letter it now.
+
+    Dead-lettered with code 422 and the message, without the retries and backoff that
+    a transient failure gets.
+    """
 
 
 class OutputError(RuntimeError):
     """The function returned something that cannot go to any of its outputs."""
+
+
+def _has_schema(serde: Serde | None, topic: str) -> bool:
+    """Whether `topic` has a registered value schema (outputs are then Avro, else JSON)."""
+    if serde is None:
+        return False
+    from eventing.serde import SchemaNotFound
+
+    try:
+        serde.writer_for(topic)
+    except SchemaNotFound:
+        return False
+    return True
 
 
 def load_target(source: Path, target: str) -> Callable[[CloudEvent], Any]:
@@ -84,7 +105,7 @@ class FunctionHost:
         self.serde = serde
         self.user = user or load_target(function.source, function.target)
         self.source_uri = f"/sluice/functions/{function.name}"
-        self._schema_topics = {t: bool(serde and serde.has_schema(t)) for t in function.outputs}
+        self._schema_topics = {t: _has_schema(serde, t) for t in function.outputs}
 
     def decode_data(self, event: CloudEvent) -> None:
         """Replace the event's bytes with the value the function reads."""

@@ -89,6 +89,9 @@ class StackSettings:
     schemas_topic: str = "_schemas"
     traces_topic: str = "sluice.traces"
     region: str = "us-east-1"
+    # Start the gateway and the topology's functions after the infrastructure.
+    pipeline: bool = True
+    gateway_token_file: Path | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -119,6 +122,10 @@ class StackSettings:
         return self.project_dir / "schemas"
 
     @property
+    def topology_path(self) -> Path:
+        return self.project_dir / "functions" / "topology.yaml"
+
+    @property
     def credentials(self) -> Credentials:
         return Credentials.load_or_create(self.state_dir / "credentials.json")
 
@@ -134,11 +141,16 @@ class StackSettings:
             "host": self.host,
             "ports": self.ports.all(),
             "broker_storage": self.broker_storage,
+            "pipeline": self.pipeline,
         }
         self.settings_file.write_text(json.dumps(data, indent=2))
 
-    def with_saved(self) -> StackSettings:
-        """Return these settings overridden by what the state folder was started with."""
+    def with_saved(self, *, keep_pipeline: bool = False) -> StackSettings:
+        """Return these settings overridden by what the state folder was started with.
+
+        `keep_pipeline` keeps this request's choice of starting the pipeline, so a
+        second `up` can add the gateway and functions to a running infrastructure.
+        """
         if not self.settings_file.exists():
             return self
         data = json.loads(self.settings_file.read_text())
@@ -147,6 +159,7 @@ class StackSettings:
             host=data.get("host", self.host),
             ports=Ports(**data["ports"]),
             broker_storage=data.get("broker_storage", self.broker_storage),
+            pipeline=self.pipeline if keep_pipeline else data.get("pipeline", self.pipeline),
         )
 
 
@@ -161,6 +174,8 @@ def load_settings(
     port_offset: int = 0,
     broker_storage: BrokerStorage | None = None,
     project_dir: str | os.PathLike[str] | None = None,
+    pipeline: bool = True,
+    gateway_token_file: str | os.PathLike[str] | None = None,
 ) -> StackSettings:
     """Build settings from explicit values; the CLI maps flags and env vars onto these."""
     project = Path(project_dir) if project_dir else default_project_dir()
@@ -169,6 +184,8 @@ def load_settings(
         state_dir=state.resolve(),
         project_dir=project.resolve(),
         ports=Ports().shifted(port_offset),
+        pipeline=pipeline,
+        gateway_token_file=Path(gateway_token_file).resolve() if gateway_token_file else None,
     )
     if broker_storage:
         settings = replace(settings, broker_storage=broker_storage)

@@ -46,11 +46,20 @@ def sluice(*args: str, state_dir: Path, offset: int, timeout: float = 120,
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackSettings]:
-    """A running stack (memory broker storage) for the whole session."""
+    """The running infrastructure (memory broker storage) for the whole session."""
     state = tmp_path_factory.mktemp("stack") / "state"
     offset = free_port_offset()
     try:
-        sluice("up", "--storage", "memory", state_dir=state, offset=offset)
+        sluice("up", "--storage", "memory", "--no-pipeline", state_dir=state, offset=offset)
         yield load_settings(state_dir=state, port_offset=offset, broker_storage="memory")
     finally:
         sluice("down", "--purge", state_dir=state, offset=offset, check=False)
+
+
+@pytest.fixture(scope="session")
+def pipeline(stack: StackSettings) -> StackSettings:
+    """The example pipeline (gateway + functions of functions/topology.yaml) on `stack`,
+    added by a second `sluice up` exactly as a user would."""
+    offset = stack.ports.broker - Ports().broker
+    sluice("up", state_dir=stack.state_dir, offset=offset)
+    return stack

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from eventing import topology as topo
 from eventing.kafka import ensure_topics
 from eventing.schemas import Registered, register_all
 from eventing.settings import StackSettings
-from eventing.stack import broker, collector, objectstore, prometheus, registry
+from eventing.stack import broker, collector, objectstore, pipeline, prometheus, registry
 from eventing.stack.process import (
     PartRecord,
     PartSpec,
@@ -66,6 +67,8 @@ def core_parts(settings: StackSettings) -> list[SpecFactory]:
     if settings.broker_storage != "s3":
         parts.append(objectstore.spec)
     parts += [registry.spec, collector.spec, prometheus.spec]
+    if settings.pipeline:
+        parts += [pipeline.gateway_spec, *pipeline.function_specs(settings)]
     return parts
 
 
@@ -107,10 +110,10 @@ class Stack:
                 )
             log(f"  {spec.name:<12} up   {spec.endpoint}")
             if spec.name == broker.NAME:
-                ensure_topics(self.settings.bootstrap, {
-                    self.settings.schemas_topic: 1,
-                    self.settings.traces_topic: 4,
-                })
+                topics = {self.settings.schemas_topic: 1, self.settings.traces_topic: 4}
+                if self.settings.pipeline:
+                    topics |= topo.load(self.settings.topology_path).all_topics()
+                ensure_topics(self.settings.bootstrap, topics)
             if spec.name == registry.NAME:
                 registered = register_all(self.settings.registry_url, self.settings.schemas_dir)
                 for r in registered:

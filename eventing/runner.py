@@ -1,0 +1,90 @@
+"""Wire a topology's functions into dispatchers and run them until told to stop.
+
+`sluice run` calls this in the foreground; `sluice up` starts one process per function
+(`sluice run --function NAME`) so each function has its own pid, log and core, and one
+slow function cannot starve another of the GIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confluent_kafka import Producer
+
+from eventing.dispatcher import Dispatcher, Stats
+from eventing.invoke import InProcessInvoker, Invoker
+from eventing.kafka import ensure_topics
+from eventing.runtime import FunctionHost
+from eventing.topology import Function, Topology
+
+log = logging.getLogger("sluice.runner")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    bootstrap: str
+    registry_url: str | None
+
+
+def make_serde(registry_url: str | None):
+    if not registry_url:
+        return None
+    from eventing.serde import AvroSerde
+
+    return AvroSerde(registry_url)
+
+
+def invoker_factory(function: Function, settings: RunSettings) -> Callable[[Producer], Invoker]:
+    """The invoker the topology asks for, bound to the dispatcher's producer."""
+    if function.invoke == "inprocess":
+        host = FunctionHost(function, make_serde(settings.registry_url))
+        return lambda producer: InProcessInvoker(host, producer)
+    from eventing.invoke_http import HttpInvoker
+
+    if not function.url:
+        raise ValueError(f"function {function.name!r}: invoke {function.invoke} needs `url`")
+    return lambda producer: HttpInvoker(function, function.url,
+                                        batched=function.invoke == "http-batch")
+
+
+def build(function: Function, settings: RunSettings, **kwargs) -> Dispatcher:
+    return Dispatcher(function, settings.bootstrap, invoker_factory(function, settings), **kwargs)
+
+
+def run(topology: Topology, names: list[str], settings: RunSettings, stop: threading.Event,
+        metrics: tuple[str, int] | None = None) -> dict[str, Stats]:
+    """Run the named functions (all if empty), each in its own thread, until `stop`.
+
+    A dispatcher that dies (e.g. outputs not acknowledged) stops the others and the
+    error is raised: the process exits, and a restart resumes from the last commit.
+    """
+    ensure_topics(settings.bootstrap, topology.all_topics())
+    functions = [topology.function(n) for n in names] if names else list(
+        topology.functions.values())
+    dispatchers = {f.name: build(f, settings) for f in functions}
+    if metrics:
+        from eventing.metrics import serve_dispatcher_metrics
+
+        serve_dispatcher_metrics(dispatchers, *metrics)
+    errors: list[BaseException] = []
+
+    def guarded(d: Dispatcher) -> None:
+        try:
+            d.run(stop)
+        except BaseException as exc:
+            log.exception("dispatcher %s failed", d.function.name)
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=guarded, args=(d,), name=f"dispatch-{n}", daemon=True)
+               for n, d in dispatchers.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {n: d.stats for n, d in dispatchers.items()}

@@ -1,0 +1,70 @@
+"""The pipeline parts of the stack: the ingest gateway and one process per function.
+
+They are parts like the broker: started by `sluice up` after the infrastructure, each
+with its own pid, log and health check, stopped by `sluice down`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from eventing import topology as topo
+from eventing.settings import StackSettings
+from eventing.stack import binaries
+from eventing.stack.health import http_status
+from eventing.stack.process import PartSpec
+
+GATEWAY = "gateway"
+
+
+def _python_part(settings: StackSettings, name: str, args: list[str], endpoint: str,
+                 health: Callable[[], bool], ports: list[int]) -> PartSpec:
+    return PartSpec(
+        name=name,
+        argv=[sys.executable, "-m", "eventing.cli", *args],
+        env=binaries.base_env() | {"PYTHONPATH": str(settings.project_dir),
+                                   "PYTHONUNBUFFERED": "1"},
+        cwd=settings.project_dir,
+        endpoint=endpoint,
+        health=health,
+        ports=ports,
+    )
+
+
+def gateway_spec(settings: StackSettings) -> PartSpec:
+    args = ["gateway", "--host", settings.host, "--port", str(settings.ports.gateway),
+            "--bootstrap", settings.bootstrap, "--registry", settings.registry_url,
+            "--topology", str(settings.topology_path)]
+    if settings.gateway_token_file:
+        args += ["--token-file", str(settings.gateway_token_file)]
+    return _python_part(
+        settings, GATEWAY, args, f"ingest gateway {settings.gateway_url}",
+        lambda: http_status(settings.gateway_url + "/readyz") == 200,
+        [settings.ports.gateway],
+    )
+
+
+def function_metrics_port(settings: StackSettings, index: int) -> int:
+    return settings.ports.dispatcher_metrics + index
+
+
+def function_specs(settings: StackSettings) -> list[Callable[[StackSettings], PartSpec]]:
+    """One factory per function of the topology, in name order (stable metrics ports)."""
+    topology = topo.load(settings.topology_path)
+    factories = []
+    for index, name in enumerate(sorted(topology.functions)):
+        def factory(s: StackSettings, name: str = name, index: int = index) -> PartSpec:
+            port = function_metrics_port(s, index)
+            url = f"http://{s.host}:{port}/metrics"
+            return _python_part(
+                s, f"fn-{name}",
+                ["run", "--function", name, "--topology", str(s.topology_path),
+                 "--bootstrap", s.bootstrap, "--registry", s.registry_url,
+                 "--metrics-port", str(port), "--metrics-host", s.host],
+                f"function {name} (metrics {url})",
+                lambda: http_status(url) == 200,
+                [port],
+            )
+        factories.append(factory)
+    return factories

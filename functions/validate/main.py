@@ -1,0 +1,23 @@
+"""Reject payments that cannot be real before anything downstream trusts them."""
+
+import functions_framework
+from cloudevents.http import CloudEvent
+
+from eventing.runtime import Reject
+
+KNOWN_CURRENCIES = {"EUR", "USD", "GBP", "CHF", "JPY", "SEK", "PLN"}
+MAX_AMOUNT = 1_000_000.0
+
+
+@functions_framework.cloud_event
+def validate(event: CloudEvent) -> dict:
+    p = event.data
+    if not p["payment_id"] or not p["card_id"]:
+        raise Reject("payment_id and card_id must be non-empty")
+    if not 0 < p["amount"] <= MAX_AMOUNT:
+        raise Reject(f"amount {p['amount']} outside (0, {MAX_AMOUNT}]")
+    if p["currency"] not in KNOWN_CURRENCIES:
+        raise Reject(f"unknown currency {p['currency']!r}")
+    if len(p["country"]) != 2:
+        raise Reject(f"country {p['country']!r} is not an ISO 3166 alpha-2 code")
+    return p
