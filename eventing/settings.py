@@ -25,7 +25,9 @@ class Ports:
     broker: int = 9092
     registry: int = 8081
     gateway: int = 8080
-    dispatcher_metrics: int = 9464
+    dispatcher_metrics: int = 9464  # one port per function from here upwards
+    realtime: int = 8090
+    lake_metrics: int = 9480
     s3: int = 8333
     iceberg: int = 8181
     prometheus: int = 9090
@@ -112,6 +114,10 @@ class StackSettings:
     @property
     def prometheus_url(self) -> str:
         return f"http://{self.host}:{self.ports.prometheus}"
+
+    @property
+    def realtime_url(self) -> str:
+        return f"http://{self.host}:{self.ports.realtime}"
 
     @property
     def gateway_url(self) -> str:
