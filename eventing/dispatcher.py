@@ -64,7 +64,8 @@ class Dispatcher:
 
     def __init__(self, function: Function, bootstrap: str,
                  invoker_factory: Callable[[Producer], Invoker], *, max_backlog: int = 10_000,
-                 consumer_overrides: dict | None = None) -> None:
+                 consumer_overrides: dict | None = None,
+                 on_assign: Callable[[], None] | None = None) -> None:
         self.function = function
         self.delivery = function.delivery
         self.ordered = function.delivery.ordering == "ordered"
@@ -74,6 +75,7 @@ class Dispatcher:
             bootstrap, **{"delivery.report.only.error": True, "on_delivery": self._on_delivery}
         ))
         self.invoker = invoker_factory(self.producer)
+        self._on_assign_hook = on_assign
         self.max_backlog = max_backlog
         self.stats = Stats()
         self.checkpoint = Checkpoint()
@@ -279,6 +281,8 @@ class Dispatcher:
     # ------------------------------------------------------------------ rebalance
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._on_assign_hook is not None and partitions:
+            self._on_assign_hook()  # e.g. restore keyed state before records flow
         self._assigned.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

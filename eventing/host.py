@@ -265,6 +265,8 @@ class _Worker:
             if self._pid != os.getpid() or self.host is None:
                 serde = self._serde_factory() if self._serde_factory else self._make_serde()
                 self.host = FunctionHost(self.function, serde, user=self.user)
+                if self.host.stores and self.bootstrap:
+                    self.host.restore_state(self.bootstrap)
                 self.producer = self._make_producer() if self.function.outputs else None
                 if self.producer is not None:
                     threading.Thread(target=self._poll, args=(self.producer,),

@@ -37,21 +37,21 @@ def make_serde(registry_url: str | None):
     return AvroSerde(registry_url)
 
 
-def invoker_factory(function: Function, settings: RunSettings) -> Callable[[Producer], Invoker]:
-    """The invoker the topology asks for, bound to the dispatcher's producer."""
+def build(function: Function, settings: RunSettings, **kwargs) -> Dispatcher:
+    """A dispatcher for `function` with the invoker its topology entry asks for."""
     if function.invoke == "inprocess":
         host = FunctionHost(function, make_serde(settings.registry_url))
-        return lambda producer: InProcessInvoker(host, producer)
+        factory: Callable[[Producer], Invoker] = lambda p: InProcessInvoker(host, p)  # noqa: E731
+        if host.stores:
+            # Restored again on every assignment: keys may have moved between instances.
+            kwargs.setdefault("on_assign", lambda: host.restore_state(settings.bootstrap))
+        return Dispatcher(function, settings.bootstrap, factory, **kwargs)
     from eventing.invoke_http import HttpInvoker
 
     if not function.url:
         raise ValueError(f"function {function.name!r}: invoke {function.invoke} needs `url`")
-    return lambda producer: HttpInvoker(function, function.url,
-                                        batched=function.invoke == "http-batch")
-
-
-def build(function: Function, settings: RunSettings, **kwargs) -> Dispatcher:
-    return Dispatcher(function, settings.bootstrap, invoker_factory(function, settings), **kwargs)
+    return Dispatcher(function, settings.bootstrap, lambda p: HttpInvoker(
+        function, function.url, batched=function.invoke == "http-batch"), **kwargs)
 
 
 def run(topology: Topology, names: list[str], settings: RunSettings, stop: threading.Event,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ import orjson
 from cloudevents.http import CloudEvent
 
 from eventing import binding
+from eventing.state import KeyedState
 from eventing.topology import Function
 
 AVRO_CONTENT_TYPES = frozenset(
@@ -105,6 +107,12 @@ class FunctionHost:
         self.serde = serde
         self.user = user or load_target(function.source, function.target)
         self.source_uri = f"/sluice/functions/{function.name}"
+        module = sys.modules.get(getattr(self.user, "__module__", ""), None)
+        self.stores: list[KeyedState] = [
+            v for v in vars(module).values() if isinstance(v, KeyedState)
+        ] if module else []
+        # Stateful functions run one event at a time: state is read-modify-write.
+        self._state_lock = threading.Lock() if self.stores else None
         self._schema_topics = {t: _has_schema(serde, t) for t in function.outputs}
 
     def decode_data(self, event: CloudEvent) -> None:
@@ -128,9 +136,27 @@ class FunctionHost:
         and `OutputError` for a returned event no output takes.
         """
         self.decode_data(event)
-        result = self.user(event)
-        if result is None:
-            return []
+        if self._state_lock is None:
+            result = self.user(event)
+            return self._outputs(event, result) if result is not None else []
+        with self._state_lock:
+            try:
+                result = self.user(event)
+                records = self._outputs(event, result) if result is not None else []
+            except BaseException:
+                for st in self.stores:
+                    st.discard_pending()
+                raise
+            for st in self.stores:
+                records.extend(st.drain())
+            return records
+
+    def restore_state(self, bootstrap: str) -> None:
+        """Load every store of the function from its changelog (before events flow)."""
+        for st in self.stores:
+            st.restore(bootstrap)
+
+    def _outputs(self, event: CloudEvent, result: Any) -> list[OutputRecord]:
         if not isinstance(result, list | tuple):
             result = (result,)
         in_attrs = event._get_attributes()
