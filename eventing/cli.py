@@ -22,6 +22,8 @@ def _settings(args: argparse.Namespace) -> StackSettings:
                         else os.environ.get("SLUICE_PORT_OFFSET", "0")),
         broker_storage=getattr(args, "storage", None) or os.environ.get("SLUICE_BROKER_STORAGE"),
         pipeline=not getattr(args, "no_pipeline", False),
+        generator=not getattr(args, "no_generator", False),
+        generator_rate=getattr(args, "rate", None) or 20.0,
         gateway_token_file=getattr(args, "token_file", None)
         or os.environ.get("SLUICE_GATEWAY_TOKEN_FILE"),
     )
@@ -120,6 +122,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from eventing.runner import RunSettings, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("httpx", "httpx2"):  # one line per registry lookup is noise, not news
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     s = _stack(args).settings
     try:
         topology = topo.load(args.topology or s.topology_path)
@@ -204,6 +208,41 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import signal
+    from pathlib import Path
+
+    from eventing import generate
+    from eventing.publish import GatewayError, Progress, Publisher
+
+    s = _stack(args).settings
+    token = os.environ.get("SLUICE_GATEWAY_TOKEN")
+    if not token and s.gateway_token_file and s.gateway_token_file.exists():
+        token = s.gateway_token_file.read_text().strip()
+    signal.signal(signal.SIGTERM, _interrupt)  # `sluice down` stops the generator cleanly
+    total = int(args.rate * args.duration) if args.duration else 0
+    progress = Progress(total, sys.stderr) if total and not args.quiet else None
+    try:
+        with Publisher(args.gateway or s.gateway_url, token) as pub:
+            sent, fraud = generate.run(pub, rate=args.rate, duration=args.duration,
+                                       seed=args.seed, fraud_share=args.fraud_share,
+                                       truth=Path(args.truth) if args.truth else None,
+                                       progress=progress)
+    except KeyboardInterrupt:
+        return 0
+    except GatewayError as exc:
+        print(f"error: the gateway refused a batch: {exc}", file=sys.stderr)
+        return 1
+    if progress:
+        progress(sent, final=True)
+    print(f"published {sent} payments ({fraud} injected fraud)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", help="state folder (default ./.state, env SLUICE_STATE_DIR)")
@@ -217,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "memory is faster and forgets")
     up.add_argument("--no-pipeline", action="store_true",
                     help="start only the infrastructure, not the gateway and functions")
+    up.add_argument("--no-generator", action="store_true",
+                    help="do not start the example traffic generator")
+    up.add_argument("--rate", type=float, default=None,
+                    help="generator payments per second (default 20)")
     up.add_argument("--token-file", help="require this bearer token at the gateway "
                     "(env SLUICE_GATEWAY_TOKEN_FILE)")
     up.set_defaults(func=cmd_up)
@@ -244,6 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--function", action="append", help="only this function (repeatable)")
     run_p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the local stack)")
     run_p.add_argument("--registry", help="schema registry URL (default: the local stack's)")
+    gen = sub.add_parser("generate", help="publish realistic payments with injected fraud")
+    gen.add_argument("--rate", type=float, default=50.0, help="payments per second")
+    gen.add_argument("--duration", type=float, default=60.0, help="seconds (0 = forever)")
+    gen.add_argument("--seed", type=int, default=11)
+    gen.add_argument("--fraud-share", type=float, default=0.01,
+                     help="share of payments that start a fraud pattern")
+    gen.add_argument("--truth", help="append injected fraud payment ids to this file")
+    gen.add_argument("--gateway", help="gateway URL (default: the local stack's)")
+    gen.add_argument("--quiet", action="store_true", help="no progress line")
+    gen.add_argument("--token-file", help="file holding the gateway's bearer token")
+    gen.set_defaults(func=cmd_generate)
+
     run_p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     run_p.add_argument("--metrics-host", default="127.0.0.1")
     run_p.set_defaults(func=cmd_run)

@@ -175,3 +175,35 @@ def paced(gen: Generator, rate: float, duration: float,
         sleep = (sent / rate) - (time.monotonic() - start)
         if sleep > 0:
             time.sleep(min(sleep, 0.05))
+
+
+def run(publisher, *, rate: float, duration: float, seed: int = 11,
+        fraud_share: float = 0.01, truth: Path | None = None,
+        progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """Publish generated payments through `publisher` (an `eventing.publish.Publisher`).
+
+    `duration` 0 runs until interrupted. Injected fraud payment ids are appended to
+    `truth` (one per line) so tests and humans can measure detection rates. Returns
+    (payments sent, of which fraud).
+    """
+    gen = Generator(reference(), seed=seed, fraud_share=fraud_share)
+    fraud = 0
+    truth_fh = open(truth, "a", buffering=1) if truth else None  # noqa: SIM115 - closed below
+
+    def events() -> Iterator[dict]:
+        nonlocal fraud
+        for payment, is_fraud in paced(gen, rate, duration or 10**9):
+            if is_fraud:
+                fraud += 1
+                if truth_fh:
+                    truth_fh.write(payment["payment_id"] + "\n")
+            yield event_for(payment)
+
+    try:
+        # Small batches keep the publish delay near 50 ms at any rate.
+        sent = publisher.send_many(events(), batch_size=max(1, int(rate // 20)),
+                                   progress=progress)
+    finally:
+        if truth_fh:
+            truth_fh.close()
+    return sent, fraud

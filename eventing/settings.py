@@ -93,6 +93,8 @@ class StackSettings:
     region: str = "us-east-1"
     # Start the gateway and the topology's functions after the infrastructure.
     pipeline: bool = True
+    generator: bool = True
+    generator_rate: float = 20.0
     gateway_token_file: Path | None = None
 
     @property
@@ -148,6 +150,7 @@ class StackSettings:
             "ports": self.ports.all(),
             "broker_storage": self.broker_storage,
             "pipeline": self.pipeline,
+            "generator": self.generator,
         }
         self.settings_file.write_text(json.dumps(data, indent=2))
 
@@ -166,6 +169,7 @@ class StackSettings:
             ports=Ports(**data["ports"]),
             broker_storage=data.get("broker_storage", self.broker_storage),
             pipeline=self.pipeline if keep_pipeline else data.get("pipeline", self.pipeline),
+            generator=self.generator if keep_pipeline else data.get("generator", self.generator),
         )
 
 
@@ -181,6 +185,8 @@ def load_settings(
     broker_storage: BrokerStorage | None = None,
     project_dir: str | os.PathLike[str] | None = None,
     pipeline: bool = True,
+    generator: bool = True,
+    generator_rate: float = 20.0,
     gateway_token_file: str | os.PathLike[str] | None = None,
 ) -> StackSettings:
     """Build settings from explicit values; the CLI maps flags and env vars onto these."""
@@ -191,6 +197,8 @@ def load_settings(
         project_dir=project.resolve(),
         ports=Ports().shifted(port_offset),
         pipeline=pipeline,
+        generator=generator,
+        generator_rate=generator_rate,
         gateway_token_file=Path(gateway_token_file).resolve() if gateway_token_file else None,
     )
     if broker_storage:

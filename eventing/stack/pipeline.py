@@ -68,3 +68,18 @@ def function_specs(settings: StackSettings) -> list[Callable[[StackSettings], Pa
             )
         factories.append(factory)
     return factories
+
+
+def generator_spec(settings: StackSettings) -> PartSpec:
+    """The example traffic generator, publishing through the gateway until stopped."""
+    truth = settings.state_dir / "generator-truth.txt"
+    args = ["generate", "--rate", str(settings.generator_rate), "--duration", "0", "--quiet",
+            "--gateway", settings.gateway_url, "--truth", str(truth)]
+    if settings.gateway_token_file:
+        args += ["--token-file", str(settings.gateway_token_file)]
+    return _python_part(
+        settings, "generator", args,
+        f"traffic generator ({settings.generator_rate:g} payments/s, fraud ids in {truth.name})",
+        lambda: True,
+        [],
+    )

@@ -69,6 +69,8 @@ def core_parts(settings: StackSettings) -> list[SpecFactory]:
     parts += [registry.spec, collector.spec, prometheus.spec]
     if settings.pipeline:
         parts += [pipeline.gateway_spec, *pipeline.function_specs(settings)]
+        if settings.generator:
+            parts.append(pipeline.generator_spec)
     return parts
 
 
