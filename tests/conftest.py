@@ -61,5 +61,5 @@ def pipeline(stack: StackSettings) -> StackSettings:
     """The example pipeline (gateway + functions of functions/topology.yaml) on `stack`,
     added by a second `sluice up` exactly as a user would."""
     offset = stack.ports.broker - Ports().broker
-    sluice("up", state_dir=stack.state_dir, offset=offset)
+    sluice("up", "--no-generator", state_dir=stack.state_dir, offset=offset)
     return stack

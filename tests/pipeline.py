@@ -47,8 +47,11 @@ def produce_payments(bootstrap: str, serde, topic: str, payments: list[dict]) ->
 
 
 def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 60,
-                settle: float = 1.0) -> list:
-    """Consume until `expected` records arrived (then `settle` s more for extras)."""
+                settle: float = 1.0, match=None) -> list:
+    """Consume until `expected` records arrived (then `settle` s more for extras).
+
+    With `match`, only records for which it returns true are kept and counted.
+    """
     # Direct assignment, no group: a group join takes seconds on Tansu.
     consumer = Consumer(consumer_config(bootstrap, unique("check-")))
     meta = consumer.list_topics(topic, timeout=10).topics[topic]
@@ -58,7 +61,7 @@ def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 60,
     extra_until = None
     while time.monotonic() < deadline:
         for msg in consumer.consume(1000, 0.2):
-            if not msg.error():
+            if not msg.error() and (match is None or match(msg)):
                 got.append(msg)
         if len(got) >= expected and extra_until is None:
             extra_until = time.monotonic() + settle
