@@ -243,6 +243,123 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sink_lake(args: argparse.Namespace) -> int:
+    """`sluice sink lake`: a topic into an Iceberg table until SIGINT/SIGTERM."""
+    import logging
+    import signal
+    import threading
+
+    from eventing.lakehouse import LakeConfig, table_name_for_topic
+    from eventing.serde import AvroSerde
+    from eventing.sinks.lake import LakeSink, LakeSinkConfig, serve_metrics
+    from eventing.sinks.maintenance import MaintenancePolicy
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    s = _settings(args).with_saved()
+    lake = LakeConfig.from_settings(s, namespace=args.namespace)
+    if args.catalog_uri or args.s3_endpoint:
+        from dataclasses import replace
+
+        lake = replace(lake, catalog_uri=args.catalog_uri or lake.catalog_uri,
+                       s3_endpoint=args.s3_endpoint or lake.s3_endpoint)
+    policy = None if args.no_maintenance else MaintenancePolicy(
+        every_commits=args.maintenance_every_commits, every_s=args.maintenance_every_s,
+        min_files=args.compact_min_files, keep_snapshots=args.keep_snapshots,
+        max_snapshot_age_s=args.snapshot_max_age_s, orphan_age_s=args.orphan_age_s)
+    config = LakeSinkConfig(
+        topic=args.topic, table=args.table or table_name_for_topic(args.topic),
+        batch_size=args.batch_size, interval_ms=args.interval_ms,
+        time_field=args.time_field, group_id=args.group_id, maintenance=policy)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    sink = LakeSink(config, lake, args.bootstrap or s.bootstrap,
+                    AvroSerde(args.registry or s.registry_url))
+    if args.metrics_port:
+        serve_metrics(sink, args.metrics_host, args.metrics_port)
+    stats = sink.run(stop, max_rows=args.max_rows)
+    print(json.dumps(stats.as_dict()))
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from eventing import topology as topo
+    from eventing.deploy import DeployError, DeploySettings, write_bundle
+    from eventing.deploy.apply import ToolMissing, apply
+
+    s = _settings(args)
+    try:
+        topology = topo.load(args.topology or s.topology_path)
+    except topo.TopologyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    given = {k: v for k, v in {
+        "namespace": args.namespace, "image_registry": args.image_registry,
+        "image_tag": args.image_tag, "bootstrap": args.bootstrap,
+        "registry_url": args.registry_url, "kafka_cluster": args.kafka_cluster,
+        "otlp_endpoint": args.otlp_endpoint}.items() if v is not None}
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sluice-deploy-"))
+    try:
+        bundle = write_bundle(topology, out, DeploySettings(**given),
+                              include_code=not args.no_code)
+    except DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(bundle.files)} files to {out}:")
+    for name in topology.functions:
+        print(f"  function {name:<12} functions/{name}/Dockerfile, "
+              f"base/functions/{name}.service.yaml, base/functions/{name}.kafkasource.yaml")
+    print("  kustomize          base/, overlays/dev, overlays/prod;  kn script: kn.sh")
+    if args.dry_run:
+        return 0
+    try:
+        return apply(out, args.overlay)
+    except ToolMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """`sluice query`: Trino SQL to the real-time server (DuckDB) or to a Trino cluster."""
+    from eventing.query import QueryFailed, TranslationError, run
+
+    server = args.server or _settings(args).with_saved().realtime_url
+    try:
+        print(run(args.sql, server_url=server, trino_url=args.trino, fmt=args.format,
+                  explain=args.explain, timeout_s=args.timeout))
+    except TranslationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except QueryFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_realtime(args: argparse.Namespace) -> int:
+    """`sluice realtime`: the real-time table server (foreground)."""
+    from eventing.lakehouse import LakeConfig
+    from eventing.realtime import RealtimeSettings, parse_duration, serve
+
+    s = _settings(args).with_saved()
+    try:
+        retention = parse_duration(args.retention)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    lake = None if args.no_lake else LakeConfig.from_settings(s)
+    serve(RealtimeSettings(
+        bootstrap=args.bootstrap or s.bootstrap, registry_url=args.registry or s.registry_url,
+        topic=args.topic, host=args.host,
+        port=args.port if args.port is not None else s.ports.realtime,
+        retention_s=retention, time_field=args.time_field, lake=lake,
+        log_level=args.log_level))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", help="state folder (default ./.state, env SLUICE_STATE_DIR)")
@@ -329,6 +446,82 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--batch-size", type=int, default=500, help="events per request (--file)")
     pub.add_argument("--gateway", help="gateway URL (default: the local stack's)")
     pub.set_defaults(func=cmd_publish)
+
+    sink = sub.add_parser("sink", help="run a table sink (foreground)")
+    sinks = sink.add_subparsers(dest="sink", required=True)
+    lake = sinks.add_parser("lake", help="append a topic to an Iceberg table, exactly once")
+    lake.add_argument("--topic", required=True)
+    lake.add_argument("--table", help="table name (default: the topic, dots -> underscores)")
+    lake.add_argument("--namespace", default="sluice")
+    lake.add_argument("--batch-size", type=int, default=10_000, help="rows per commit (max)")
+    lake.add_argument("--interval-ms", type=int, default=1_000,
+                      help="commit a non-empty batch at least this often")
+    lake.add_argument("--time-field", default="event_time",
+                      help="epoch-ms field: timestamptz column, partitioned by day")
+    lake.add_argument("--group-id", help="consumer group (default sluice-lake-<table>)")
+    lake.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the local stack)")
+    lake.add_argument("--registry", help="schema registry URL (default: the local stack's)")
+    lake.add_argument("--catalog-uri", help="Iceberg REST catalog (default: the local stack's)")
+    lake.add_argument("--s3-endpoint", help="S3 endpoint (default: the local stack's)")
+    lake.add_argument("--no-maintenance", action="store_true")
+    lake.add_argument("--maintenance-every-commits", type=int, default=50)
+    lake.add_argument("--maintenance-every-s", type=float, default=300.0)
+    lake.add_argument("--compact-min-files", type=int, default=8,
+                      help="compact a partition once it has this many small files")
+    lake.add_argument("--keep-snapshots", type=int, default=20)
+    lake.add_argument("--snapshot-max-age-s", type=float, default=900.0)
+    lake.add_argument("--orphan-age-s", type=float, default=1800.0,
+                      help="delete unreferenced files only when older than this")
+    lake.add_argument("--max-rows", type=int, help="stop after writing this many rows")
+    lake.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    lake.add_argument("--metrics-host", default="127.0.0.1")
+    lake.set_defaults(func=cmd_sink_lake)
+
+    dep = sub.add_parser("deploy", help="write Knative/Kubernetes manifests for the topology "
+                         "and apply them with kubectl (--dry-run: only write them)")
+    dep.add_argument("--dry-run", action="store_true", help="write the files, apply nothing")
+    dep.add_argument("--out", help="folder to write into (default: a new temporary folder)")
+    dep.add_argument("--topology", help="topology file (default functions/topology.yaml)")
+    dep.add_argument("--overlay", choices=["dev", "prod"], default="dev",
+                     help="which overlay to apply (without --dry-run)")
+    dep.add_argument("--namespace", help="Kubernetes namespace (default sluice)")
+    dep.add_argument("--image-registry", help="registry prefix of function images")
+    dep.add_argument("--image-tag", help="tag of function images (default latest)")
+    dep.add_argument("--bootstrap", help="Kafka bootstrap servers on the cluster "
+                     "(default sluice-kafka-bootstrap:9092)")
+    dep.add_argument("--registry-url", help="schema registry URL on the cluster")
+    dep.add_argument("--kafka-cluster", help="Strimzi Kafka cluster name (KafkaTopic label)")
+    dep.add_argument("--otlp-endpoint", help="OTLP endpoint functions export traces to")
+    dep.add_argument("--no-code", action="store_true", help="do not copy code into the build "
+                     "contexts (how the checked-in infra/cluster is written)")
+    dep.set_defaults(func=cmd_deploy)
+
+    qry = sub.add_parser("query", help="run Trino SQL: locally on the real-time server "
+                         "(translated to DuckDB), or on Trino with --trino")
+    qry.add_argument("sql", help="one Trino SQL query; tables: payments_scored (lake), "
+                     "payments_scored_rt (real-time)")
+    qry.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    qry.add_argument("--trino", metavar="URL", help="run on Trino at "
+                     "http(s)://[user@]host:port[/catalog/schema] instead")
+    qry.add_argument("--explain", action="store_true",
+                     help="print the SQL that would run (DuckDB, or Trino with --trino)")
+    qry.add_argument("--server", help="real-time server URL (default: the local stack's)")
+    qry.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for answers")
+    qry.set_defaults(func=cmd_query)
+
+    rt = sub.add_parser("realtime", help="run the real-time table server (foreground)")
+    rt.add_argument("--host", default="127.0.0.1")
+    rt.add_argument("--port", type=int, help="port (default: the local stack's realtime port)")
+    rt.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the local stack)")
+    rt.add_argument("--registry", help="schema registry URL (default: the local stack's)")
+    rt.add_argument("--topic", default="payments.scored")
+    rt.add_argument("--retention", default="1h", help="keep rows this recent by the time "
+                    "field (e.g. 1h, 30m)")
+    rt.add_argument("--time-field", default="event_time", help="epoch-ms or timestamp field")
+    rt.add_argument("--no-lake", action="store_true", help="do not ATTACH the Iceberg catalog")
+    rt.add_argument("--log-level", default="info",
+                    choices=["critical", "error", "warning", "info", "debug"])
+    rt.set_defaults(func=cmd_realtime)
     return parser
 
 

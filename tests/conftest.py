@@ -32,11 +32,13 @@ def free_port_offset(start: int = 20000, step: int = 700, exclude: set[int] = fr
 
 
 def sluice(*args: str, state_dir: Path, offset: int, timeout: float = 120,
-           check: bool = True) -> subprocess.CompletedProcess[str]:
+           check: bool = True, env_extra: dict[str, str] | None = None,
+           ) -> subprocess.CompletedProcess[str]:
     """Run the `sluice` CLI exactly as a user would, against one state folder."""
     cmd = [sys.executable, "-m", "eventing.cli", "--state-dir", str(state_dir),
            "--port-offset", str(offset), *args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env |= env_extra or {}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n"

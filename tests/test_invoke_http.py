@@ -142,8 +142,18 @@ class FunctionServer:
 
 
 @pytest.fixture(scope="module")
-def topology() -> topo.Topology:
-    return topo.load(ROOT / "functions" / "topology.yaml")
+def topology(tmp_path_factory) -> topo.Topology:
+    """The example `convert` function (payments.valid -> payments.converted)."""
+    path = tmp_path_factory.mktemp("topology") / "topology.yaml"
+    path.write_text(f"""
+functions:
+  convert:
+    source: {ROOT / "functions" / "convert"}
+    topics: [payments.valid]
+    outputs: [payments.converted]
+    delivery: {{deadLetterSink: sluice.deadletter}}
+""")
+    return topo.load(path)
 
 
 @pytest.fixture(scope="module")
