@@ -57,6 +57,10 @@ class PartitionProgress:
         self._committed = offset
 
     @property
+    def next_offset(self) -> int | None:
+        return self._next
+
+    @property
     def outstanding(self) -> int:
         return len(self._open)
 

@@ -255,6 +255,8 @@ def cmd_sink_lake(args: argparse.Namespace) -> int:
     from eventing.sinks.maintenance import MaintenancePolicy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("httpx", "httpx2"):  # the registry client logs every request at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     s = _settings(args).with_saved()
     lake = LakeConfig.from_settings(s, namespace=args.namespace)
     if args.catalog_uri or args.s3_endpoint:
@@ -360,6 +362,31 @@ def cmd_realtime(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from eventing import top
+
+    s = _stack(args).settings
+    try:
+        top.run(args.prometheus or s.prometheus_url, sys.stdout, interval=args.interval,
+                once=args.once)
+    except top.PrometheusUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_dashboards(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from eventing import dashboards
+
+    for path in dashboards.write(Path(args.out)):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", help="state folder (default ./.state, env SLUICE_STATE_DIR)")
@@ -404,6 +431,16 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--function", action="append", help="only this function (repeatable)")
     run_p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the local stack)")
     run_p.add_argument("--registry", help="schema registry URL (default: the local stack's)")
+    top_p = sub.add_parser("top", help="live per-function rate, p99, lag, dead letters")
+    top_p.add_argument("--interval", type=float, default=2.0)
+    top_p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top_p.add_argument("--prometheus", help="Prometheus URL (default: the local stack's)")
+    top_p.set_defaults(func=cmd_top)
+
+    dash = sub.add_parser("dashboards", help="write the Grafana dashboards (JSON)")
+    dash.add_argument("--out", default="infra/grafana")
+    dash.set_defaults(func=cmd_dashboards)
+
     gen = sub.add_parser("generate", help="publish realistic payments with injected fraud")
     gen.add_argument("--rate", type=float, default=50.0, help="payments per second")
     gen.add_argument("--duration", type=float, default=60.0, help="seconds (0 = forever)")

@@ -71,7 +71,8 @@ def test_up_status_down_lifecycle_on_durable_storage(own_stack) -> None:
     parts = _status(state, offset)
     names = {p["name"] for p in parts}
     assert names == {"objectstore", "broker", "registry", "collector", "prometheus",
-                     "gateway", "fn-validate", "fn-enrich", "fn-score", "generator"}
+                     "realtime", "gateway", "lakesink", "fn-validate", "fn-enrich",
+                     "fn-score", "generator"}
     assert all(p["healthy"] and p["pid"] for p in parts), parts
     pids = {p["name"]: p["pid"] for p in parts}
 

@@ -200,6 +200,18 @@ def create_app(store: SchemaStore) -> ASGIApp:
     async def contexts(_: Request) -> Response:
         return RegistryResponse(["."])
 
+    async def metrics(_: Request) -> Response:
+        # Plain text exposition, written by hand: two gauges need no client registry.
+        text = (
+            "# HELP sluice_registry_subjects Live subjects in the registry\n"
+            "# TYPE sluice_registry_subjects gauge\n"
+            f"sluice_registry_subjects {len(store.subjects())}\n"
+            "# HELP sluice_registry_schemas Live schema versions in the registry\n"
+            "# TYPE sluice_registry_schemas gauge\n"
+            f"sluice_registry_schemas {len(store.all_schemas())}\n"
+        )
+        return Response(text, media_type="text/plain; version=0.0.4")
+
     subject = "/subjects/{subject}"
     version = subject + "/versions/{version}"
     routes = [
@@ -233,6 +245,7 @@ def create_app(store: SchemaStore) -> ASGIApp:
         Route("/mode/{subject}", get_mode, methods=["GET", "DELETE"]),
         Route("/mode/{subject}", put_mode, methods=["PUT"]),
         Route("/contexts", contexts, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

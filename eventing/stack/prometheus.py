@@ -26,11 +26,26 @@ def scrape_config(settings: StackSettings) -> dict:
             {"job_name": "sluice-registry",
              "static_configs": [{"targets": [f"{h}:{p.registry}"]}]},
             {"job_name": "sluice-gateway", "static_configs": [{"targets": [f"{h}:{p.gateway}"]}]},
-            {"job_name": "sluice-dispatcher",
-             "static_configs": [{"targets": [f"{h}:{p.dispatcher_metrics}"]}]},
+            {"job_name": "sluice-functions", "static_configs": [
+                {"targets": [f"{h}:{port}" for port in _function_ports(settings)]}]},
+            {"job_name": "sluice-lake-sink",
+             "static_configs": [{"targets": [f"{h}:{p.lake_metrics}"]}]},
+            {"job_name": "sluice-realtime",
+             "static_configs": [{"targets": [f"{h}:{p.realtime}"]}]},
             {"job_name": "seaweedfs", "static_configs": [{"targets": [f"{h}:{p.weed_metrics}"]}]},
         ],
     }
+
+
+def _function_ports(settings: StackSettings) -> list[int]:
+    """The metrics port of every function process `sluice up` starts."""
+    from eventing import topology as topo
+    from eventing.stack.pipeline import function_metrics_port
+
+    if not settings.pipeline:
+        return []
+    names = sorted(topo.load(settings.topology_path).functions)
+    return [function_metrics_port(settings, i) for i in range(len(names))]
 
 
 def write_config(settings: StackSettings) -> Path:
@@ -39,6 +54,12 @@ def write_config(settings: StackSettings) -> Path:
     path = conf_dir / "prometheus.yml"
     path.write_text(yaml.safe_dump(scrape_config(settings), sort_keys=False))
     return path
+
+
+def reload(settings: StackSettings) -> None:
+    """Rewrite the scrape config for the parts now running and tell Prometheus."""
+    write_config(settings)
+    http_status(settings.prometheus_url + "/-/reload", method="POST", timeout=5.0)
 
 
 def spec(settings: StackSettings) -> PartSpec:

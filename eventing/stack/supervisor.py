@@ -18,7 +18,16 @@ from eventing import topology as topo
 from eventing.kafka import ensure_topics
 from eventing.schemas import Registered, register_all
 from eventing.settings import StackSettings
-from eventing.stack import broker, collector, objectstore, pipeline, prometheus, registry
+from eventing.stack import (
+    broker,
+    collector,
+    lakesink,
+    objectstore,
+    pipeline,
+    prometheus,
+    realtime,
+    registry,
+)
 from eventing.stack.process import (
     PartRecord,
     PartSpec,
@@ -66,9 +75,9 @@ def core_parts(settings: StackSettings) -> list[SpecFactory]:
     parts.append(broker.spec)
     if settings.broker_storage != "s3":
         parts.append(objectstore.spec)
-    parts += [registry.spec, collector.spec, prometheus.spec]
+    parts += [registry.spec, collector.spec, prometheus.spec, realtime.spec]
     if settings.pipeline:
-        parts += [pipeline.gateway_spec, *pipeline.function_specs(settings)]
+        parts += [pipeline.gateway_spec, *pipeline.function_specs(settings), lakesink.spec]
         if settings.generator:
             parts.append(pipeline.generator_spec)
     return parts
@@ -120,6 +129,8 @@ class Stack:
                 registered = register_all(self.settings.registry_url, self.settings.schemas_dir)
                 for r in registered:
                     log(f"  {'':<12} schema {r.subject} -> id {r.schema_id}")
+        # Parts added to a running stack (`up` after `up --no-pipeline`) get scraped too.
+        prometheus.reload(self.settings)
         return registered
 
     def status(self) -> list[PartStatus]:

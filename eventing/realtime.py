@@ -1,0 +1,617 @@
+"""The real-time table: a topic's last hour in DuckDB, queryable within milliseconds.
+
+Locally this plays Pinot's part. DuckDB allows one writing process, so the table lives
+in one long-running server process that owns the connection, consumes the topic into an
+in-memory table and answers SQL over HTTP:
+
+- **Ingest.** A consumer with direct partition assignment (no group: nothing is
+  committed, the table is a cache rebuilt from the topic on start, and a Tansu group join
+  costs seconds) starts each partition at the first record newer than the retention and
+  appends what it polls every few milliseconds as one Arrow batch. A record is
+  queryable as soon as its batch's INSERT returns (tens of ms after it was produced).
+  Rows whose time field is older than the retention are deleted every `sweep_s`.
+- **Same shape as the lake.** Columns come from the lake sink's own mapping
+  (`eventing.sinks.lake.iceberg_schema`: Avro fields, the time field as TIMESTAMPTZ, then
+  `kafka_partition`, `kafka_offset`), so `SELECT * FROM payments_scored UNION ALL SELECT *
+  FROM payments_scored_rt` lines up, and (partition, offset) tells which real-time rows
+  the lake already has.
+- **One connection, many cursors.** The Iceberg catalog is ATTACHed (`lakehouse`) to the
+  same DuckDB database, so one SQL reads both. Ingest and every query use their own
+  cursor (DuckDB connections to one database; MVCC keeps them apart). Settings are set
+  globally and then locked, and the local file system is disabled, so a query can only
+  read the tables.
+- **HTTP.** `POST /query` `{"sql": ..., "engine": "trino"|"duckdb", "explain": bool}`
+  (Trino SQL is translated by `eventing.query` with the live columns), `/healthz`,
+  `/metrics`. Binds 127.0.0.1 by default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from eventing import binding, query
+
+if TYPE_CHECKING:
+    import duckdb
+    import pyarrow as pa
+
+    from eventing.lakehouse import LakeConfig
+
+log = logging.getLogger("sluice.realtime")
+
+LAKE_ALIAS = query.DEFAULT_NAMES.lake_alias
+
+
+def parse_duration(text: str) -> float:
+    """`1h`, `30m`, `90s`, `2d`, `500ms` or plain seconds -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (e.g. 1h, 30m, 90s)")
+    value, unit = float(match.group(1)), match.group(2) or "s"
+    return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
+def table_for_topic(topic: str, suffix: str = query.DEFAULT_NAMES.realtime_suffix) -> str:
+    """`payments.scored` -> `payments_scored_rt` (the lake's name plus the suffix)."""
+    from eventing.lakehouse import table_name_for_topic
+
+    return table_name_for_topic(topic) + suffix
+
+
+@dataclass(frozen=True)
+class RealtimeSettings:
+    """What the real-time server needs; the CLI builds it from flags and stack settings."""
+
+    bootstrap: str
+    registry_url: str
+    topic: str = "payments.scored"
+    host: str = "127.0.0.1"
+    port: int = 8090
+    retention_s: float = 3600.0
+    time_field: str = "event_time"
+    lake: LakeConfig | None = None
+    poll_s: float = 0.02  # longest wait for more records before inserting a batch
+    batch_max: int = 5000
+    sweep_s: float = 10.0
+    query_timeout_s: float = 60.0
+    max_rows: int = 10_000
+    log_level: str = "info"
+
+
+class Metrics:
+    """The server's instruments, on their own registry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.rows_ingested = Counter("sluice_realtime_rows_ingested", "Rows appended",
+                                     registry=r)
+        self.rows_expired = Counter("sluice_realtime_rows_expired",
+                                    "Rows deleted for being older than the retention",
+                                    registry=r)
+        self.undecodable = Counter("sluice_realtime_undecodable_records",
+                                   "Records skipped: not a decodable CloudEvent/Avro value",
+                                   registry=r)
+        self.rows = Gauge("sluice_realtime_rows", "Rows in the real-time table", registry=r)
+        self.lag_ms = Gauge("sluice_realtime_ingest_lag_ms",
+                            "Last batch: longest time from a record's Kafka timestamp to "
+                            "queryable", registry=r)
+        self.lag = Histogram("sluice_realtime_ingest_lag_seconds",
+                             "Per record: Kafka timestamp to queryable", registry=r,
+                             buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.query_latency = Histogram(
+            "sluice_realtime_query_duration_seconds", "POST /query, translation to last row",
+            ["outcome"], registry=r,
+            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+
+
+class RealtimeTable:
+    """The DuckDB database: the real-time table, the attached lake, ingest and queries."""
+
+    def __init__(self, settings: RealtimeSettings, avro_schema: dict[str, Any], *,
+                 con: duckdb.DuckDBPyConnection | None = None,
+                 metrics: Metrics | None = None, lake_attempts: int = 10) -> None:
+        import duckdb
+
+        from eventing.sinks.lake import BatchBuilder, iceberg_schema
+
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.name = table_for_topic(settings.topic)
+        self.arrow_schema: pa.Schema = iceberg_schema(avro_schema, settings.time_field).as_arrow()
+        time_type = next(f["type"] for f in avro_schema["fields"]
+                         if f["name"] == settings.time_field)
+        self.builder = BatchBuilder(self.arrow_schema, settings.time_field,
+                                    time_is_ms=_is_plain_long(time_type))
+        self.con = con or duckdb.connect(config={"autoinstall_known_extensions": "false",
+                                                 "autoload_known_extensions": "false"})
+        self.con.execute("SET GLOBAL TimeZone = 'UTC'")  # the local engine runs in UTC
+        self.lake_error: str | None = "no lake configured" if settings.lake is None else None
+        if settings.lake is not None:
+            self.attach_lake(attempts=lake_attempts)
+        empty = self.arrow_schema.empty_table()
+        self.con.register("_rt_empty", empty)
+        self.con.execute(f'CREATE TABLE "{self.name}" AS SELECT * FROM _rt_empty')
+        self.con.unregister("_rt_empty")
+        # Queries may read tables, nothing else: no local files, no changed settings.
+        self.con.execute("SET disabled_filesystems = 'LocalFileSystem'")
+        self.con.execute("SET lock_configuration = true")
+        self.rows = 0
+        self._write = self.con.cursor()  # ingest's own connection
+        self._write_lock = threading.Lock()
+        self._columns: dict[str, tuple[float, dict[str, str] | None]] = {}
+        self.columns_ttl_s = 30.0
+        self._last_reattach = 0.0
+        self._translations: dict[str, tuple[float, str]] = {}
+
+    # ----------------------------------------------------------------- lake
+
+    def attach_lake(self, attempts: int = 1, wait_s: float = 1.0) -> bool:
+        """ATTACH the Iceberg catalog as `lake` (extensions, secrets; before the lock);
+        False, with `lake_error` set, when it fails `attempts` times."""
+        from eventing import lakehouse
+
+        assert self.settings.lake is not None
+        for attempt in range(attempts):
+            try:
+                lakehouse.duckdb_connect(self.settings.lake, alias=LAKE_ALIAS,
+                                         use_namespace=False, con=self.con)
+            except Exception as exc:  # noqa: BLE001 - the real-time table works without it
+                self.lake_error = f"the lake catalog is not attached: {exc}"
+                if attempt + 1 < attempts:
+                    time.sleep(wait_s)
+                continue
+            self.lake_error = None
+            return True
+        log.warning("%s", self.lake_error)
+        return False
+
+    def reattach_lake(self) -> bool:
+        """DETACH and ATTACH again, which signs in to the catalog anew (an expired OAuth2
+        token). Only the ATTACH is repeated: loading extensions needs the local file
+        system, which is disabled once the server is up. Same statement as
+        `lakehouse.duckdb_connect`, with the secret it created."""
+        lake = self.settings.lake
+        if lake is None:
+            return False
+        uri = lake.catalog_uri.rstrip("/").replace("'", "''")
+        warehouse = lake.warehouse_name.replace("'", "''")
+        try:
+            with self._write_lock:
+                attached = {r[0] for r in self.con.execute(
+                    "SELECT database_name FROM duckdb_databases()").fetchall()}
+                if LAKE_ALIAS in attached:
+                    self.con.execute(f"DETACH {LAKE_ALIAS}")
+                self.con.execute(f"ATTACH '{warehouse}' AS {LAKE_ALIAS} (TYPE iceberg, "
+                                 f"ENDPOINT '{uri}', SECRET {LAKE_ALIAS}_iceberg)")
+        except Exception as exc:  # noqa: BLE001
+            self.lake_error = f"the lake catalog is not attached: {exc}"
+            return False
+        self.lake_error = None
+        self._columns.clear()
+        return True
+
+    # ----------------------------------------------------------------- ingest
+
+    def append(self, records: Iterable[tuple[dict[str, Any], int, int]],
+               timestamps_ms: Iterable[int] = ()) -> int:
+        """Append decoded records `(record, partition, offset)` as one Arrow batch.
+
+        Records older than the retention are left out. `timestamps_ms` (the Kafka
+        timestamps) feed the ingest-lag metrics. Returns the rows appended.
+        """
+        builder = self.builder
+        builder.clear()
+        for record, partition, offset in records:
+            builder.add(record, partition, offset)
+        if not len(builder):
+            return 0
+        batch = builder.build()
+        builder.clear()
+        cutoff = self._cutoff()
+        with self._write_lock:
+            self._write.register("_rt_batch", batch)
+            try:
+                n = self._write.execute(
+                    f'INSERT INTO "{self.name}" SELECT * FROM _rt_batch '
+                    f'WHERE "{self.settings.time_field}" >= $1 '
+                    f'OR "{self.settings.time_field}" IS NULL', [cutoff]).fetchone()[0]
+            finally:
+                self._write.unregister("_rt_batch")
+        now_ms = time.time() * 1000
+        lags = [(now_ms - ts) / 1000 for ts in timestamps_ms if ts and ts > 0]
+        if lags:
+            for lag in lags:
+                self.metrics.lag.observe(lag)
+            self.metrics.lag_ms.set(round(max(lags) * 1000, 1))
+        self.rows += n
+        self.metrics.rows_ingested.inc(n)
+        self.metrics.rows.set(self.rows)
+        return n
+
+    def _cutoff(self) -> Any:
+        import datetime as dt
+
+        return dt.datetime.fromtimestamp(time.time() - self.settings.retention_s, dt.UTC)
+
+    def expire(self) -> int:
+        """Delete rows older than the retention (by the time field); returns how many."""
+        with self._write_lock:
+            n = self._write.execute(
+                f'DELETE FROM "{self.name}" WHERE "{self.settings.time_field}" < $1',
+                [self._cutoff()]).fetchone()[0]
+            self.rows = self._write.execute(f'SELECT count(*) FROM "{self.name}"').fetchone()[0]
+        self.metrics.rows_expired.inc(n)
+        self.metrics.rows.set(self.rows)
+        return n
+
+    # ----------------------------------------------------------------- queries
+
+    def columns(self, short: str) -> dict[str, str] | None:
+        """{column: type} of a table by its short name (`payments_scored_rt`,
+        `payments_scored`, `ns.table`), for the translator; None when unknown."""
+        kind, namespace, name = query.DEFAULT_NAMES.resolve(short.split("."))
+        parts = query.DEFAULT_NAMES.target(kind, namespace, name, "duckdb")
+        key = ".".join(parts)
+        cached = self._columns.get(key)
+        if cached and time.monotonic() - cached[0] < self.columns_ttl_s:
+            return cached[1]
+        cur = self.con.cursor()
+        try:
+            quoted = ".".join(f'"{p}"' for p in parts)
+            columns = {r[0]: r[1] for r in cur.execute(f"DESCRIBE {quoted}").fetchall()}
+        except Exception:  # noqa: BLE001 - no such table (yet), or the lake is away
+            columns = None
+        finally:
+            cur.close()
+        self._columns[key] = (time.monotonic(), columns)
+        return columns
+
+    def query(self, sql: str, *, engine: str = "trino", explain: bool = False,
+              max_rows: int | None = None) -> dict[str, Any]:
+        """Translate (engine `trino`) or check (engine `duckdb`) and run one query.
+
+        Raises `query.TranslationError`/`query.Refused` for SQL that cannot run and
+        `query.QueryFailed` when DuckDB fails or the query times out.
+        """
+        started = time.perf_counter()
+        if engine == "trino":
+            duck_sql = self._translate(sql)
+        elif engine == "duckdb":
+            query.parse(sql, dialect="duckdb")  # one read-only query
+            duck_sql = sql
+        else:
+            raise query.TranslationError(f"engine must be trino or duckdb, not {engine!r}")
+        translated = time.perf_counter()
+        timing = {"translate": _ms(translated - started)}
+        if explain:
+            return {"duckdb_sql": duck_sql, "timing_ms": timing}
+        limit = self.settings.max_rows if max_rows is None else max_rows
+        if (self.lake_error and self.settings.lake is not None and f"{LAKE_ALIAS}." in duck_sql
+                and time.monotonic() - self._last_reattach > 5.0):
+            self._last_reattach = time.monotonic()
+            self.reattach_lake()  # the catalog was away at start: try again
+        try:
+            columns, types, rows = self._execute(duck_sql, limit + 1)
+        except query.QueryFailed as exc:
+            if self.settings.lake is None or not _looks_like_auth(str(exc)):
+                raise
+            self.reattach_lake()  # an expired catalog token: sign in again, retry once
+            columns, types, rows = self._execute(duck_sql, limit + 1)
+        done = time.perf_counter()
+        timing |= {"execute": _ms(done - translated), "total": _ms(done - started)}
+        return {"columns": columns, "types": types, "rows": rows[:limit],
+                "truncated": len(rows) > limit, "duckdb_sql": duck_sql, "timing_ms": timing}
+
+    def _translate(self, sql: str) -> str:
+        """Translate with the live columns; repeated SQL (dashboards) from a small cache
+        that expires with the column cache (parsing costs ~5-10 ms a query)."""
+        hit = self._translations.get(sql)
+        if hit and time.monotonic() - hit[0] < self.columns_ttl_s:
+            return hit[1]
+        duck_sql = query.translate(sql, schema=self.columns)
+        if len(self._translations) >= 512:
+            self._translations.clear()
+        self._translations[sql] = (time.monotonic(), duck_sql)
+        return duck_sql
+
+    def _execute(self, sql: str, limit: int) -> tuple[list[str], list[str], list[Any]]:
+        cur = self.con.cursor()
+        timer = threading.Timer(self.settings.query_timeout_s, cur.interrupt)
+        timer.start()
+        try:
+            cur.execute(sql)
+            rows = cur.fetchmany(limit)
+            description = cur.description or []
+        except Exception as exc:  # duckdb.Error and its subclasses
+            if not timer.is_alive():
+                raise query.QueryFailed(
+                    f"the query ran longer than {self.settings.query_timeout_s:g} s and was "
+                    "stopped") from None
+            message = str(exc)
+            if self.lake_error and f"{LAKE_ALIAS}." in sql.lower():
+                message += f" ({self.lake_error})"
+            raise query.QueryFailed(message) from None
+        finally:
+            timer.cancel()
+            cur.close()
+        return ([d[0] for d in description], [str(d[1]) for d in description],
+                [list(r) for r in rows])
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def _looks_like_auth(message: str) -> bool:
+    lowered = message.lower()
+    return any(s in lowered for s in ("401", "unauthorized", "token expired", "403"))
+
+
+def _is_plain_long(avro_type: Any) -> bool:
+    if isinstance(avro_type, list):
+        avro_type = next((b for b in avro_type if b != "null"), None)
+    if isinstance(avro_type, dict):
+        return avro_type.get("type") == "long" and "logicalType" not in avro_type
+    return avro_type == "long"
+
+
+# --------------------------------------------------------------------------- consumer
+
+
+class Ingest:
+    """The consumer thread: topic -> `RealtimeTable.append`, plus the retention sweep."""
+
+    def __init__(self, table: RealtimeTable, serde: Any) -> None:
+        self.table = table
+        self.serde = serde
+        self.settings = table.settings
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="realtime-ingest", daemon=True)
+        self.assigned: set[int] = set()
+        self.last_poll = 0.0
+        self.error: str | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout)
+
+    def healthy(self) -> tuple[bool, str]:
+        if not self.thread.is_alive():
+            return False, f"the ingest thread stopped: {self.error or 'unknown reason'}"
+        if time.monotonic() - self.last_poll > 10:
+            return False, "the ingest thread has not polled for 10 s"
+        return True, f"assigned partitions {sorted(self.assigned)}"
+
+    def _run(self) -> None:
+        from confluent_kafka import Consumer
+
+        from eventing.kafka import consumer_config
+
+        s = self.settings
+        consumer = Consumer(consumer_config(
+            s.bootstrap, f"sluice-realtime-{uuid.uuid4().hex[:8]}",
+            **{"enable.auto.offset.store": False}))
+        try:
+            self._loop(consumer)
+        except Exception as exc:
+            self.error = repr(exc)
+            log.exception("real-time ingest failed")
+            raise
+        finally:
+            consumer.close()
+
+    def _loop(self, consumer: Any) -> None:
+        s = self.settings
+        next_meta = next_sweep = 0.0
+        decode = self._decode
+        while not self.stop_event.is_set():
+            now = time.monotonic()
+            self.last_poll = now
+            if now >= next_meta:
+                self._assign_new(consumer)
+                next_meta = now + (5.0 if self.assigned else 0.5)
+            if now >= next_sweep:
+                expired = self.table.expire()
+                if expired:
+                    log.info("expired %d rows older than %gs", expired, s.retention_s)
+                next_sweep = now + s.sweep_s
+            if not self.assigned:
+                self.stop_event.wait(0.2)
+                continue
+            msgs = consumer.consume(s.batch_max, s.poll_s)
+            if not msgs:
+                continue
+            records, stamps = [], []
+            for msg in msgs:
+                if msg.error():
+                    continue
+                record = decode(msg)
+                if record is None:
+                    continue
+                records.append((record, msg.partition(), msg.offset()))
+                stamps.append(msg.timestamp()[1])
+            self.table.append(records, stamps)
+
+    def _decode(self, msg: Any) -> dict[str, Any] | None:
+        try:
+            event = binding.decode_record(
+                msg.key(), msg.value(), msg.headers(), topic=msg.topic(),
+                partition=msg.partition(), offset=msg.offset(),
+                timestamp_ms=msg.timestamp()[1], validate=False)
+            data = event.data
+            content_type = (event.get("datacontenttype") or "").lower()
+            if "json" in content_type:
+                return orjson.loads(data)
+            return self.serde.decode(data)
+        except Exception as exc:  # noqa: BLE001 - one bad record must not stop the table
+            self.table.metrics.undecodable.inc()
+            log.debug("skipping %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
+            return None
+
+    def _assign_new(self, consumer: Any) -> None:
+        """Assign partitions not yet assigned, each from the retention's start."""
+        from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+
+        topic = self.settings.topic
+        try:
+            meta = consumer.list_topics(topic, timeout=5).topics.get(topic)
+        except KafkaException as exc:
+            log.warning("cannot read metadata of %s: %s", topic, exc)
+            return
+        if meta is None or meta.error is not None:
+            return
+        new = sorted(set(meta.partitions) - self.assigned)
+        if not new:
+            return
+        since_ms = int((time.time() - self.settings.retention_s) * 1000)
+        wanted = [TopicPartition(topic, p, since_ms) for p in new]
+        try:
+            starts = consumer.offsets_for_times(wanted, timeout=10)
+        except KafkaException as exc:
+            log.warning("offsets_for_times failed (%s); reading %s from the start", exc, topic)
+            starts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in new]
+        fixed = []
+        for tp in starts:
+            if tp.error is not None or tp.offset < 0:
+                # -1: nothing that new yet; read from the start, the filter drops old rows
+                tp = TopicPartition(topic, tp.partition, OFFSET_BEGINNING)
+            fixed.append(tp)
+        consumer.incremental_assign(fixed)
+        self.assigned.update(new)
+        log.info("reading %s partitions %s from offsets %s", topic, new,
+                 [tp.offset for tp in fixed])
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def _json(body: Any, status: int = 200) -> Any:
+    from starlette.responses import Response
+
+    try:
+        payload = orjson.dumps(body, default=str,
+                               option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError:  # e.g. a HUGEINT beyond 64 bits
+        payload = json.dumps(body, default=str).encode()
+    return Response(payload, status, media_type="application/json")
+
+
+def create_app(table: RealtimeTable, ingest: Ingest | None = None) -> Any:
+    """The server's ASGI app; starts and stops `ingest` with the app's lifespan."""
+    import contextlib
+
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    metrics = table.metrics
+
+    async def run_query(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            body = orjson.loads(await request.body())
+            sql = body["sql"]
+            if not isinstance(sql, str):
+                raise TypeError("sql must be a string")
+        except (ValueError, KeyError, TypeError) as exc:
+            return _json({"error": "bad request", "message": "send JSON {\"sql\": \"...\", "
+                          f"\"engine\": \"trino\"|\"duckdb\"}}: {exc}"}, 400)
+        outcome = "ok"
+        try:
+            result = await run_in_threadpool(
+                table.query, sql, engine=body.get("engine", "trino"),
+                explain=bool(body.get("explain")), max_rows=body.get("max_rows"))
+            return _json(result)
+        except query.Refused as exc:
+            outcome = "refused"
+            return _json({"error": "refused", "construct": exc.construct, "reason": exc.reason,
+                          "hint": exc.hint, "message": str(exc)}, 422)
+        except query.TranslationError as exc:
+            outcome = "refused"
+            return _json({"error": "invalid query", "message": str(exc)}, 400)
+        except query.QueryFailed as exc:
+            outcome = "failed"
+            return _json({"error": "query failed", "message": str(exc)}, 400)
+        finally:
+            metrics.query_latency.labels(outcome).observe(time.perf_counter() - started)
+
+    async def healthz(_: Request) -> Response:
+        ok, detail = ingest.healthy() if ingest else (True, "no ingest")
+        body = {"status": "ok" if ok else "unhealthy", "ingest": detail, "rows": table.rows,
+                "table": table.name, "lake": table.lake_error or "attached"}
+        return _json(body, 200 if ok else 503)
+
+    async def metrics_endpoint(_: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette):
+        if ingest:
+            ingest.start()
+        try:
+            yield
+        finally:
+            if ingest:
+                await run_in_threadpool(ingest.stop)
+
+    return Starlette(routes=[
+        Route("/query", run_query, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ], lifespan=lifespan)
+
+
+def fetch_avro_schema(registry_url: str, topic: str, *, wait_s: float = 30.0,
+                      sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """The latest value schema of `topic` (waits for it while the stack registers it)."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    client = SchemaRegistryClient({"url": registry_url})
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return json.loads(client.get_latest_version(f"{topic}-value").schema.schema_str)
+        except Exception as exc:  # noqa: BLE001 - registry down or subject missing
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no schema for {topic}-value at {registry_url}: "
+                                   f"{exc}") from exc
+            sleep(0.5)
+
+
+def build(settings: RealtimeSettings) -> tuple[RealtimeTable, Ingest]:
+    """The table (lake attached when configured) and its not-yet-started consumer."""
+    from eventing.serde import AvroSerde
+
+    table = RealtimeTable(settings, fetch_avro_schema(settings.registry_url, settings.topic))
+    return table, Ingest(table, AvroSerde(settings.registry_url))
+
+
+def serve(settings: RealtimeSettings) -> None:
+    """Run the server in the foreground until SIGINT/SIGTERM."""
+    import uvicorn
+
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    table, ingest = build(settings)
+    config = uvicorn.Config(
+        create_app(table, ingest), host=settings.host, port=settings.port, loop="uvloop",
+        http="httptools", lifespan="on", access_log=False, log_level=settings.log_level,
+        timeout_graceful_shutdown=10, server_header=False)
+    uvicorn.Server(config).run()
