@@ -26,8 +26,32 @@ def _settings(args: argparse.Namespace) -> StackSettings:
         generator_rate=getattr(args, "rate", None) or 20.0,
         gateway_token_file=getattr(args, "token_file", None)
         or os.environ.get("SLUICE_GATEWAY_TOKEN_FILE"),
+        trace_sampling=_sampling(getattr(args, "trace_sampling", None)),
     )
     return settings
+
+
+def _sampling(value: float | None) -> float:
+    return 1.0 if value is None else value
+
+
+def _add_tracing_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--otlp-endpoint", help="export spans over OTLP/HTTP to this collector "
+                   "(e.g. http://127.0.0.1:4318; default: no spans, `sluice up` sets it)")
+    p.add_argument("--service-name", help=f"service.name of the spans (default {what})")
+    p.add_argument("--trace-sampling", type=float, default=None,
+                   help="share of new traces recorded, 0..1 (default 1; a sampled or "
+                        "unsampled incoming traceparent is obeyed)")
+
+
+def _configure_tracing(args: argparse.Namespace, service_name: str) -> None:
+    """Tracing settings from the flags, made this process's (eventing.tracing)."""
+    from eventing import tracing
+
+    if args.otlp_endpoint:
+        tracing.configure(tracing.TracingSettings(
+            endpoint=args.otlp_endpoint, service_name=args.service_name or service_name,
+            sampling=_sampling(args.trace_sampling)))
 
 
 def _stack(args: argparse.Namespace):
@@ -133,6 +157,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    _configure_tracing(args, "sluice-" + "-".join(args.function) if args.function
+                       else "sluice-functions")
     settings = RunSettings(bootstrap=args.bootstrap or s.bootstrap,
                            registry_url=args.registry or s.registry_url)
     metrics = (args.metrics_host, args.metrics_port) if args.metrics_port else None
@@ -170,7 +196,59 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         message_timeout_ms=args.message_timeout_ms,
         log_level=args.log_level,
     )
+    _configure_tracing(args, "sluice-gateway")
     serve(settings)
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """`sluice trace REF`: the waterfall of every trace an event id, trace id or payment id
+    names, from the local trace store."""
+    from pathlib import Path
+
+    from eventing import traces
+
+    path = Path(args.db) if args.db else traces.db_path(_settings(args).with_saved().state_dir)
+    if not path.exists() and not args.wait:
+        print(f"error: no trace store at {path}; is the stack up (`sluice up`)?",
+              file=sys.stderr)
+        return 2
+    found = traces.wait_for(path, args.ref, args.wait or 0.0,
+                            settle_s=args.settle if args.wait else 0.0)
+    if not found:
+        print(f"no trace found for {args.ref!r} (event id, trace id or payment id)"
+              + ("" if args.wait else "; spans take ~1 s to be indexed: try --wait 10"),
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(traces.as_json(found), indent=2))
+    else:
+        print(traces.render(found), end="")
+    return 0
+
+
+def cmd_tracestore(args: argparse.Namespace) -> int:
+    """`sluice tracestore`: index the traces topic into SQLite until SIGINT/SIGTERM."""
+    import logging
+    import signal
+    import threading
+    from pathlib import Path
+
+    from eventing import traces
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    s = _settings(args).with_saved()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    store = traces.TraceStore(Path(args.db) if args.db else traces.db_path(s.state_dir))
+    ingestor = traces.TraceIngestor(store, args.bootstrap or s.bootstrap,
+                                    args.topic or s.traces_topic)
+    try:
+        ingestor.run(stop)
+    finally:
+        store.close()
+    print(f"indexed {ingestor.spans} spans from {ingestor.records} records")
     return 0
 
 
@@ -387,6 +465,26 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_trace_parsers(sub) -> None:
+    tr = sub.add_parser("trace", help="show what happened to an event: the waterfall of its "
+                        "trace(s) by CloudEvent id, trace id or payment id")
+    tr.add_argument("ref", help="CloudEvent id, trace id (32 hex) or payment id")
+    tr.add_argument("--json", action="store_true", help="machine-readable spans")
+    tr.add_argument("--wait", type=float, default=0.0, metavar="S",
+                    help="wait up to S seconds for the spans to arrive and settle")
+    tr.add_argument("--settle", type=float, default=1.5, metavar="S",
+                    help="with --wait: done once no new span arrived for S seconds")
+    tr.add_argument("--db", help="trace store file (default: the state folder's)")
+    tr.set_defaults(func=cmd_trace)
+
+    ts = sub.add_parser("tracestore", help="index the traces topic into the local trace "
+                        "store (foreground; `sluice up` runs it)")
+    ts.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the local stack)")
+    ts.add_argument("--topic", help="traces topic (default sluice.traces)")
+    ts.add_argument("--db", help="trace store file (default: the state folder's)")
+    ts.set_defaults(func=cmd_tracestore)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", help="state folder (default ./.state, env SLUICE_STATE_DIR)")
@@ -396,8 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start the local stack and wait until it is healthy")
     up.add_argument("--storage", choices=["s3", "memory"], default=None,
-                    help="broker storage: s3 keeps data across restarts (default), "
-                         "memory is faster and forgets")
+                    help="broker storage: memory (default) is fast and forgets on restart; "
+                         "s3 keeps topics in the object store across restarts, but "
+                         "Tansu's fetches slow down as small objects pile up")
     up.add_argument("--no-pipeline", action="store_true",
                     help="start only the infrastructure, not the gateway and functions")
     up.add_argument("--no-generator", action="store_true",
@@ -406,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="generator payments per second (default 20)")
     up.add_argument("--token-file", help="require this bearer token at the gateway "
                     "(env SLUICE_GATEWAY_TOKEN_FILE)")
+    up.add_argument("--trace-sampling", type=float, default=None,
+                    help="share of new traces the pipeline records, 0..1 (default 1)")
     up.set_defaults(func=cmd_up)
 
     status = sub.add_parser("status", help="report each part: pid, endpoint, health, uptime")
@@ -455,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run_p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     run_p.add_argument("--metrics-host", default="127.0.0.1")
+    _add_tracing_args(run_p, "sluice-<function>")
     run_p.set_defaults(func=cmd_run)
 
     gw = sub.add_parser("gateway", help="run the CloudEvents ingest gateway (foreground)")
@@ -469,7 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="answer 503 when the broker has not acknowledged within this time")
     gw.add_argument("--log-level", default="info",
                     choices=["critical", "error", "warning", "info", "debug"])
+    _add_tracing_args(gw, "sluice-gateway")
     gw.set_defaults(func=cmd_gateway)
+
+    _add_trace_parsers(sub)
 
     pub = sub.add_parser("publish", help="publish CloudEvents to the gateway "
                          "(bearer token from env SLUICE_GATEWAY_TOKEN)")

@@ -85,7 +85,7 @@ class StackSettings:
     project_dir: Path
     host: str = "127.0.0.1"
     ports: Ports = field(default_factory=Ports)
-    broker_storage: BrokerStorage = "s3"
+    broker_storage: BrokerStorage = "memory"
     broker_bucket: str = "tansu"
     warehouse_bucket: str = "warehouse"
     schemas_topic: str = "_schemas"
@@ -96,6 +96,8 @@ class StackSettings:
     generator: bool = True
     generator_rate: float = 20.0
     gateway_token_file: Path | None = None
+    # Root sampling ratio of the pipeline's traces (parent-based; see eventing.tracing).
+    trace_sampling: float = 1.0
 
     @property
     def bootstrap(self) -> str:
@@ -120,6 +122,11 @@ class StackSettings:
     @property
     def realtime_url(self) -> str:
         return f"http://{self.host}:{self.ports.realtime}"
+
+    @property
+    def otlp_http_url(self) -> str:
+        """Where the pipeline's processes export spans (the collector's OTLP/HTTP)."""
+        return f"http://{self.host}:{self.ports.otlp_http}"
 
     @property
     def gateway_url(self) -> str:
@@ -188,6 +195,7 @@ def load_settings(
     generator: bool = True,
     generator_rate: float = 20.0,
     gateway_token_file: str | os.PathLike[str] | None = None,
+    trace_sampling: float = 1.0,
 ) -> StackSettings:
     """Build settings from explicit values; the CLI maps flags and env vars onto these."""
     project = Path(project_dir) if project_dir else default_project_dir()
@@ -200,6 +208,7 @@ def load_settings(
         generator=generator,
         generator_rate=generator_rate,
         gateway_token_file=Path(gateway_token_file).resolve() if gateway_token_file else None,
+        trace_sampling=trace_sampling,
     )
     if broker_storage:
         settings = replace(settings, broker_storage=broker_storage)
