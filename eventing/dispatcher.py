@@ -15,6 +15,7 @@ from the raw client floor.
 from __future__ import annotations
 
 import base64
+import bisect
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from eventing import binding
+from eventing import binding, tracing
 from eventing.checkpoint import Checkpoint
 from eventing.invoke import Failure, Invoker, record_event
 from eventing.kafka import consumer_config, producer_config
@@ -38,6 +39,27 @@ class DeliveryFailed(RuntimeError):
     """The broker did not acknowledge outputs: nothing was committed; records replay."""
 
 
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 5000)
+
+
+class Histogram:
+    """Bucket counts for Prometheus, observed per lane and batch, not per record."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float, weight: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += weight
+        self.sum += value * weight
+        self.count += weight
+
+
 @dataclass
 class Stats:
     consumed: int = 0
@@ -47,6 +69,10 @@ class Stats:
     dead_lettered: int = 0
     commits: int = 0
     batches: int = 0
+    started_at: float = field(default_factory=time.time)
+    # Record timestamp -> done, per lane per batch (weighted by the lane's records).
+    delivery_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
 
 
 @dataclass
@@ -75,6 +101,7 @@ class Dispatcher:
             bootstrap, **{"delivery.report.only.error": True, "on_delivery": self._on_delivery}
         ))
         self.invoker = invoker_factory(self.producer)
+        self.tracer: tracing.Tracer = getattr(self.invoker, "tracer", None) or tracing.get_tracer()
         self._on_assign_hook = on_assign
         self.max_backlog = max_backlog
         self.stats = Stats()
@@ -126,6 +153,7 @@ class Dispatcher:
                 self.producer.poll(0)
             return
         self.stats.batches += 1
+        self.stats.batch_size.observe(sum(len(lane) for lane in work))
         outcomes = self.invoker.invoke(work, self.ordered)
         done: set[tuple[str, int, int]] = set()
         for msg, failure in outcomes:
@@ -137,6 +165,34 @@ class Dispatcher:
         for key in lanes_of_work:
             self._drop_done(key, done)
         self._finish_cycle(sync=False)
+        self._observe_latency(work, len(done))
+
+    def _observe_latency(self, work: list[list[Message]], done: int) -> None:
+        """Latency of the newest record of each lane, weighted: cheap, per batch."""
+        if not done:
+            return
+        now_ms = time.time() * 1000
+        per_lane = max(1, done // max(1, len(work)))
+        for lane in work:
+            ts_type, ts = lane[-1].timestamp()
+            if ts_type and ts > 0:
+                self.stats.delivery_latency.observe(max(0.0, (now_ms - ts) / 1000), per_lane)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Records behind per owned partition: broker end minus our next offset, plus what
+        is fetched but not done. Tansu's watermark can lag the truth, so this can be low,
+        never invented."""
+        out = {}
+        for key, progress in list(self.checkpoint.partitions.items()):
+            try:
+                _low, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(*key), cached=True)
+            except KafkaException:
+                continue
+            nxt = progress.next_offset
+            behind = max(0, high - nxt) if nxt is not None and high >= 0 else 0
+            out[key] = behind + progress.outstanding
+        return out
 
     def _accept(self, msgs: list[Message]) -> None:
         for msg in msgs:
@@ -185,11 +241,22 @@ class Dispatcher:
         lane = self.lanes[(msg.topic(), msg.partition())]
         offset = msg.offset()
         attempts = lane.attempts.get(offset, 0) + 1
+        span = failure.span
         if failure.retryable and attempts <= self.delivery.retry:
             lane.attempts[offset] = attempts
             lane.due[offset] = now + self.delivery.backoff(attempts)
             self.stats.retries += 1
+            if span is not None:
+                span.set("sluice.delivery.attempt", attempts)
+                span.set("sluice.delivery.retry_in_s", round(self.delivery.backoff(attempts), 3))
+                span.fail(failure.message[:1024], f"http.{failure.code}")
+                span.finish()
             return False
+        if span is not None:
+            span.set("sluice.delivery.attempt", attempts)
+            span.set("sluice.delivery.outcome", "dead_letter")
+            span.fail(failure.message[:1024], f"http.{failure.code}")
+            span.finish()
         self._dead_letter(msg, failure)
         lane.attempts.pop(offset, None)
         lane.due.pop(offset, None)
@@ -262,6 +329,9 @@ class Dispatcher:
         attrs["knativeerrordest"] = self.invoker.destination
         attrs["knativeerrorcode"] = str(failure.code)
         attrs["knativeerrordata"] = base64.b64encode(data).decode()
+        dl_span = self.tracer.dead_letter(
+            failure.span, attrs, event, self.delivery.dead_letter_sink, msg, self.function.name,
+            failure.code, failure.message[:1024]) if self.tracer.enabled else None
         headers = msg.headers() or []
         structured = any(
             k.lower() == "content-type" and v and v.lower().startswith(b"application/cloudevents")
@@ -273,6 +343,8 @@ class Dispatcher:
             key, value, out_headers = binding.encode_binary(event, validate=False)
         self.producer.produce(self.delivery.dead_letter_sink, value, msg.key() or key,
                               headers=out_headers)
+        if dl_span is not None:
+            dl_span.finish()
         self.stats.dead_lettered += 1
         log.warning("%s: dead-lettered %s[%d]@%d after %s: %s", self.function.name,
                     msg.topic(), msg.partition(), msg.offset(), failure.code,

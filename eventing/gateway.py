@@ -13,6 +13,11 @@ checked against and encoded with the latest Avro schema of `<topic>-value`
 (`content-type: application/avro`, `partitionkey` as the record key, every other
 attribute, `traceparent`/`tracestate` included, as `ce_*` headers).
 
+Tracing (`eventing.tracing`): each event gets a SERVER span (child of the publisher's
+`traceparent` when that one is valid) and a PRODUCER `send` span ended by the broker's
+acknowledgement (with partition and offset); the record's `traceparent` is the send span's.
+An invalid `traceparent` is dropped with its `tracestate`, traced or not.
+
 **The answer comes after the broker's acknowledgement** (acks=all): 202
 `{"accepted": n, "ids": [...]}` means every event of the request is durable in its topic.
 confluent-kafka reports deliveries through callbacks served by `poll()`, so one thread
@@ -72,7 +77,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from eventing import binding
+from eventing import binding, tracing
 from eventing.binding import BindingError
 from eventing.serde import SchemaNotFound, SchemaViolation
 
@@ -211,6 +216,19 @@ class _Pending:
             self.bridge._done.append(self)
 
 
+def _traced_delivery(callback: Callable[[Any, Any], None],
+                     span: Any) -> Callable[[Any, Any], None]:
+    """A delivery callback that also ends the record's `send` span (partition, offset)."""
+    def on_delivery(err: Any, msg: Any) -> None:
+        if err is None:
+            span.msg = msg
+        else:
+            span.fail(str(err), "kafka")
+        span.finish()
+        callback(err, msg)
+    return on_delivery
+
+
 def _resolve(done: list[_Pending]) -> None:
     for pending in done:
         if not pending.future.done():
@@ -291,11 +309,14 @@ class DeliveryBridge:
                 except RuntimeError:  # loop closed during shutdown
                     return
 
-    async def send(self, records: list[Record], timeout_s: float) -> None:
+    async def send(self, records: list[Record], timeout_s: float,
+                   spans: list[Any] | None = None) -> None:
         """Produce `records` and return once the broker acknowledged all of them.
 
         Raises `Unavailable` when the broker is known to be down (nothing is produced) or
         when any record fails or times out (others of the request may be written).
+        `spans` (aligned with `records`, None where untraced) holds each record's `send`
+        span, ended by its delivery report.
         """
         if not records:
             return
@@ -307,10 +328,13 @@ class DeliveryBridge:
         produce = self.producer.produce
         deadline = time.monotonic() + timeout_s
         try:
-            for topic, key, value, headers in records:
+            for i, (topic, key, value, headers) in enumerate(records):
+                on_delivery = callback
+                if spans is not None and spans[i] is not None:
+                    on_delivery = _traced_delivery(callback, spans[i][1])
                 while True:
                     try:
-                        produce(topic, value, key, headers=headers, on_delivery=callback)
+                        produce(topic, value, key, headers=headers, on_delivery=on_delivery)
                         break
                     except BufferError:  # local queue full: let the poll thread drain it
                         if time.monotonic() > deadline:
@@ -390,8 +414,10 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, *,
                  producer_factory: Callable[[Callable[[Any], None]], Any] | None = None,
                  serde: Serde | None = None,
-                 registry_probe: Callable[[], Any] | None = None) -> None:
+                 registry_probe: Callable[[], Any] | None = None,
+                 tracer: tracing.Tracer | None = None) -> None:
         self.settings = settings
+        self.tracer = tracer or tracing.get_tracer()
         self.routes = dict(settings.routes)
         self.known_types = sorted(self.routes)
         self.metrics = GatewayMetrics()
@@ -514,18 +540,21 @@ class Gateway:
 
     async def ingest(self, request: Request) -> Response:
         started = time.perf_counter()
+        started_ns = time.time_ns()
         mode = "unknown"
         status = 500
+        spans: list[Any] = []
         try:
             self._authorize(request)
             mode = binding.http_mode(request.headers)
             self._check_content_type(mode, request)
             body = await self._read_body(request)
-            records, ids = await self._validate(mode, request, body)
+            records, ids = await self._validate(mode, request, body, started_ns, spans)
             self.metrics.batch_size.observe(len(records))
             assert self.bridge is not None
             try:
-                await self.bridge.send(records, self.settings.message_timeout_ms / 1000)
+                await self.bridge.send(records, self.settings.message_timeout_ms / 1000,
+                                       spans if any(spans) else None)
             except Unavailable as exc:
                 self.metrics.count_records(records, "failed")
                 raise Rejection(
@@ -547,6 +576,8 @@ class Gateway:
                                   "gateway log"}, 500)
         finally:
             self.metrics.observe(mode, status, time.perf_counter() - started)
+            if any(spans):
+                _finish_server_spans(spans, status)
 
     def _authorize(self, request: Request) -> None:
         if self._token is None:
@@ -609,9 +640,13 @@ class Gateway:
 
     # ---------------------------------------------------------------- validation
 
-    async def _validate(self, mode: str, request: Request,
-                        body: bytes) -> tuple[list[Record], list[str]]:
-        """Parse, route, check and encode every event; raise `Rejection` if any is bad."""
+    async def _validate(self, mode: str, request: Request, body: bytes, started_ns: int = 0,
+                        spans: list[Any] | None = None) -> tuple[list[Record], list[str]]:
+        """Parse, route, check and encode every event; raise `Rejection` if any is bad.
+
+        `spans` receives, aligned with the records, each event's (server, send) spans or
+        None (not traced).
+        """
         errors: list[tuple[int, Rejection]] = []
         if mode == "batch":
             events, positions, errors, total = self._parse_batch(body)
@@ -626,10 +661,11 @@ class Gateway:
         now = time.monotonic()
         if any(self._fresh_until.get(t, 0.0) <= now for t in topics):  # type: ignore[arg-type]
             # A schema must be fetched: do it off the event loop.
-            records, bad = await asyncio.to_thread(self._encode_all, events, positions)
+            records, bad = await asyncio.to_thread(self._encode_all, events, positions,
+                                                   started_ns, spans)
             self._mark_fresh(topics)
         else:
-            records, bad = self._encode_all(events, positions)
+            records, bad = self._encode_all(events, positions, started_ns, spans)
         if bad or errors:
             for event in events:
                 self.metrics.count(self.routes.get(event._get_attributes()["type"], ""),
@@ -675,22 +711,28 @@ class Gateway:
                 positions.append(i)
         return events, positions, errors, len(items)
 
-    def _encode_all(self, events: list[Any],
-                    positions: list[int]) -> tuple[list[Record], list[tuple[int, Rejection]]]:
+    def _encode_all(self, events: list[Any], positions: list[int], started_ns: int = 0,
+                    spans: list[Any] | None = None,
+                    ) -> tuple[list[Record], list[tuple[int, Rejection]]]:
         """Encode every event; collect 4xx problems by index, raise 5xx ones at once."""
         records: list[Record] = []
         errors: list[tuple[int, Rejection]] = []
         encode = self._encode
+        if spans is None:
+            spans = []
         for position, event in zip(positions, events, strict=True):
             try:
-                records.append(encode(event))
+                record, traced = encode(event, started_ns)
+                records.append(record)
+                spans.append(traced)
             except Rejection as rej:
                 if rej.status >= 500:
                     raise  # the gateway's problem, not the event's: the whole request fails
                 errors.append((position, rej))
         return records, errors
 
-    def _encode(self, event: Any) -> Record:
+    def _encode(self, event: Any, started_ns: int = 0) -> tuple[Record, Any]:
+        """(record, its (server, send) spans or None)."""
         attrs = event._get_attributes()
         event_type = attrs["type"]
         topic = self.routes.get(event_type)
@@ -730,10 +772,11 @@ class Gateway:
             raise Rejection(503, "registry_unavailable",
                             f"the schema registry could not be reached: {exc}",
                             headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        traced = self.tracer.ingest(attrs, data, topic, started_ns or None)
         attrs["datacontenttype"] = AVRO_CONTENT_TYPE
         event.data = value
         key, value, headers = binding.encode_binary(event, validate=False)
-        return topic, key, value, headers
+        return (topic, key, value, headers), traced
 
     def _mark_fresh(self, topics: Iterable[str | None]) -> None:
         """Remember until when each topic's cached schema can be used without a fetch."""
@@ -751,6 +794,19 @@ class Gateway:
                 continue
             self._fresh_until[topic] = fetched_at + ttl * 0.9
 
+
+
+def _finish_server_spans(spans: list[Any], status: int) -> None:
+    """End each event's SERVER span with the request's outcome (unsent `send` spans of a
+    rejected request are dropped: those records never reached a topic)."""
+    for traced in spans:
+        if traced is None:
+            continue
+        server = traced[0]
+        server.set("http.response.status_code", status)
+        if status >= 400:
+            server.fail(f"request answered {status}", str(status))
+        server.finish()
 
 
 def _batch_rejection(errors: list[tuple[int, Rejection]], total: int) -> Rejection:

@@ -23,6 +23,12 @@ deploy generator uses for a Knative Service's `env` section:
     KAFKA_BOOTSTRAP_SERVERS   where outputs are produced (needed when there are outputs)
     SCHEMA_REGISTRY_URL       Avro decode/encode (optional: without it, JSON or bytes only)
 
+Tracing (`eventing.tracing`) follows the standard OpenTelemetry variables:
+`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT` (OTLP/HTTP base URL,
+e.g. http://otel-collector:4318; unset = no spans), `OTEL_SERVICE_NAME` (default: the
+function name), `OTEL_TRACES_SAMPLER_ARG` (root sampling ratio, default 1). Sluice exports
+OTLP over HTTP only: with `OTEL_EXPORTER_OTLP_PROTOCOL=grpc` tracing stays off (warned).
+
 Status codes, chosen for how Knative (and the dispatcher, which follows it) reacts:
 
     2xx  processed, every output acknowledged          → offset may be committed
@@ -131,9 +137,39 @@ def function_from_env(env: Mapping[str, str]) -> tuple[Function, str | None, str
     return function, bootstrap, env.get(ENV_REGISTRY) or None
 
 
+def tracing_from_env(env: Mapping[str, str], service_name: str) -> Any:
+    """`TracingSettings` from the OpenTelemetry variables, or None (no endpoint, or gRPC)."""
+    from eventing.tracing import TracingSettings
+
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not endpoint:
+        return None
+    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/json").lower()
+    if protocol == "grpc":
+        import logging
+
+        logging.getLogger("sluice.host").warning(
+            "tracing off: OTEL_EXPORTER_OTLP_PROTOCOL=grpc, but Sluice exports OTLP over "
+            "HTTP; set it to http/json and point the endpoint at the collector's :4318")
+        return None
+    try:
+        sampling = float(env.get("OTEL_TRACES_SAMPLER_ARG") or 1.0)
+    except ValueError:
+        raise HostConfigError("OTEL_TRACES_SAMPLER_ARG must be a number in [0, 1]") from None
+    return TracingSettings(endpoint=endpoint, sampling=sampling,
+                           service_name=env.get("OTEL_SERVICE_NAME") or service_name)
+
+
 def handler_from_env(env: Mapping[str, str]) -> Callable[[Any], Any]:
     """`make_handler` configured from an environment mapping (what entry files call)."""
     function, bootstrap, registry_url = function_from_env(env)
+    trace_settings = tracing_from_env(env, function.name)
+    if trace_settings is not None:
+        from eventing import tracing
+
+        tracing.configure(trace_settings)
     return make_handler(function, bootstrap, registry_url)
 
 

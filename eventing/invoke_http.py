@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import orjson
 from confluent_kafka import Message
 
-from eventing import binding
+from eventing import binding, tracing
 from eventing.host import ORDERING_HEADER
 from eventing.invoke import Failure, Outcome, Work, http_failure, record_event
 from eventing.topology import Function
@@ -44,8 +44,10 @@ _NOT_ATTEMPTED = 0  # batch result status of an event the host did not run
 class HttpInvoker:
     """Sends records to a function's HTTP host; implements `eventing.invoke.Invoker`."""
 
-    def __init__(self, function: Function, url: str, batched: bool = False) -> None:
+    def __init__(self, function: Function, url: str, batched: bool = False,
+                 tracer: tracing.Tracer | None = None) -> None:
         self.function = function
+        self.tracer = tracer or tracing.get_tracer()
         self.url = url
         self.batched = batched
         self.destination = url  # knativeerrordest of dead letters, as Knative sets it
@@ -97,19 +99,35 @@ class HttpInvoker:
         return [(msg, self._send_one(msg))]
 
     def _send_one(self, msg: Message) -> Failure | None:
-        """POST one record as the binary-mode CloudEvent a KafkaSource would send."""
+        """POST one record as the binary-mode CloudEvent a KafkaSource would send.
+
+        Traced: the POST carries the attempt's `process` span as its `traceparent`.
+        """
+        event = record_event(msg, self._source_name)
+        span = self._span(event, msg)
         try:
-            headers, body = binding.to_http_binary(record_event(msg, self._source_name),
-                                                   validate=False)
+            headers, body = binding.to_http_binary(event, validate=False)
         except binding.BindingError as exc:
-            return Failure(400, f"cannot send as an HTTP CloudEvent: {exc}", retryable=False)
+            return Failure(400, f"cannot send as an HTTP CloudEvent: {exc}", retryable=False,
+                           span=span)
         try:
             status, reply = self._http.post(headers, body)
         except _TRANSPORT_ERRORS as exc:
-            return _dispatch_error(exc)
+            return _with_span(_dispatch_error(exc), span)
         if 200 <= status < 300:
+            if span is not None:
+                span.set("http.response.status_code", status)
+                span.finish()
             return None
-        return http_failure(status, reply)
+        return _with_span(http_failure(status, reply), span)
+
+    def _span(self, event, msg: Message):
+        if not self.tracer.enabled:
+            return None
+        span = self.tracer.process(event, msg, self.function.name, self.function.consumer_group)
+        if span is not None:
+            span.set("url.full", self.url)
+        return span
 
     # ------------------------------------------------------------------ batched
 
@@ -131,17 +149,32 @@ class HttpInvoker:
         sendable: list[Message] = []
         objs: list[dict] = []
         unsendable: list[Outcome] = []
+        spans: dict[int, object] = {}  # id(msg) -> its attempt's span, when traced
         for msg in chunk:
+            event = record_event(msg, self._source_name)
+            span = self._span(event, msg)
+            if span is not None:
+                spans[id(msg)] = span
             try:
-                objs.append(_json_object(record_event(msg, self._source_name)))
+                objs.append(_json_object(event))
             except binding.BindingError as exc:
-                failure = Failure(400, f"cannot send as a CloudEvent: {exc}", retryable=False)
+                failure = Failure(400, f"cannot send as a CloudEvent: {exc}", retryable=False,
+                                  span=span)
                 unsendable.append((msg, failure))
                 if ordered:
                     break
                 continue
             sendable.append(msg)
         outcomes = self._post_batch(sendable, objs, ordered) if sendable else []
+        if spans:
+            for i, (msg, failure) in enumerate(outcomes):
+                span = spans.get(id(msg))
+                if span is None:
+                    continue
+                if failure is None:
+                    span.finish()  # type: ignore[attr-defined]
+                else:
+                    outcomes[i] = (msg, _with_span(failure, span))
         if ordered and (len(outcomes) < len(sendable)
                         or any(f is not None for _, f in outcomes)):
             return outcomes
@@ -277,6 +310,13 @@ class KeepAlivePoster:
             conns, self._open = self._open, set()
         for conn in conns:
             conn.close()
+
+
+def _with_span(failure: Failure, span) -> Failure:
+    """Attach the attempt's span (the dispatcher finishes it: retry or dead letter)."""
+    if span is None:
+        return failure
+    return Failure(failure.code, failure.message, failure.retryable, span)
 
 
 def _dispatch_error(exc: Exception) -> Failure:

@@ -10,7 +10,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import REGISTRY, Collector
 
 _COUNTERS = {
@@ -36,12 +40,42 @@ class DispatcherCollector(Collector):
                     for k, (n, h) in _COUNTERS.items()}
         backlog = GaugeMetricFamily("sluice_function_backlog_records",
                                     "Consumed records not yet done", labels=["function"])
+        lag = GaugeMetricFamily("sluice_function_consumer_lag_records",
+                                "Records behind the end of each owned partition",
+                                labels=["function", "topic", "partition"])
+        cold = CounterMetricFamily("sluice_function_cold_starts",
+                                   "Function instance starts (code loaded, state restored)",
+                                   labels=["function"])
+        started = GaugeMetricFamily("sluice_function_start_time_seconds",
+                                    "When this function instance started (unix time)",
+                                    labels=["function"])
+        latency = HistogramMetricFamily(
+            "sluice_function_delivery_latency_seconds",
+            "Record timestamp to processed-and-flushed, per function", labels=["function"])
+        batch = HistogramMetricFamily("sluice_function_batch_size_records",
+                                      "Records per invocation batch", labels=["function"])
         for name, d in self.dispatchers.items():
             for key, fam in families.items():
                 fam.add_metric([name], getattr(d.stats, key))
             backlog.add_metric([name], sum(len(lane.queue) for lane in d.lanes.values()))
+            for (topic, partition), behind in d.lag().items():
+                lag.add_metric([name, topic, str(partition)], behind)
+            cold.add_metric([name], 1)
+            started.add_metric([name], d.stats.started_at)
+            lat = d.stats.delivery_latency
+            latency.add_metric([name], _buckets(lat), lat.sum)
+            batch.add_metric([name], _buckets(d.stats.batch_size), d.stats.batch_size.sum)
         yield from families.values()
-        yield backlog
+        yield from (backlog, lag, cold, started, latency, batch)
+
+
+def _buckets(h) -> list[tuple[str, float]]:
+    """Cumulative (le, count) pairs as Prometheus histograms want them."""
+    out, total = [], 0
+    for bound, count in zip((*h.bounds, float("inf")), h.counts, strict=True):
+        total += count
+        out.append(("+Inf" if bound == float("inf") else str(bound), total))
+    return out
 
 
 def serve_dispatcher_metrics(dispatchers: Mapping[str, Any], host: str, port: int) -> None:

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import orjson
 from cloudevents.http import CloudEvent
 
-from eventing import binding
+from eventing import binding, tracing
 from eventing.state import KeyedState
 from eventing.topology import Function
 
@@ -102,8 +102,10 @@ class FunctionHost:
     """Decode → call → route and encode outputs, for one function."""
 
     def __init__(self, function: Function, serde: Serde | None,
-                 user: Callable[[CloudEvent], Any] | None = None) -> None:
+                 user: Callable[[CloudEvent], Any] | None = None,
+                 tracer: tracing.Tracer | None = None) -> None:
         self.function = function
+        self.tracer = tracer or tracing.get_tracer()
         self.serde = serde
         self.user = user or load_target(function.source, function.target)
         self.source_uri = f"/sluice/functions/{function.name}"
@@ -133,16 +135,31 @@ class FunctionHost:
         """Run the function on a decoded-or-raw event and return its output records.
 
         Raises whatever the function raises (the dispatcher retries and dead-letters),
-        and `OutputError` for a returned event no output takes.
+        and `OutputError` for a returned event no output takes. When the event's trace is
+        sampled, the run is a span and each output a `send` span whose context the output
+        carries (`eventing.tracing`).
         """
+        span = self.tracer.function(event, self.function.name) if self.tracer.enabled else None
+        if span is None:
+            return self._call(event, None)
+        try:
+            records = self._call(event, span)
+        except BaseException as exc:
+            span.fail(f"{type(exc).__name__}: {exc}"[:1024], type(exc).__name__)
+            span.finish()
+            raise
+        span.finish()
+        return records
+
+    def _call(self, event: CloudEvent, span: Any) -> list[OutputRecord]:
         self.decode_data(event)
         if self._state_lock is None:
             result = self.user(event)
-            return self._outputs(event, result) if result is not None else []
+            return self._outputs(event, result, span) if result is not None else []
         with self._state_lock:
             try:
                 result = self.user(event)
-                records = self._outputs(event, result) if result is not None else []
+                records = self._outputs(event, result, span) if result is not None else []
             except BaseException:
                 for st in self.stores:
                     st.discard_pending()
@@ -156,7 +173,7 @@ class FunctionHost:
         for st in self.stores:
             st.restore(bootstrap)
 
-    def _outputs(self, event: CloudEvent, result: Any) -> list[OutputRecord]:
+    def _outputs(self, event: CloudEvent, result: Any, span: Any = None) -> list[OutputRecord]:
         if not isinstance(result, list | tuple):
             result = (result,)
         in_attrs = event._get_attributes()
@@ -174,11 +191,17 @@ class FunctionHost:
                     f"{attrs['type']!r} that none of its outputs "
                     f"({', '.join(self.function.outputs) or 'none'}) takes"
                 )
+            send = None
+            if span is not None and attrs.get("traceparent") in (None, in_attrs.get("traceparent")):
+                # Not a context of the function's own choosing: the output carries its send span.
+                send = self.tracer.send(span, attrs, out.data, topic)
             if self._schema_topics.get(topic) and not isinstance(out.data, bytes | None):
                 out.data = self.serde.encode(topic, out.data)  # type: ignore[union-attr]
                 attrs["datacontenttype"] = "application/avro"
             key, value, headers = binding.encode_binary(out, validate=False)
             records.append((topic, key, value, headers))
+            if send is not None:
+                send.finish()
         return records
 
     def _as_event(self, item: Any, in_attrs: dict[str, Any], index: int) -> CloudEvent:

@@ -35,7 +35,7 @@ class DeploySettings:
     kafka_cluster: str = "sluice"  # the `strimzi.io/cluster` label of KafkaTopics
     topic_replicas: int = 3
     registry_url: str = "http://sluice-registry:8081"
-    otlp_endpoint: str = "http://otel-collector:4317"  # OTLP/gRPC, what functions export to
+    otlp_endpoint: str = "http://otel-collector:4318"  # OTLP/HTTP JSON, what functions export to
     tempo_endpoint: str = "tempo:4317"  # where the collector sends traces
     prometheus_url: str = "http://prometheus:9090"
     tempo_url: str = "http://tempo:3200"

@@ -57,7 +57,7 @@ def container_env(function: Function, settings: DeploySettings) -> dict[str, str
     env = host.function_env(function, settings.bootstrap, settings.registry_url)
     env[host.ENV_SOURCE] = docker.FUNCTION_SOURCE
     env[OTEL_ENDPOINT] = settings.otlp_endpoint
-    env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "grpc"
+    env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/json"  # eventing.tracing speaks OTLP/HTTP
     env["OTEL_SERVICE_NAME"] = function.name
     return env
 

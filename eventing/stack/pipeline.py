@@ -32,10 +32,17 @@ def _python_part(settings: StackSettings, name: str, args: list[str], endpoint: 
     )
 
 
+def tracing_args(settings: StackSettings, service_name: str) -> list[str]:
+    """Every pipeline process exports spans to the stack's collector (eventing.tracing)."""
+    return ["--otlp-endpoint", settings.otlp_http_url, "--service-name", service_name,
+            "--trace-sampling", repr(settings.trace_sampling)]
+
+
 def gateway_spec(settings: StackSettings) -> PartSpec:
     args = ["gateway", "--host", settings.host, "--port", str(settings.ports.gateway),
             "--bootstrap", settings.bootstrap, "--registry", settings.registry_url,
-            "--topology", str(settings.topology_path)]
+            "--topology", str(settings.topology_path),
+            *tracing_args(settings, "sluice-gateway")]
     if settings.gateway_token_file:
         args += ["--token-file", str(settings.gateway_token_file)]
     return _python_part(
@@ -61,7 +68,8 @@ def function_specs(settings: StackSettings) -> list[Callable[[StackSettings], Pa
                 s, f"fn-{name}",
                 ["run", "--function", name, "--topology", str(s.topology_path),
                  "--bootstrap", s.bootstrap, "--registry", s.registry_url,
-                 "--metrics-port", str(port), "--metrics-host", s.host],
+                 "--metrics-port", str(port), "--metrics-host", s.host,
+                 *tracing_args(s, f"sluice-{name}")],
                 f"function {name} (metrics {url})",
                 lambda: http_status(url) == 200,
                 [port],

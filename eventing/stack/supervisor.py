@@ -1,9 +1,9 @@
 """Compose the parts of the local stack: start in dependency order, report, stop.
 
 Order matters: the broker may keep its log in the object store, the registry keeps its
-log in the broker, the collector writes spans to the broker. `up` waits for each part's
-health check before starting the next one, so a failure names the part that failed
-rather than the first part that noticed.
+log in the broker, the collector writes spans to the broker and the trace store reads
+them from there. `up` waits for each part's health check before starting the next one,
+so a failure names the part that failed rather than the first part that noticed.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from eventing.stack import (
     prometheus,
     realtime,
     registry,
+    tracestore,
 )
 from eventing.stack.process import (
     PartRecord,
@@ -75,7 +76,7 @@ def core_parts(settings: StackSettings) -> list[SpecFactory]:
     parts.append(broker.spec)
     if settings.broker_storage != "s3":
         parts.append(objectstore.spec)
-    parts += [registry.spec, collector.spec, prometheus.spec, realtime.spec]
+    parts += [registry.spec, collector.spec, tracestore.spec, prometheus.spec, realtime.spec]
     if settings.pipeline:
         parts += [pipeline.gateway_spec, *pipeline.function_specs(settings), lakesink.spec]
         if settings.generator:

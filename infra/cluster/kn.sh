@@ -41,8 +41,8 @@ kn service create validate \
     --env 'SLUICE_OUTPUTS={"payments.valid": ["*"]}' \
     --env KAFKA_BOOTSTRAP_SERVERS=sluice-kafka-bootstrap:9092 \
     --env SCHEMA_REGISTRY_URL=http://sluice-registry:8081 \
-    --env OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4317 \
-    --env OTEL_EXPORTER_OTLP_PROTOCOL=grpc \
+    --env OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318 \
+    --env OTEL_EXPORTER_OTLP_PROTOCOL=http/json \
     --env OTEL_SERVICE_NAME=validate \
     --request cpu=100m,memory=256Mi \
     --limit memory=512Mi \
@@ -79,8 +79,8 @@ kn service create enrich \
     --env 'SLUICE_OUTPUTS={"payments.enriched": ["*"]}' \
     --env KAFKA_BOOTSTRAP_SERVERS=sluice-kafka-bootstrap:9092 \
     --env SCHEMA_REGISTRY_URL=http://sluice-registry:8081 \
-    --env OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4317 \
-    --env OTEL_EXPORTER_OTLP_PROTOCOL=grpc \
+    --env OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318 \
+    --env OTEL_EXPORTER_OTLP_PROTOCOL=http/json \
     --env OTEL_SERVICE_NAME=enrich \
     --request cpu=100m,memory=256Mi \
     --limit memory=512Mi \
@@ -117,8 +117,8 @@ kn service create score \
     --env 'SLUICE_OUTPUTS={"payments.scored": ["com.sluice.payment.scored"], "alerts.fraud": ["com.sluice.fraud.alert"]}' \
     --env KAFKA_BOOTSTRAP_SERVERS=sluice-kafka-bootstrap:9092 \
     --env SCHEMA_REGISTRY_URL=http://sluice-registry:8081 \
-    --env OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4317 \
-    --env OTEL_EXPORTER_OTLP_PROTOCOL=grpc \
+    --env OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318 \
+    --env OTEL_EXPORTER_OTLP_PROTOCOL=http/json \
     --env OTEL_SERVICE_NAME=score \
     --request cpu=100m,memory=256Mi \
     --limit memory=512Mi \
