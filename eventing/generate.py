@@ -19,6 +19,7 @@ import csv
 import math
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,12 @@ CATEGORIES = {  # category: (median amount, sigma of log)
     "electronics": (250.0, 0.9), "travel": (400.0, 0.8), "fashion": (80.0, 0.7),
     "digital": (12.0, 0.8), "pharmacy": (20.0, 0.5),
 }
+# EUR per unit of each currency: the same reference rates `functions/enrich` converts with.
+# Amounts are drawn in EUR and expressed in the merchant's currency, so 40 SEK is a small
+# payment in Stockholm as 4 EUR is in Berlin (drawing 40 in any currency made most Swedish
+# and Polish payments look like card testing).
+EUR_PER_UNIT = {"EUR": 1.0, "USD": 0.92, "GBP": 1.17, "CHF": 1.05, "JPY": 0.0061,
+                "SEK": 0.088, "PLN": 0.23}
 EVENT_TYPE = "com.sluice.payment.created"
 SOURCE = "/sluice/generator"
 
@@ -75,12 +82,18 @@ class Generator:
     seed: int = 11
     fraud_share: float = 0.01  # share of payments that start a fraud pattern
     late_share: float = 0.002  # share of payments delivered with an old event time
+    # Payment ids are `<id_prefix>-<n>`. The default adds a random run token: the same
+    # seed run twice (a restarted generator) must not reuse ids, because consumers treat
+    # an id they have seen as a replay (the scorer's window, the sinks' dedupe).
+    id_prefix: str = ""
     rng: random.Random = field(init=False)
     _queue: list[tuple[dict, bool]] = field(default_factory=list, init=False)
     _n: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+        if not self.id_prefix:
+            self.id_prefix = f"pay-{self.seed}-{uuid.uuid4().hex[:6]}"
         self._cards = list(self.ref.cards)
         self._merchants = list(self.ref.merchants)
         weights = [1.0 / (i + 1) ** 0.8 for i in range(len(self._merchants))]
@@ -91,13 +104,14 @@ class Generator:
         self._small_merchants = [m for m, (cat, _) in self.ref.merchants.items()
                                  if cat in ("digital", "grocery")]
 
-    def _payment(self, card: str, merchant: str, amount: float, country: str,
+    def _payment(self, card: str, merchant: str, amount_eur: float, country: str,
                  event_time: int) -> dict:
+        """A payment of `amount_eur` (EUR-equivalent), in the currency of `country`."""
         self._n += 1
-        return {"payment_id": f"pay-{self.seed}-{self._n:09d}", "card_id": card,
-                "merchant_id": merchant, "amount": round(amount, 2),
-                "currency": CURRENCY.get(country, "EUR"), "country": country,
-                "event_time": event_time}
+        currency = CURRENCY.get(country, "EUR")
+        return {"payment_id": f"{self.id_prefix}-{self._n:09d}", "card_id": card,
+                "merchant_id": merchant, "amount": round(amount_eur / EUR_PER_UNIT[currency], 2),
+                "currency": currency, "country": country, "event_time": event_time}
 
     def _normal(self, now_ms: int) -> dict:
         card = self.rng.choice(self._cards)

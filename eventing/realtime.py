@@ -10,6 +10,9 @@ in-memory table and answers SQL over HTTP:
   appends what it polls every few milliseconds as one Arrow batch. A record is
   queryable as soon as its batch's INSERT returns (tens of ms after it was produced).
   Rows whose time field is older than the retention are deleted every `sweep_s`.
+  A record of an event (CloudEvent source + id) seen within `dedupe_window_s` of Kafka
+  time is skipped: a function that crashed replays events it had already handled
+  (`eventing.sinks.dedupe`; the window's ids are rebuilt by reading the topic on start).
 - **Same shape as the lake.** Columns come from the lake sink's own mapping
   (`eventing.sinks.lake.iceberg_schema`: Avro fields, the time field as TIMESTAMPTZ, then
   `kafka_partition`, `kafka_offset`), so `SELECT * FROM payments_scored UNION ALL SELECT *
@@ -41,7 +44,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from eventing import binding, query
+from eventing import binding, query, tracing
 
 if TYPE_CHECKING:
     import duckdb
@@ -85,6 +88,7 @@ class RealtimeSettings:
     poll_s: float = 0.02  # longest wait for more records before inserting a batch
     batch_max: int = 5000
     sweep_s: float = 10.0
+    dedupe_window_s: float = 300.0  # 0 = keep replayed events (see eventing.sinks.dedupe)
     query_timeout_s: float = 60.0
     max_rows: int = 10_000
     log_level: str = "info"
@@ -103,6 +107,9 @@ class Metrics:
         self.undecodable = Counter("sluice_realtime_undecodable_records",
                                    "Records skipped: not a decodable CloudEvent/Avro value",
                                    registry=r)
+        self.duplicates = Counter("sluice_realtime_duplicate_records",
+                                  "Records skipped: an event (source+id) seen recently",
+                                  registry=r)
         self.rows = Gauge("sluice_realtime_rows", "Rows in the real-time table", registry=r)
         self.lag_ms = Gauge("sluice_realtime_ingest_lag_ms",
                             "Last batch: longest time from a record's Kafka timestamp to "
@@ -374,9 +381,12 @@ class Ingest:
     """The consumer thread: topic -> `RealtimeTable.append`, plus the retention sweep."""
 
     def __init__(self, table: RealtimeTable, serde: Any) -> None:
+        from eventing.sinks.dedupe import RecentIds
+
         self.table = table
         self.serde = serde
         self.settings = table.settings
+        self.recent = RecentIds(int(self.settings.dedupe_window_s * 1000))
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, name="realtime-ingest", daemon=True)
         self.assigned: set[int] = set()
@@ -445,7 +455,8 @@ class Ingest:
                     continue
                 records.append((record, msg.partition(), msg.offset()))
                 stamps.append(msg.timestamp()[1])
-            self.table.append(records, stamps)
+            with tracing.sink_span("realtime", msgs, table=self.table.name):
+                self.table.append(records, stamps)
 
     def _decode(self, msg: Any) -> dict[str, Any] | None:
         try:
@@ -453,6 +464,12 @@ class Ingest:
                 msg.key(), msg.value(), msg.headers(), topic=msg.topic(),
                 partition=msg.partition(), offset=msg.offset(),
                 timestamp_ms=msg.timestamp()[1], validate=False)
+            if self.recent.window_ms > 0 and event["type"] != binding.NON_CLOUDEVENT_TYPE:
+                ts = msg.timestamp()[1]
+                if self.recent.seen(msg.partition(), f"{event['source']} {event['id']}",
+                                    ts if ts > 0 else int(time.time() * 1000)):
+                    self.table.metrics.duplicates.inc()
+                    return None
             data = event.data
             content_type = (event.get("datacontenttype") or "").lower()
             if "json" in content_type:

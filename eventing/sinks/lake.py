@@ -17,6 +17,12 @@ unknown (timeout) and a zombie writer after a rebalance. Compaction copies the o
 into its rewrite snapshot (`maintenance.CARRIED_PREFIX`) so they survive maintenance and
 snapshot expiry.
 
+Offsets stop a record from being written twice, not an event: a function that crashed
+replays and produces new records for events it had already handled. The sink also drops
+a record whose CloudEvent `source` + `id` it wrote recently (`eventing.sinks.dedupe`:
+within `dedupe_window_ms` of Kafka time, rebuilt from the topic on every assignment), so
+the table holds each event once when replays come within that window (seconds, normally).
+
 Table layout: the Avro fields (all optional columns, so the schema can evolve), the
 time field as `timestamptz` (from epoch-ms long), partitioned by `day(time)`, plus
 `kafka_partition` and `kafka_offset` (not `partition`/`offset`: both are SQL keywords
@@ -37,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from eventing import tracing
+from eventing.sinks import dedupe
 from eventing.sinks.maintenance import (
     MaintenancePolicy,
     MaintenanceReport,
@@ -366,6 +374,9 @@ class LakeSinkConfig:
     group_id: str | None = None     # default `sluice-lake-<table>`
     maintenance: MaintenancePolicy | None = field(default_factory=MaintenancePolicy)
     consumer_overrides: dict[str, Any] = field(default_factory=dict)
+    # Drop a CloudEvent whose source+id was written this recently (Kafka time); 0 = off.
+    dedupe_window_ms: int = dedupe.DEFAULT_WINDOW_MS
+    dedupe_max_ids: int = dedupe.DEFAULT_MAX_IDS
 
     @property
     def group(self) -> str:
@@ -377,6 +388,7 @@ class SinkStats:
     consumed: int = 0
     rows_written: int = 0
     skipped_replayed: int = 0
+    skipped_duplicate_ids: int = 0
     undecodable: int = 0
     commits: int = 0
     commit_conflicts: int = 0
@@ -390,7 +402,8 @@ class SinkStats:
         commit = sorted(x[1] for x in self.latencies)
         return {
             "consumed": self.consumed, "rows_written": self.rows_written,
-            "skipped_replayed": self.skipped_replayed, "undecodable": self.undecodable,
+            "skipped_replayed": self.skipped_replayed,
+            "skipped_duplicate_ids": self.skipped_duplicate_ids, "undecodable": self.undecodable,
             "commits": self.commits, "commit_conflicts": self.commit_conflicts,
             "flush_p50_ms": _pct(flush, 50), "flush_p99_ms": _pct(flush, 99),
             "commit_p50_ms": _pct(commit, 50), "commit_p99_ms": _pct(commit, 99),
@@ -428,8 +441,11 @@ class LakeSink:
                                     time_is_ms=_is_plain_long(time_avro))
         self._done: dict[int, int] = {}       # last offset in the table, per partition
         self._batch: dict[int, int] = {}      # last offset consumed in this batch
+        self._tracer = tracing.get_tracer()
+        self._traced: list[Any] = []          # records of the batch, when tracing is on
         self._batch_started = 0.0
         self._consumer: Any = None
+        self.recent = dedupe.RecentIds(config.dedupe_window_ms, config.dedupe_max_ids)
         self._maintenance: MaintenanceThread | None = None
         if config.maintenance is not None:
             self._maintenance = MaintenanceThread(
@@ -446,10 +462,16 @@ class LakeSink:
                 tp.offset = self._done[tp.partition] + 1  # the table is the source of truth
         log.info("assigned %s; table holds offsets %s",
                  [tp.partition for tp in partitions], self._done)
+        if self.config.dedupe_window_ms > 0:
+            assigned = [tp.partition for tp in partitions]
+            self.recent.forget(assigned)  # rebuilt from what the table holds now
+            dedupe.restore(self.recent, self.bootstrap, self.config.topic,
+                           {p: o for p, o in self._done.items() if p in assigned})
         consumer.assign(partitions)
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         self.flush()
+        self.recent.forget(tp.partition for tp in partitions)
         consumer.unassign()
 
     # -- loop
@@ -508,6 +530,11 @@ class LakeSink:
         value = msg.value()
         if value is None:
             return  # a tombstone: nothing to store, but its offset counts
+        if self.config.dedupe_window_ms > 0:
+            key = dedupe.event_key(msg)
+            if key is not None and self.recent.seen(p, key, dedupe.record_time_ms(msg)):
+                self.stats.skipped_duplicate_ids += 1  # a replayed event: its offset counts
+                return
         try:
             record = self.serde.decode(value)
         except SerdeError as exc:
@@ -515,6 +542,8 @@ class LakeSink:
             log.warning("skipping %s[%d]@%d: %s", msg.topic(), p, o, exc)
             return
         self.builder.add(record, p, o)
+        if self._tracer.enabled:
+            self._traced.append(msg)  # spans for sampled records, made at commit
 
     def flush(self) -> CommitResult | None:
         """Commit the pending batch to the table, then its offsets to Kafka."""
@@ -525,7 +554,9 @@ class LakeSink:
         t0 = time.monotonic()
         result = None
         if len(self.builder):
-            result = self.writer.commit(self.builder.build(), self._batch)
+            with self._tracer.sink_span("lake", self._traced, table=self.config.table):
+                result = self.writer.commit(self.builder.build(), self._batch)
+            self._traced = []
             self.stats.rows_written += result.rows
             self.stats.commits += 1
             self.stats.commit_conflicts += result.conflicts
@@ -571,6 +602,8 @@ def serve_metrics(sink: LakeSink, host: str, port: int) -> None:
                 ("sluice_lake_rows_written", s.rows_written, "Rows appended to the table"),
                 ("sluice_lake_records_skipped_replayed", s.skipped_replayed,
                  "Replayed records already in the table"),
+                ("sluice_lake_records_skipped_duplicate_id", s.skipped_duplicate_ids,
+                 "Records of an event (CloudEvent source+id) written recently"),
                 ("sluice_lake_records_undecodable", s.undecodable, "Records that did not decode"),
                 ("sluice_lake_commits", s.commits, "Iceberg commits"),
                 ("sluice_lake_commit_conflicts", s.commit_conflicts, "Commits retried"),
