@@ -246,6 +246,11 @@ def _attribute_string(name: str, value: Any) -> str:
     raise BindingError(f"cannot encode a value of type {kind.__name__}", attribute=name)
 
 
+def attribute_string(name: str, value: Any) -> str:
+    """The canonical string form of an attribute value (Kafka header, HTTP header)."""
+    return _attribute_string(name, value)
+
+
 def _attribute_json(name: str, value: Any) -> Any:
     """JSON form of an attribute value (JSON format 2.2)."""
     kind = type(value)
@@ -471,6 +476,11 @@ def decode_record(
         elif "specversion" in attrs:
             if validate:
                 validate_attributes(attrs, max_name_length=None)
+            elif attrs["specversion"] != SPECVERSION or not (
+                attrs.get("id") and attrs.get("source") and attrs.get("type")
+            ):  # the cheap part of validation: what every consumer relies on
+                raise BindingError("not a CloudEvent 1.0: specversion, id, source or type "
+                                   "missing or empty")
             event = make_event(attrs, value)
         else:
             return non_cloudevent(

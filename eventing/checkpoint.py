@@ -24,7 +24,7 @@ from confluent_kafka import TopicPartition
 class PartitionProgress:
     """Offsets of one partition that were handed out but are not yet done."""
 
-    __slots__ = ("topic", "partition", "_open", "_done", "_next", "_committed")
+    __slots__ = ("topic", "partition", "_open", "_done", "_next", "_committed", "_first")
 
     def __init__(self, topic: str, partition: int) -> None:
         self.topic = topic
@@ -33,10 +33,17 @@ class PartitionProgress:
         self._done: set[int] = set()
         self._next: int | None = None  # offset after the highest seen
         self._committed: int | None = None
+        self._first: int | None = None  # first offset seen since assignment
 
     def seen(self, offset: int) -> None:
+        if self._first is None:
+            self._first = offset
         self._open.append(offset)
         self._next = offset + 1
+
+    def replay_from(self) -> int | None:
+        """Where to resume so nothing after the last commit is skipped."""
+        return self._committed if self._committed is not None else self._first
 
     def done(self, offset: int) -> None:
         if self._open and self._open[0] == offset:

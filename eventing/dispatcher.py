@@ -33,6 +33,8 @@ from eventing.topology import Function
 
 log = logging.getLogger("sluice.dispatcher")
 ERROR_DATA_MAX = 1024  # Knative truncates knativeerrordata to 1 KiB
+COMMIT_INTERVAL_S = 0.05  # flush-then-commit at most this often (more = more replay)
+BATCH_WAIT_S = 0.025  # longest a batch may gather when nothing is waiting
 
 
 class DeliveryFailed(RuntimeError):
@@ -103,6 +105,7 @@ class Dispatcher:
         self.invoker = invoker_factory(self.producer)
         self.tracer: tracing.Tracer = getattr(self.invoker, "tracer", None) or tracing.get_tracer()
         self._on_assign_hook = on_assign
+        self._last_commit = 0.0
         self.max_backlog = max_backlog
         self.stats = Stats()
         self.checkpoint = Checkpoint()
@@ -142,15 +145,21 @@ class Dispatcher:
 
     def step(self) -> None:
         """Consume a batch, deliver what is due, dead-letter what is exhausted, commit."""
+        # consume() returns when the batch is full or the timeout passes, so the timeout
+        # is added latency on a stream slower than a batch per timeout (at 5K ev/s a
+        # 500-record batch takes 100 ms per hop). Measured at 5K ev/s through two
+        # functions: 100 ms gave p50 128 / p99 250 ms, 25 ms gives p50 87-107 / p99
+        # 143-216 ms; draining with timeout 0 first made cycles so small that p99 rose to
+        # 0.7-1.1 s.
         busy = any(lane.queue for lane in self.lanes.values())
-        msgs = self.consumer.consume(self.function.batch_size, 0.005 if busy else 0.1)
+        msgs = self.consumer.consume(self.function.batch_size, 0.005 if busy else BATCH_WAIT_S)
         if msgs:
             self._accept(msgs)
         now = time.monotonic()
         work, lanes_of_work = self._due_work(now)
         if not work:
-            if not busy:
-                self.producer.poll(0)
+            self.producer.poll(0)
+            self._finish_cycle(sync=False)  # a quiet stream still gets its last commit
             return
         self.stats.batches += 1
         self.stats.batch_size.observe(sum(len(lane) for lane in work))
@@ -279,7 +288,16 @@ class Dispatcher:
             lane.queue = keep
 
     def _finish_cycle(self, *, sync: bool) -> None:
-        """Flush outputs, then commit what the checkpoint allows."""
+        """Flush outputs, then commit what the checkpoint allows.
+
+        At most every `COMMIT_INTERVAL_S` (or when `sync`): outputs leave continuously
+        in the background, and waiting for their acknowledgements after every small
+        batch would put a broker round trip into each cycle's latency.
+        """
+        now = time.monotonic()
+        if not sync and now - self._last_commit < COMMIT_INTERVAL_S:
+            return
+        self._last_commit = now
         remaining = self.producer.flush(30)
         if remaining or self._delivery_errors:
             errors, self._delivery_errors = self._delivery_errors, []
@@ -299,10 +317,12 @@ class Dispatcher:
             self.stats.commits += 1
 
     def _rewind(self) -> None:
-        """Replay every partition from its last commit (at-least-once after a failure)."""
-        for (topic, partition), lane in list(self.lanes.items()):
-            if lane.queue:
-                self.consumer.seek(TopicPartition(topic, partition, lane.queue[0].offset()))
+        """Replay every partition from its last commit (at-least-once after a failure):
+        records done since then may have outputs the broker never acknowledged."""
+        for (topic, partition), progress in list(self.checkpoint.partitions.items()):
+            offset = progress.replay_from()
+            if offset is not None:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
             self.checkpoint.forget(topic, partition)
         self.lanes.clear()
 

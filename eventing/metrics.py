@@ -51,7 +51,7 @@ class DispatcherCollector(Collector):
                                     labels=["function"])
         latency = HistogramMetricFamily(
             "sluice_function_delivery_latency_seconds",
-            "Record timestamp to processed-and-flushed, per function", labels=["function"])
+            "Record timestamp to processed by the function, per function", labels=["function"])
         batch = HistogramMetricFamily("sluice_function_batch_size_records",
                                       "Records per invocation batch", labels=["function"])
         for name, d in self.dispatchers.items():

@@ -39,6 +39,11 @@ AVRO_CONTENT_TYPES = frozenset(
 )
 OutputRecord = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]
 _INHERITED = ("partitionkey", "traceparent", "tracestate")
+# Header order of `binding.encode_binary` for a dict output: time, then inherited ones.
+_COPIED = ("time", *_INHERITED)
+_SPECVERSION_HEADER = ("ce_specversion", b"1.0")
+_AVRO_HEADER = ("content-type", b"application/avro")
+_JSON_HEADER = ("content-type", b"application/json")
 
 
 class Serde(Protocol):
@@ -46,7 +51,7 @@ class Serde(Protocol):
 
     def decode(self, value: bytes) -> Any: ...
 
-    def encode(self, topic: str, record: Any) -> bytes: ...
+    def encode_lazy(self, topic: str, record: Any) -> bytes: ...
 
     def writer_for(self, topic: str) -> Any: ...
 
@@ -116,6 +121,8 @@ class FunctionHost:
         # Stateful functions run one event at a time: state is read-modify-write.
         self._state_lock = threading.Lock() if self.stores else None
         self._schema_topics = {t: _has_schema(serde, t) for t in function.outputs}
+        self._routes: dict[str, str] = {}
+        self._source_header = ("ce_source", self.source_uri.encode())
 
     def decode_data(self, event: CloudEvent) -> None:
         """Replace the event's bytes with the value the function reads."""
@@ -179,6 +186,9 @@ class FunctionHost:
         in_attrs = event._get_attributes()
         records: list[OutputRecord] = []
         for i, item in enumerate(result):
+            if span is None and type(item) is dict:
+                records.append(self._dict_record(item, in_attrs, i))
+                continue
             out = self._as_event(item, in_attrs, i)
             attrs = out._get_attributes()
             for name in _INHERITED:
@@ -196,13 +206,51 @@ class FunctionHost:
                 # Not a context of the function's own choosing: the output carries its send span.
                 send = self.tracer.send(span, attrs, out.data, topic)
             if self._schema_topics.get(topic) and not isinstance(out.data, bytes | None):
-                out.data = self.serde.encode(topic, out.data)  # type: ignore[union-attr]
+                out.data = self.serde.encode_lazy(topic, out.data)  # type: ignore[union-attr]
                 attrs["datacontenttype"] = "application/avro"
             key, value, headers = binding.encode_binary(out, validate=False)
             records.append((topic, key, value, headers))
             if send is not None:
                 send.finish()
         return records
+
+    def _dict_record(self, data: dict, in_attrs: dict[str, Any], index: int) -> OutputRecord:
+        """A returned dict straight to a binary-mode record, without building an event.
+
+        The same record `_as_event` + `binding.encode_binary` would make (the tests
+        compare them), at a fraction of the cost: this runs once per output on the hot path.
+        """
+        etype = in_attrs["type"]
+        topic = self._routes.get(etype)
+        if topic is None:
+            topic = self._route(etype)
+        headers = [_SPECVERSION_HEADER,
+                   ("ce_id", f"{in_attrs['id']}/{self.function.name}/{index}".encode()),
+                   self._source_header, ("ce_type", etype.encode())]
+        for name in _COPIED:
+            value = in_attrs.get(name)
+            if value is not None:
+                if type(value) is not str:
+                    value = binding.attribute_string(name, value)
+                headers.append(("ce_" + name, value.encode()))
+        if self._schema_topics.get(topic):
+            value_bytes = self.serde.encode_lazy(topic, data)  # type: ignore[union-attr]
+            headers.append(_AVRO_HEADER)
+        else:
+            value_bytes = orjson.dumps(data)
+            headers.append(_JSON_HEADER)
+        key = in_attrs.get("partitionkey")
+        return topic, (key.encode() if type(key) is str else None), value_bytes, headers
+
+    def _route(self, etype: str) -> str:
+        topic = self.function.route(etype)
+        if topic is None:
+            raise OutputError(
+                f"function {self.function.name!r} returned an event of type {etype!r} that "
+                f"none of its outputs ({', '.join(self.function.outputs) or 'none'}) takes"
+            )
+        self._routes[etype] = topic
+        return topic
 
     def _as_event(self, item: Any, in_attrs: dict[str, Any], index: int) -> CloudEvent:
         if isinstance(item, CloudEvent):
