@@ -7,6 +7,7 @@ variables, then defaults) and turned into typed settings passed down.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -58,12 +59,15 @@ def _stack(args: argparse.Namespace):
     from eventing.stack.supervisor import Stack
 
     settings = _settings(args)
-    stack = Stack(settings)
-    if stack.running() or args.command in ("status", "down"):
-        # A running (or stopped) stack keeps the ports and storage it was started with.
-        settings = settings.with_saved(keep_pipeline=args.command == "up")
-        stack = Stack(settings)
-    return stack
+    if settings.settings_file.exists():
+        # A state folder keeps the ports and broker storage it was first started with, so
+        # `up` after `down` brings back the same stack (an s3 broker's topics included);
+        # an explicit `up --storage` still wins.
+        saved = settings.with_saved(keep_pipeline=args.command == "up")
+        if getattr(args, "storage", None):
+            saved = dataclasses.replace(saved, broker_storage=args.storage)
+        settings = saved
+    return Stack(settings)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -323,6 +327,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_sink_lake(args: argparse.Namespace) -> int:
     """`sluice sink lake`: a topic into an Iceberg table until SIGINT/SIGTERM."""
+    _configure_tracing(args, "sluice-lake-sink")
     import logging
     import signal
     import threading
@@ -421,6 +426,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_realtime(args: argparse.Namespace) -> int:
     """`sluice realtime`: the real-time table server (foreground)."""
+    _configure_tracing(args, "sluice-realtime")
     from eventing.lakehouse import LakeConfig
     from eventing.realtime import RealtimeSettings, parse_duration, serve
 
@@ -592,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     sink = sub.add_parser("sink", help="run a table sink (foreground)")
     sinks = sink.add_subparsers(dest="sink", required=True)
     lake = sinks.add_parser("lake", help="append a topic to an Iceberg table, exactly once")
+    _add_tracing_args(lake, "sluice-lake-sink")
     lake.add_argument("--topic", required=True)
     lake.add_argument("--table", help="table name (default: the topic, dots -> underscores)")
     lake.add_argument("--namespace", default="sluice")
@@ -652,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     qry.set_defaults(func=cmd_query)
 
     rt = sub.add_parser("realtime", help="run the real-time table server (foreground)")
+    _add_tracing_args(rt, "sluice-realtime")
     rt.add_argument("--host", default="127.0.0.1")
     rt.add_argument("--port", type=int, help="port (default: the local stack's realtime port)")
     rt.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the local stack)")

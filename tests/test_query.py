@@ -22,16 +22,20 @@ NOW = dt.datetime.now(UTC).replace(microsecond=0)
 
 # (payment_id, card_id, merchant_id, amount_eur, country, event_time, count_1m, score,
 #  decision, payload, reasons, kafka_partition, kafka_offset)
-ROWS = [
-    ("p1", "card-42", "m1", 10.0, "DE", NOW - dt.timedelta(minutes=1), 3, 90.0, "decline",
-     '{"a": {"b": 1}, "s": "x"}', "velocity", 0, 10),
-    ("p2", "card-42", "m1", 20.0, "DE", NOW - dt.timedelta(minutes=2), 2, 60.0, "review",
-     '{"a": [1, 2], "s": null}', "", 0, 11),
-    ("p3", "card-7", "m2", 30.0, "FR", NOW - dt.timedelta(minutes=3), 1, 10.0, "approve",
-     '{"s": "y"}', "", 1, 5),
-    ("p4", "card-7", "m1", 40.0, "FR", NOW - dt.timedelta(minutes=30), 7, 95.0, "decline",
-     "{}", "amount,velocity", 1, 6),
-]
+def _rows(now: dt.datetime) -> list[tuple]:
+    return [
+        ("p1", "card-42", "m1", 10.0, "DE", now - dt.timedelta(minutes=1), 3, 90.0, "decline",
+         '{"a": {"b": 1}, "s": "x"}', "velocity", 0, 10),
+        ("p2", "card-42", "m1", 20.0, "DE", now - dt.timedelta(minutes=2), 2, 60.0, "review",
+         '{"a": [1, 2], "s": null}', "", 0, 11),
+        ("p3", "card-7", "m2", 30.0, "FR", now - dt.timedelta(minutes=3), 1, 10.0, "approve",
+         '{"s": "y"}', "", 1, 5),
+        ("p4", "card-7", "m1", 40.0, "FR", now - dt.timedelta(minutes=30), 7, 95.0, "decline",
+         "{}", "amount,velocity", 1, 6),
+    ]
+
+
+ROWS = _rows(NOW)
 COLUMNS = ("payment_id VARCHAR, card_id VARCHAR, merchant_id VARCHAR, amount_eur DOUBLE, "
            "country VARCHAR, event_time TIMESTAMPTZ, count_1m INTEGER, score DOUBLE, "
            "decision VARCHAR, payload VARCHAR, reasons VARCHAR, kafka_partition INTEGER, "
@@ -43,6 +47,12 @@ SCHEMA = {"payments_scored_rt": SCHEMA_TYPES, "payments_scored": SCHEMA_TYPES}
 
 @pytest.fixture(scope="module")
 def con() -> duckdb.DuckDBPyConnection:
+    # Rows are placed relative to when the table is built, not when the module was
+    # imported: in a long suite minutes pass between the two, and "the last 5 minutes"
+    # would then miss them.
+    global NOW, ROWS
+    NOW = dt.datetime.now(UTC).replace(microsecond=0)
+    ROWS = _rows(NOW)
     c = duckdb.connect()
     c.execute("SET TimeZone = 'UTC'")
     c.execute(f"CREATE TABLE memory.main.payments_scored_rt ({COLUMNS})")

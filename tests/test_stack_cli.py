@@ -62,10 +62,11 @@ def own_stack(tmp_path: Path, stack):  # after the session stack, so offsets dif
     sluice("down", "--purge", state_dir=state, offset=offset, check=False)
 
 
-def test_up_status_down_lifecycle_on_durable_storage(own_stack) -> None:
+def test_up_status_down_lifecycle_of_the_whole_stack(own_stack) -> None:
+    """What `make up` starts (pipeline and generator included), twice, then down."""
     state, offset = own_stack
     ports = Ports().shifted(offset)
-    out = sluice("up", "--storage", "s3", state_dir=state, offset=offset).stdout
+    out = sluice("up", state_dir=state, offset=offset).stdout
     assert "Ready:" in out and f"127.0.0.1:{ports.broker}" in out
 
     parts = _status(state, offset)
@@ -87,7 +88,20 @@ def test_up_status_down_lifecycle_on_durable_storage(own_stack) -> None:
     assert again.count("already running") == len(names)
     assert {p["name"]: p["pid"] for p in _status(state, offset)} == pids
 
-    # Data written to the broker survives a full down/up on s3 storage.
+    down = sluice("down", state_dir=state, offset=offset).stdout
+    assert down.count("stopped") == len(names)
+    for pid in pids.values():
+        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
+    assert not [p for p in ports.all().values() if port_open("127.0.0.1", p, 0.05)]
+
+    sluice("down", "--purge", state_dir=state, offset=offset)
+    assert not state.exists()
+
+
+def test_topics_survive_down_and_up_on_s3_storage(own_stack) -> None:
+    state, offset = own_stack
+    ports = Ports().shifted(offset)
+    sluice("up", "--storage", "s3", "--no-pipeline", state_dir=state, offset=offset)
     bootstrap = f"127.0.0.1:{ports.broker}"
     ensure_topics(bootstrap, {"durable.check": 1})
     producer = Producer(producer_config(bootstrap))
@@ -95,17 +109,14 @@ def test_up_status_down_lifecycle_on_durable_storage(own_stack) -> None:
         producer.produce("durable.check", key=b"k", value=f"v{i}".encode())
     assert producer.flush(10) == 0
 
-    down = sluice("down", state_dir=state, offset=offset).stdout
-    assert down.count("stopped") == len(names)
-    for pid in pids.values():
-        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
+    sluice("down", state_dir=state, offset=offset)
     assert not [p for p in ports.all().values() if port_open("127.0.0.1", p, 0.05)]
-
-    sluice("up", state_dir=state, offset=offset)
+    sluice("up", state_dir=state, offset=offset)  # the saved settings: s3, no pipeline
+    assert "(s3)" in sluice("status", state_dir=state, offset=offset).stdout
     consumer = Consumer(consumer_config(bootstrap, f"durable-{time.time_ns()}"))
     consumer.subscribe(["durable.check"])
     values: list[bytes] = []
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while len(values) < 20 and time.monotonic() < deadline:
         msg = consumer.poll(0.5)
         if msg is not None and not msg.error():

@@ -109,7 +109,8 @@ def test_a_payment_is_one_trace_through_gateway_and_every_function(pipeline) -> 
         assert child["trace_id"] == parent["trace_id"]
     for s in spans:
         assert s["parent_id"] is None or s["parent_id"] in by_id
-        assert s["attributes"].get("payment.id") == pid
+        if "sluice.sink" not in s["attributes"]:  # sinks see headers, not decoded data
+            assert s["attributes"].get("payment.id") == pid
     process = names["process payments.raw"][0]["attributes"]
     assert process["messaging.system"] == "kafka"
     assert process["messaging.destination.name"] == "payments.raw"
@@ -127,6 +128,28 @@ def test_a_payment_is_one_trace_through_gateway_and_every_function(pipeline) -> 
     text = sluice("trace", pid, state_dir=pipeline.state_dir, offset=_offset(pipeline)).stdout
     assert f"trace {traces[0]['trace_id']}" in text
     assert "      validate" in text and "sluice-score" in text
+
+
+def test_the_sinks_writes_join_the_payments_trace(pipeline) -> None:
+    """The lake sink and the real-time table each add a span under score's send span."""
+    pid = f"sink-{uuid.uuid4().hex[:8]}"
+    card = sorted(reference().cards)[-2]
+    with Publisher(pipeline.gateway_url) as pub:
+        pub.send(_event(_payment(pid, card)))
+    traces = _trace(pipeline, pid, wait=30, min_services=6)
+    assert len(traces) == 1
+    spans = traces[0]["spans"]
+    names = _by_name(spans)
+    (send,) = names["send payments.scored"]
+    sinks = {s["service"]: s for s in spans if s["service"] in ("sluice-lake-sink",
+                                                                 "sluice-realtime")}
+    assert set(sinks) == {"sluice-lake-sink", "sluice-realtime"}, sorted(
+        {s["service"] for s in spans})
+    for span in sinks.values():
+        assert span["parent_id"] == send["span_id"]
+        assert span["attributes"]["sluice.sink"] in ("lake", "realtime")
+        assert span["status"] != "error"
+    assert sinks["sluice-lake-sink"]["attributes"]["db.collection.name"] == "payments_scored"
 
 
 def test_fan_out_keeps_one_trace_and_each_output_carries_its_send_span(pipeline) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from eventing.settings import StackSettings
 from eventing.stack.health import http_status
-from eventing.stack.pipeline import _python_part
+from eventing.stack.pipeline import _python_part, tracing_args
 from eventing.stack.process import PartSpec
 
 NAME = "lakesink"
@@ -24,7 +24,8 @@ def spec(settings: StackSettings, *, topic: str = TOPIC, table: str = TABLE) -> 
             "sink", "lake", "--topic", topic, "--table", table,
             "--bootstrap", settings.bootstrap, "--registry", settings.registry_url,
             "--catalog-uri", settings.iceberg_url, "--s3-endpoint", settings.s3_endpoint,
-            "--metrics-port", str(port), "--metrics-host", settings.host]
+            "--metrics-port", str(port), "--metrics-host", settings.host,
+            *tracing_args(settings, "sluice-lake-sink")]
     part = _python_part(settings, NAME, args, f"lake sink {topic} -> sluice.{table} "
                         f"(metrics {url})", lambda: http_status(url) == 200, [port])
     part.start_timeout = 60.0  # creating the table and the first group join take seconds

@@ -12,6 +12,7 @@ import sys
 from eventing.settings import StackSettings
 from eventing.stack import binaries
 from eventing.stack.health import http_status
+from eventing.stack.pipeline import tracing_args
 from eventing.stack.process import PartSpec
 
 NAME = "realtime"
@@ -24,7 +25,8 @@ def spec(settings: StackSettings) -> PartSpec:
     argv = [sys.executable, "-m", "eventing.cli", "--state-dir", str(settings.state_dir),
             "realtime", "--host", settings.host, "--port", str(settings.ports.realtime),
             "--bootstrap", settings.bootstrap, "--registry", settings.registry_url,
-            "--topic", TOPIC, "--retention", RETENTION]
+            "--topic", TOPIC, "--retention", RETENTION,
+            *tracing_args(settings, "sluice-realtime")]
     return PartSpec(
         name=NAME,
         argv=argv,
