@@ -131,7 +131,7 @@ class RealtimeTable:
                  metrics: Metrics | None = None, lake_attempts: int = 10) -> None:
         import duckdb
 
-        from eventing.sinks.lake import BatchBuilder, iceberg_schema
+        from eventing.sinks.lake import BatchBuilder, iceberg_schema, is_plain_long
 
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -140,7 +140,7 @@ class RealtimeTable:
         time_type = next(f["type"] for f in avro_schema["fields"]
                          if f["name"] == settings.time_field)
         self.builder = BatchBuilder(self.arrow_schema, settings.time_field,
-                                    time_is_ms=_is_plain_long(time_type))
+                                    time_is_ms=is_plain_long(time_type))
         self.con = con or duckdb.connect(config={"autoinstall_known_extensions": "false",
                                                  "autoload_known_extensions": "false"})
         self.con.execute("SET GLOBAL TimeZone = 'UTC'")  # the local engine runs in UTC
@@ -364,14 +364,6 @@ def _ms(seconds: float) -> float:
 def _looks_like_auth(message: str) -> bool:
     lowered = message.lower()
     return any(s in lowered for s in ("401", "unauthorized", "token expired", "403"))
-
-
-def _is_plain_long(avro_type: Any) -> bool:
-    if isinstance(avro_type, list):
-        avro_type = next((b for b in avro_type if b != "null"), None)
-    if isinstance(avro_type, dict):
-        return avro_type.get("type") == "long" and "logicalType" not in avro_type
-    return avro_type == "long"
 
 
 # --------------------------------------------------------------------------- consumer

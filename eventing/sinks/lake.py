@@ -438,7 +438,7 @@ class LakeSink:
         self.table = open_table(self.catalog, self.identifier, avro, config.time_field)
         self.writer = LakeWriter(self.table, config.topic)
         self.builder = BatchBuilder(self.table.schema().as_arrow(), config.time_field,
-                                    time_is_ms=_is_plain_long(time_avro))
+                                    time_is_ms=is_plain_long(time_avro))
         self._done: dict[int, int] = {}       # last offset in the table, per partition
         self._batch: dict[int, int] = {}      # last offset consumed in this batch
         self._tracer = tracing.get_tracer()
@@ -579,7 +579,8 @@ class LakeSink:
         return result
 
 
-def _is_plain_long(avro_type: Any) -> bool:
+def is_plain_long(avro_type: Any) -> bool:
+    """An epoch-number `long` (possibly nullable), as opposed to a logical timestamp."""
     if isinstance(avro_type, list):
         avro_type = next((b for b in avro_type if b != "null"), None)
     if isinstance(avro_type, dict):
