@@ -396,6 +396,9 @@ def main() -> int:
     ap.add_argument("--lake-budget-s", type=float, default=600.0,
                     help="stop appending after this long; queries run on what was written")
     ap.add_argument("--repeat", type=int, default=5, help="warm runs per query")
+    ap.add_argument("--trace-sampling", type=float, default=1.0,
+                    help="share of traces recorded (sluice up --trace-sampling); tracing "
+                         "every event costs ~95 us of CPU per hop")
     ap.add_argument("--skip", action="append", default=[],
                     choices=["throughput", "latency", "lake"])
     ap.add_argument("--json", help="also write the figures here")
@@ -404,7 +407,8 @@ def main() -> int:
     state = Path(args.state_dir)
     figures: dict = {"load_avg_start": os.getloadavg()}
     print(f"starting the stack (offset {args.port_offset}, state {state}) ...", flush=True)
-    sluice(state, args.port_offset, "up", "--storage", "memory", "--no-generator")
+    sluice(state, args.port_offset, "up", "--storage", "memory", "--no-generator",
+           "--trace-sampling", str(args.trace_sampling))
     settings = load_settings(state_dir=state, port_offset=args.port_offset,
                              broker_storage="memory")
     try:
