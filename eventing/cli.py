@@ -533,11 +533,17 @@ def build_parser() -> argparse.ArgumentParser:
     schemas = sub.add_parser("schemas", help="register every schemas/*.avsc with the registry")
     schemas.add_argument("--registry", help="registry URL (default: the local stack's)")
     schemas.set_defaults(func=cmd_schemas)
+
     run_p = sub.add_parser("run", help="run the topology's functions (foreground)")
     run_p.add_argument("--topology", help="topology file (default functions/topology.yaml)")
     run_p.add_argument("--function", action="append", help="only this function (repeatable)")
     run_p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the local stack)")
     run_p.add_argument("--registry", help="schema registry URL (default: the local stack's)")
+    run_p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    run_p.add_argument("--metrics-host", default="127.0.0.1")
+    _add_tracing_args(run_p, "sluice-<function>")
+    run_p.set_defaults(func=cmd_run)
+
     top_p = sub.add_parser("top", help="live per-function rate, p99, lag, dead letters")
     top_p.add_argument("--interval", type=float, default=2.0)
     top_p.add_argument("--once", action="store_true", help="print one snapshot and exit")
@@ -559,11 +565,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress line")
     gen.add_argument("--token-file", help="file holding the gateway's bearer token")
     gen.set_defaults(func=cmd_generate)
-
-    run_p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    run_p.add_argument("--metrics-host", default="127.0.0.1")
-    _add_tracing_args(run_p, "sluice-<function>")
-    run_p.set_defaults(func=cmd_run)
 
     gw = sub.add_parser("gateway", help="run the CloudEvents ingest gateway (foreground)")
     gw.add_argument("--host", default="127.0.0.1")

@@ -77,53 +77,21 @@ class InProcessInvoker:
         self.tracer = tracer or host.tracer
 
     def invoke(self, lanes: Work, ordered: bool) -> list[Outcome]:
-        if self.tracer.enabled:
-            return self._invoke_traced(lanes, ordered)
         outcomes: list[Outcome] = []
         append = outcomes.append
         call = self.host.call
         produce = self.producer.produce
         source_name = self._source_name
-        for lane in lanes:
-            for msg in lane:
-                try:
-                    records = call(record_event(msg, source_name))
-                except Reject as exc:
-                    append((msg, Failure(422, f"Reject: {exc}", retryable=False)))
-                    if ordered:
-                        break
-                    continue
-                except Exception as exc:  # noqa: BLE001 - any failure is the function's
-                    append((msg, Failure(500, f"{type(exc).__name__}: {exc}")))
-                    if ordered:
-                        break
-                    continue
-                for topic, key, value, headers in records:
-                    try:
-                        produce(topic, value, key, headers=headers)
-                    except BufferError:  # local queue full: let deliveries drain
-                        self.producer.poll(0.05)
-                        produce(topic, value, key, headers=headers)
-                append((msg, None))
-            self.producer.poll(0)
-        return outcomes
-
-    def _invoke_traced(self, lanes: Work, ordered: bool) -> list[Outcome]:
-        """`invoke` with a `process` span per attempt (kept apart: the untraced loop stays
-        free of per-record branches). A failed attempt's span rides on its `Failure`; the
-        dispatcher finishes it once it knows whether a retry or the dead letter follows."""
-        outcomes: list[Outcome] = []
-        append = outcomes.append
-        call = self.host.call
-        produce = self.producer.produce
-        source_name = self._source_name
-        process = self.tracer.process
+        # A `process` span per attempt when tracing is on. A failed attempt's span rides
+        # on its `Failure`; the dispatcher finishes it once it knows whether a retry or
+        # the dead letter follows.
+        process = self.tracer.process if self.tracer.enabled else None
         name = self.host.function.name
         group = self.host.function.consumer_group
         for lane in lanes:
             for msg in lane:
                 event = record_event(msg, source_name)
-                span = process(event, msg, name, group)
+                span = process(event, msg, name, group) if process is not None else None
                 try:
                     records = call(event)
                 except Reject as exc:

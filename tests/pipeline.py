@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -32,18 +33,36 @@ def payment(i: int, card: int, amount: float = 10.0, currency: str = "EUR") -> d
             "event_time": 1_764_000_000_000 + i}
 
 
+def payment_record(serde, topic: str, p: dict, *, source: str = "/tests",
+                   type: str = "com.sluice.payment.created"):
+    """(key, value, headers) of a payment as the gateway writes it: binary-mode
+    CloudEvent, Avro data, keyed by card."""
+    event = binding.make_event({
+        "specversion": "1.0", "id": p["payment_id"], "source": source, "type": type,
+        "partitionkey": p["card_id"], "datacontenttype": "application/avro",
+    }, serde.encode(topic, p))
+    return binding.encode_binary(event)
+
+
 def produce_payments(bootstrap: str, serde, topic: str, payments: list[dict]) -> None:
     producer = Producer(producer_config(bootstrap))
     for p in payments:
-        event = binding.make_event({
-            "specversion": "1.0", "id": p["payment_id"], "source": "/tests",
-            "type": "com.sluice.payment.created", "partitionkey": p["card_id"],
-            "datacontenttype": "application/avro",
-        }, serde.encode(topic, p))
-        key, value, headers = binding.encode_binary(event)
+        key, value, headers = payment_record(serde, topic, p)
         producer.produce(topic, value, key, headers=headers)
         producer.poll(0)
     assert producer.flush(30) == 0
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `timeout`: a test's own server never outlives it."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 60,

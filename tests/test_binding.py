@@ -20,6 +20,7 @@ from cloudevents.http import from_http as sdk_from_http
 
 from eventing import binding as b
 from eventing.binding import BindingError
+from tests.pipeline import stop_process
 
 KW = dict(topic="mytopic", partition=3, offset=42, timestamp_ms=1522900584123)
 
@@ -490,12 +491,7 @@ def binding_tansu_broker():
                 time.sleep(0.05)
         yield f"127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=5)
 
 
 def test_round_trip_through_a_real_broker(binding_tansu_broker):

@@ -25,6 +25,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 from eventing.kafka import consumer_config
 from eventing.publish import GatewayError, Publisher
+from tests.pipeline import stop_process
 
 pytestmark = pytest.mark.stack
 
@@ -82,17 +83,8 @@ def start_gateway(tmp: Path, *, bootstrap: str, registry: str, topology: Path,
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    stop(proc)
+    stop_process(proc)
     raise AssertionError(f"gateway not ready: {(tmp / f'gateway-{port}.log').read_text()}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +114,7 @@ def gateway(stack, topology, tmp_path_factory) -> Iterator[str]:
     try:
         yield url
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 class TopicReader:
@@ -321,7 +313,7 @@ def test_unreachable_broker_is_503(stack, topology, tmp_path):
         metrics = httpx.get(url + "/metrics").text
         assert 'sluice_gateway_events_total{outcome="failed"' in metrics
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 # ------------------------------------------------------------------------- publish

@@ -25,8 +25,9 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from eventing import binding, query
+from eventing import query
 from eventing.realtime import RealtimeSettings, RealtimeTable, create_app, parse_duration
+from tests.pipeline import payment_record, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 AVRO = json.loads((ROOT / "schemas" / "payments.scored.avsc").read_text())
@@ -206,12 +207,7 @@ def server(stack, tmp_path_factory) -> Iterator[Server]:
             time.sleep(0.2)
         yield Server(url, topic, f"payments_scored_{suffix}", proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, timeout=15)
 
 
 def producer_for(stack):
@@ -225,12 +221,8 @@ def producer_for(stack):
 
 
 def produce(producer, serde, topic: str, record: dict) -> None:
-    event = binding.make_event({
-        "specversion": "1.0", "id": record["payment_id"], "source": "/sluice/functions/score",
-        "type": "com.sluice.payment.scored", "partitionkey": record["card_id"],
-        "datacontenttype": "application/avro",
-    }, serde.encode(topic, record))
-    key, value, headers = binding.encode_binary(event)
+    key, value, headers = payment_record(serde, topic, record, source="/sluice/functions/score",
+                                         type="com.sluice.payment.scored")
     producer.produce(topic, value, key, headers=headers)
     producer.poll(0)
 

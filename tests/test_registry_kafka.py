@@ -22,6 +22,7 @@ import pytest
 
 from eventing.kafka import consumer_config, ensure_topics, producer_config
 from eventing.registry.server import open_store
+from tests.pipeline import stop_process
 
 pytestmark = pytest.mark.stack
 
@@ -54,12 +55,7 @@ def registry_test_broker() -> Iterator[str]:
         _wait_port(BROKER_PORT)
         yield f"127.0.0.1:{BROKER_PORT}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 class RegistryProcess:
