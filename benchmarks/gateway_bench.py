@@ -37,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from eventing.settings import load_settings  # noqa: E402
+from eventing.stack.settings import load_settings  # noqa: E402
 
 TYPE = "com.sluice.bench.payment"
 

@@ -22,7 +22,7 @@ nothing is asserted.
    merchants, event times over the last 24 h in time order, like the sink writes them)
    appended with pyiceberg in `--append-rows` appends to a separate table
    `sluice.payments_scored_bench` (bounded by `--lake-budget-s`), then the three example
-   queries of `eventing.query.EXAMPLES` through the real-time server, with the tables
+   queries of `eventing.tables.query.EXAMPLES` through the real-time server, with the tables
    renamed to the bench table (so the real-time ones run on the lake too), and the
    README's three (`sluice query "SELECT ..."` blocks: README 1 risky merchants, 2 fraud
    rate by country per hour on the lake only, 3 a card's timeline); cold run and median
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from eventing.generate import Generator, event_for, reference  # noqa: E402
-from eventing.settings import StackSettings, load_settings  # noqa: E402
+from eventing.stack.settings import StackSettings, load_settings  # noqa: E402
 
 SCORED_TOPIC = "payments.scored"
 BENCH_TABLE = "payments_scored_bench"
@@ -123,7 +123,7 @@ class ScoredWatcher:
 
 
 def throughput(settings: StackSettings, n: int, clients: int = 2) -> dict:
-    from eventing.publish import Publisher
+    from eventing.ingest.publish import Publisher
 
     payments = _payments(n, seed=101)
     prefix = payments[0]["payment_id"].rsplit("-", 1)[0]
@@ -181,7 +181,7 @@ def throughput(settings: StackSettings, n: int, clients: int = 2) -> dict:
 
 def latency(settings: StackSettings, rate: float, seconds: float) -> dict:
     """Gateway 202 -> row returned by the real-time server, per payment."""
-    from eventing.publish import Publisher
+    from eventing.ingest.publish import Publisher
 
     n = int(rate * seconds)
     payments = _payments(n, seed=202)
@@ -311,8 +311,8 @@ class SyntheticRows:
 
 
 def write_lake(settings: StackSettings, rows: int, per_append: int, budget_s: float) -> dict:
-    from eventing.lakehouse import LakeConfig, catalog
-    from eventing.sinks.lake import open_table
+    from eventing.tables.lake import open_table
+    from eventing.tables.lakehouse import LakeConfig, catalog
 
     lake = LakeConfig.from_settings(settings)
     avro = json.loads((ROOT / "schemas" / "payments.scored.avsc").read_text())
@@ -346,7 +346,7 @@ def write_lake(settings: StackSettings, rows: int, per_append: int, budget_s: fl
 
 
 def time_queries(settings: StackSettings, repeat: int, card: str) -> dict:
-    from eventing.query import EXAMPLES
+    from eventing.tables.query import EXAMPLES
 
     client = httpx.Client(timeout=600)
     out = {}

@@ -46,7 +46,7 @@ sys.path.insert(0, str(HERE / "contenders"))
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
-from eventing import binding  # noqa: E402
+from eventing.cloudevent import binding  # noqa: E402
 from eventing.kafka import admin_config, consumer_config, ensure_topics, producer_config  # noqa: E402,I001
 from eventing.serde import AvroSerde  # noqa: E402
 from tests.pipeline import payment, register  # noqa: E402
@@ -260,7 +260,7 @@ def sluice(args: argparse.Namespace, *command: str) -> None:
 
 
 def stack_endpoints(args: argparse.Namespace) -> tuple[str, str]:
-    from eventing.settings import load_settings
+    from eventing.stack.settings import load_settings
 
     s = load_settings(state_dir=args.state_dir, port_offset=args.port_offset).with_saved()
     if s.host != "127.0.0.1":
@@ -333,7 +333,7 @@ def profile(bench: Bench, args: argparse.Namespace) -> None:
 def check_rates() -> None:
     from common import EUR_PER_UNIT
 
-    from eventing.runtime import load_target
+    from eventing.fn.runtime import load_target
 
     fn = load_target(ROOT / "functions" / "convert" / "main.py", "convert")
     table = sys.modules[fn.__module__].EUR_PER_UNIT

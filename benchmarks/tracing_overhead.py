@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import orjson  # noqa: E402
 
-from eventing import tracing  # noqa: E402
-from eventing.invoke import InProcessInvoker  # noqa: E402
-from eventing.runtime import FunctionHost  # noqa: E402
+from eventing.delivery.invoke import InProcessInvoker  # noqa: E402
+from eventing.fn.runtime import FunctionHost  # noqa: E402
+from eventing.telemetry import tracing  # noqa: E402
 from eventing.topology import Delivery, Function  # noqa: E402
 
 PARTITIONS = 4

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from eventing.settings import StackSettings, load_settings
+from eventing.stack.settings import StackSettings, load_settings
 
 
 def _settings(args: argparse.Namespace) -> StackSettings:
@@ -46,8 +46,8 @@ def _add_tracing_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _configure_tracing(args: argparse.Namespace, service_name: str) -> None:
-    """Tracing settings from the flags, made this process's (eventing.tracing)."""
-    from eventing import tracing
+    """Tracing settings from the flags, made this process's (eventing.telemetry.tracing)."""
+    from eventing.telemetry import tracing
 
     if args.otlp_endpoint:
         tracing.configure(tracing.TracingSettings(
@@ -71,7 +71,7 @@ def _stack(args: argparse.Namespace):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from eventing.schemas import IncompatibleSchema
+    from eventing.registry.files import IncompatibleSchema
     from eventing.stack.binaries import MissingBinary
     from eventing.stack.supervisor import StackError
 
@@ -129,7 +129,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_schemas(args: argparse.Namespace) -> int:
-    from eventing.schemas import IncompatibleSchema, register_all
+    from eventing.registry.files import IncompatibleSchema, register_all
 
     s = _stack(args).settings
     try:
@@ -147,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import threading
 
     from eventing import topology as topo
-    from eventing.runner import RunSettings, run
+    from eventing.delivery.runner import RunSettings, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("httpx", "httpx2"):  # one line per registry lookup is noise, not news
@@ -174,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from eventing import topology as topo
-    from eventing.gateway import GatewaySettings, serve
+    from eventing.ingest.gateway import GatewaySettings, serve
 
     s = _settings(args).with_saved()
     try:
@@ -210,7 +210,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     names, from the local trace store."""
     from pathlib import Path
 
-    from eventing import traces
+    from eventing.telemetry import traces
 
     path = Path(args.db) if args.db else traces.db_path(_settings(args).with_saved().state_dir)
     if not path.exists() and not args.wait:
@@ -238,7 +238,7 @@ def cmd_tracestore(args: argparse.Namespace) -> int:
     import threading
     from pathlib import Path
 
-    from eventing import traces
+    from eventing.telemetry import traces
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     s = _settings(args).with_saved()
@@ -257,7 +257,7 @@ def cmd_tracestore(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from eventing.publish import GatewayError, Progress, Publisher, one_event, read_jsonl
+    from eventing.ingest.publish import GatewayError, Progress, Publisher, one_event, read_jsonl
 
     url = args.gateway or _settings(args).with_saved().gateway_url
     token = os.environ.get("SLUICE_GATEWAY_TOKEN") or None
@@ -299,7 +299,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from eventing import generate
-    from eventing.publish import GatewayError, Progress, Publisher
+    from eventing.ingest.publish import GatewayError, Progress, Publisher
 
     s = _stack(args).settings
     token = os.environ.get("SLUICE_GATEWAY_TOKEN")
@@ -332,10 +332,10 @@ def cmd_sink_lake(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from eventing.lakehouse import LakeConfig, table_name_for_topic
     from eventing.serde import AvroSerde
-    from eventing.sinks.lake import LakeSink, LakeSinkConfig, serve_metrics
-    from eventing.sinks.maintenance import MaintenancePolicy
+    from eventing.tables.lake import LakeSink, LakeSinkConfig, serve_metrics
+    from eventing.tables.lakehouse import LakeConfig, table_name_for_topic
+    from eventing.tables.maintenance import MaintenancePolicy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("httpx", "httpx2"):  # the registry client logs every request at INFO
@@ -409,7 +409,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     """`sluice query`: Trino SQL to the real-time server (DuckDB) or to a Trino cluster."""
-    from eventing.query import QueryFailed, TranslationError, run
+    from eventing.tables.query import QueryFailed, TranslationError, run
 
     server = args.server or _settings(args).with_saved().realtime_url
     try:
@@ -427,8 +427,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_realtime(args: argparse.Namespace) -> int:
     """`sluice realtime`: the real-time table server (foreground)."""
     _configure_tracing(args, "sluice-realtime")
-    from eventing.lakehouse import LakeConfig
-    from eventing.realtime import RealtimeSettings, parse_duration, serve
+    from eventing.tables.lakehouse import LakeConfig
+    from eventing.tables.realtime import RealtimeSettings, parse_duration, serve
 
     s = _settings(args).with_saved()
     try:
@@ -447,7 +447,7 @@ def cmd_realtime(args: argparse.Namespace) -> int:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from eventing import top
+    from eventing.telemetry import top
 
     s = _stack(args).settings
     try:
@@ -464,7 +464,7 @@ def cmd_top(args: argparse.Namespace) -> int:
 def cmd_dashboards(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from eventing import dashboards
+    from eventing.telemetry import dashboards
 
     for path in dashboards.write(Path(args.out)):
         print(path)

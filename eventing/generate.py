@@ -194,7 +194,7 @@ def paced(gen: Generator, rate: float, duration: float,
 def run(publisher, *, rate: float, duration: float, seed: int = 11,
         fraud_share: float = 0.01, truth: Path | None = None,
         progress: Callable[[int], None] | None = None) -> tuple[int, int]:
-    """Publish generated payments through `publisher` (an `eventing.publish.Publisher`).
+    """Publish generated payments through `publisher` (an `eventing.ingest.publish.Publisher`).
 
     `duration` 0 runs until interrupted. Injected fraud payment ids are appended to
     `truth` (one per line) so tests and humans can measure detection rates. Returns

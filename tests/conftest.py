@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from eventing.settings import Ports, StackSettings, load_settings
 from eventing.stack.process import port_open
+from eventing.stack.settings import Ports, StackSettings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

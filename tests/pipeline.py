@@ -10,7 +10,7 @@ from pathlib import Path
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
-from eventing import binding
+from eventing.cloudevent import binding
 from eventing.kafka import consumer_config, ensure_topics, producer_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,8 +18,8 @@ from cloudevents.conversion import to_binary as sdk_to_binary
 from cloudevents.http import CloudEvent
 from cloudevents.http import from_http as sdk_from_http
 
-from eventing import binding as b
-from eventing.binding import BindingError
+from eventing.cloudevent import binding as b
+from eventing.cloudevent.binding import BindingError
 from tests.pipeline import stop_process
 
 KW = dict(topic="mytopic", partition=3, offset=42, timestamp_ms=1522900584123)

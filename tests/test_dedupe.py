@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from eventing.serde import AvroSerde
-from eventing.sinks.dedupe import RecentIds, restore
+from eventing.tables.dedupe import RecentIds, restore
 from tests.pipeline import produce_payments, register, setup_topics, unique
 
 

@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from eventing import topology as topo
+from eventing.delivery.runner import RunSettings, build
 from eventing.deploy import DeploySettings, docker, knative, kustomize, pinot, write_bundle
 from eventing.deploy.apply import ToolMissing, apply
-from eventing.runner import RunSettings, build
 from eventing.topology import Delivery
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -332,8 +332,9 @@ def test_every_topic_has_a_strimzi_topic(bundle, topology):
 
 def test_each_image_has_only_its_function_and_the_host_runtime(bundle, topology):
     runtime = {p.relative_to(docker.PROJECT_DIR).as_posix() for p in docker.runtime_modules()}
-    assert {"eventing/host.py", "eventing/runtime.py", "eventing/binding.py"} <= runtime
-    assert "eventing/cli.py" not in runtime and "eventing/gateway.py" not in runtime
+    assert {"eventing/fn/host.py", "eventing/fn/runtime.py",
+            "eventing/cloudevent/binding.py"} <= runtime
+    assert "eventing/cli.py" not in runtime and "eventing/ingest/gateway.py" not in runtime
     for name in topology.functions:
         ctx = bundle.out / "functions" / name
         copied = {p.relative_to(ctx).as_posix() for p in (ctx / "eventing").rglob("*.py")}

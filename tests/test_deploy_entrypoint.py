@@ -27,10 +27,10 @@ import pytest
 import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from eventing import binding
 from eventing import topology as topo
+from eventing.cloudevent import binding
+from eventing.delivery.invoke import record_event
 from eventing.deploy import DeploySettings, docker, write_bundle
-from eventing.invoke import record_event
 from eventing.kafka import consumer_config, ensure_topics
 from eventing.serde import AvroSerde
 

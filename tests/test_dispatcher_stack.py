@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from eventing import binding
 from eventing import topology as topo
-from eventing.runner import RunSettings, build
+from eventing.cloudevent import binding
+from eventing.delivery.runner import RunSettings, build
 from eventing.serde import AvroSerde
 from tests.pipeline import (
     ROOT,

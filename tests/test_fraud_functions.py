@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from cloudevents.http import CloudEvent
 
+from eventing.fn.runtime import Reject
 from eventing.generate import Generator, reference
-from eventing.runtime import Reject
 
 FUNCTIONS = Path(__file__).resolve().parent.parent / "functions"
 

@@ -18,8 +18,8 @@ import pytest
 from confluent_kafka import KafkaError
 from starlette.testclient import TestClient
 
-from eventing.gateway import Gateway, GatewaySettings
-from eventing.publish import GatewayError, Progress, Publisher, one_event, read_jsonl
+from eventing.ingest.gateway import Gateway, GatewaySettings
+from eventing.ingest.publish import GatewayError, Progress, Publisher, one_event, read_jsonl
 from eventing.serde import AvroSerde
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -448,7 +448,7 @@ def test_publisher_splits_batches_over_the_body_limit(gw):
 
 def test_bridge_resolves_every_request_under_concurrency():
     """Requests created while the poll thread hands over finished ones are not lost."""
-    from eventing.gateway import DeliveryBridge
+    from eventing.ingest.gateway import DeliveryBridge
 
     class Trickle(FakeProducer):
         def poll(self, timeout: float) -> int:  # one delivery per poll: many hand-overs

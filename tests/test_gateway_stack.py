@@ -23,8 +23,8 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
+from eventing.ingest.publish import GatewayError, Publisher
 from eventing.kafka import consumer_config
-from eventing.publish import GatewayError, Publisher
 from tests.pipeline import stop_process
 
 pytestmark = pytest.mark.stack

@@ -18,7 +18,8 @@ import flask
 import orjson
 import pytest
 
-from eventing import binding, host
+from eventing.cloudevent import binding
+from eventing.fn import host
 from eventing.topology import Delivery, Function
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,11 +28,12 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from eventing import binding, host
 from eventing import topology as topo
-from eventing.invoke_http import HttpInvoker
+from eventing.cloudevent import binding
+from eventing.delivery.http import HttpInvoker
+from eventing.delivery.runner import RunSettings, build
+from eventing.fn import host
 from eventing.kafka import consumer_config, ensure_topics, producer_config
-from eventing.runner import RunSettings, build
 from eventing.serde import AvroSerde
 from eventing.topology import Delivery, Function
 

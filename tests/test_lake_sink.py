@@ -20,10 +20,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from eventing.lakehouse import LakeConfig, catalog, duckdb_connect, s3_filesystem
 from eventing.serde import AvroSerde
-from eventing.sinks import maintenance as mnt
-from eventing.sinks.lake import (
+from eventing.tables import maintenance as mnt
+from eventing.tables.lake import (
     OFFSETS_PROPERTY,
     BatchBuilder,
     LakeSink,
@@ -36,6 +35,7 @@ from eventing.sinks.lake import (
     open_table,
     rows_after,
 )
+from eventing.tables.lakehouse import LakeConfig, catalog, duckdb_connect, s3_filesystem
 from tests.pipeline import ROOT, produce_payments, register, setup_topics, unique
 
 SCORED = json.loads((ROOT / "schemas" / "payments.scored.avsc").read_text())

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from eventing import dashboards
 from eventing.generate import EVENT_TYPE
-from eventing.publish import Publisher
+from eventing.ingest.publish import Publisher
+from eventing.telemetry import dashboards
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = sorted((ROOT / "infra" / "prometheus").glob("*.rules.yml"))

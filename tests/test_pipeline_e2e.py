@@ -7,7 +7,7 @@ import uuid
 from collections import defaultdict
 
 from eventing.generate import EVENT_TYPE, reference
-from eventing.publish import Publisher
+from eventing.ingest.publish import Publisher
 from eventing.serde import AvroSerde
 from tests.pipeline import consume_all, headers_of
 

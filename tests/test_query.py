@@ -14,8 +14,15 @@ import json
 import duckdb
 import pytest
 
-from eventing import query
-from eventing.query import EXAMPLES, Refused, Result, TranslationError, format_result, translate
+from eventing.tables import query
+from eventing.tables.query import (
+    EXAMPLES,
+    Refused,
+    Result,
+    TranslationError,
+    format_result,
+    translate,
+)
 
 UTC = dt.UTC
 NOW = dt.datetime.now(UTC).replace(microsecond=0)

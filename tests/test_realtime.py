@@ -25,8 +25,8 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from eventing import query
-from eventing.realtime import RealtimeSettings, RealtimeTable, create_app, parse_duration
+from eventing.tables import query
+from eventing.tables.realtime import RealtimeSettings, RealtimeTable, create_app, parse_duration
 from tests.pipeline import payment_record, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -296,9 +296,9 @@ def test_cli_query_formats_and_explain(stack, server: Server) -> None:
 @pytest.mark.stack
 def test_one_query_reads_the_lake_and_the_realtime_table(stack, server: Server) -> None:
     try:
-        from eventing.lakehouse import LakeConfig
         from eventing.serde import AvroSerde
-        from eventing.sinks.lake import LakeSink, LakeSinkConfig
+        from eventing.tables.lake import LakeSink, LakeSinkConfig
+        from eventing.tables.lakehouse import LakeConfig
     except ImportError as exc:  # pragma: no cover - the lake sink is written in parallel
         pytest.skip(f"the lake sink is not there yet: {exc}")
     producer, serde = producer_for(stack)

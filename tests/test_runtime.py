@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from eventing import binding
-from eventing.runtime import FunctionHost, OutputError
+from eventing.cloudevent import binding
+from eventing.fn.runtime import FunctionHost, OutputError
 from eventing.topology import Delivery, Function
 
 

@@ -12,8 +12,8 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from eventing.kafka import consumer_config, ensure_topics, producer_config
-from eventing.settings import Ports
 from eventing.stack.process import port_open
+from eventing.stack.settings import Ports
 from tests.conftest import free_port_offset, sluice
 
 LOOPBACK_HEX = "0100007F"  # 127.0.0.1 in /proc/net/tcp byte order

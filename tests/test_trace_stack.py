@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from eventing.generate import EVENT_TYPE, reference
-from eventing.publish import Publisher
-from eventing.settings import Ports
-from eventing.tracing import parse_traceparent
+from eventing.ingest.publish import Publisher
+from eventing.stack.settings import Ports
+from eventing.telemetry.tracing import parse_traceparent
 from tests.conftest import sluice
 from tests.pipeline import consume_all, headers_of
 

@@ -1,4 +1,4 @@
-"""Unit tests of eventing.tracing and eventing.traces: W3C rules, sampling, the hop
+"""Unit tests of eventing.telemetry.tracing and .traces: W3C rules, sampling, the hop
 helpers' parent links, OTLP export to a local HTTP endpoint, the SQLite store, rendering."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from eventing import binding, traces, tracing
-from eventing.invoke import InProcessInvoker
-from eventing.runtime import FunctionHost, Reject
+from eventing.cloudevent import binding
+from eventing.delivery.invoke import InProcessInvoker
+from eventing.fn.runtime import FunctionHost, Reject
+from eventing.telemetry import traces, tracing
 from eventing.topology import Delivery, Function
 
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

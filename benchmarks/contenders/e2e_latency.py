@@ -28,7 +28,7 @@ import yaml
 from common import ROOT, emit, tree_cpu_seconds
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from eventing import binding
+from eventing.cloudevent import binding
 from eventing.kafka import consumer_config, producer_config
 from eventing.serde import AvroSerde
 from tests.pipeline import payment

@@ -1,8 +1,8 @@
 """Sluice: the real Dispatcher running `functions/convert`, in process or over HTTP.
 
-`--invoke inprocess` builds the dispatcher with `eventing.runner.build` from a topology
+`--invoke inprocess` builds the dispatcher with `eventing.delivery.runner.build` from a topology
 written to a temp dir, exactly as `sluice run` would. `--invoke http|http-batch` also
-starts a `functions-framework` process serving `eventing.host` for the function (as
+starts a `functions-framework` process serving `eventing.fn.host` for the function (as
 tests/test_invoke_http.py does, and as the function's container does on Knative); its
 CPU over the timed window is added to the dispatcher's.
 
@@ -30,9 +30,9 @@ from pathlib import Path
 import yaml
 from common import ROOT, Clock, TimedConsumer, emit, job_args
 
-from eventing import host
 from eventing import topology as topo
-from eventing.runner import RunSettings, build
+from eventing.delivery.runner import RunSettings, build
+from eventing.fn import host
 
 
 class Done:

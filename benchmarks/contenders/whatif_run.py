@@ -20,9 +20,8 @@ import sys
 
 from common import ROOT  # noqa: F401 - puts the repo on sys.path
 
-import eventing.dispatcher as dispatcher
-import eventing.runner as runner
 from eventing import cli
+from eventing.delivery import dispatcher, runner
 
 
 class CappedConsumer:

@@ -1,9 +1,9 @@
 """One container build context per function: Dockerfile, entry file, code, requirements.
 
 The image carries only what the function's host needs: the Sluice modules that
-`eventing.host` imports (found by reading their imports, so the list follows the code),
+`eventing.fn.host` imports (found by reading their imports, so the list follows the code),
 the function's folder, and the pinned third-party packages those import. The entry
-point is exactly the one `eventing.host` documents, with the env-reading entry file
+point is exactly the one `eventing.fn.host` documents, with the env-reading entry file
 written by `host.write_entry_file(None, ...)`:
 
     functions-framework --source entry.py --target handle --signature-type http \\
@@ -26,8 +26,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from eventing import host
 from eventing.deploy.common import DeployError, header
+from eventing.fn import host
 from eventing.topology import Function
 
 BASE_IMAGE = "python:3.11-slim"
@@ -38,7 +38,7 @@ FUNCTION_SOURCE = f"{FUNCTION_DIR}/main.py"
 LISTEN_HOST_VAR = "SLUICE_LISTEN_HOST"
 PORT_VAR = "PORT"  # set by Knative in every revision's container
 RUN_AS_UID = 10001
-PACKAGE_DIR = Path(host.__file__).resolve().parent  # the `eventing` package
+PACKAGE_DIR = Path(host.__file__).resolve().parents[1]  # the `eventing` package
 PROJECT_DIR = PACKAGE_DIR.parent
 # Not imported by the host, but it is the server that runs it.
 ALWAYS = ("functions-framework",)
@@ -74,7 +74,7 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-def runtime_modules(root: str = "eventing.host") -> list[Path]:
+def runtime_modules(root: str = "eventing.fn.host") -> list[Path]:
     """The Sluice source files the host needs: `root` and what it imports, transitively."""
     seen: dict[str, Path] = {}
     todo = [root]

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 
-from eventing import host
 from eventing.deploy import docker
 from eventing.deploy.common import DeploySettings, k8s_name, labels, metadata
+from eventing.fn import host
 from eventing.topology import Function, Topology
 
 SERVICE_API = "serving.knative.dev/v1"
@@ -57,7 +57,7 @@ def container_env(function: Function, settings: DeploySettings) -> dict[str, str
     env = host.function_env(function, settings.bootstrap, settings.registry_url)
     env[host.ENV_SOURCE] = docker.FUNCTION_SOURCE
     env[OTEL_ENDPOINT] = settings.otlp_endpoint
-    env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/json"  # eventing.tracing speaks OTLP/HTTP
+    env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/json"  # eventing.telemetry.tracing speaks OTLP/HTTP
     env["OTEL_SERVICE_NAME"] = function.name
     return env
 

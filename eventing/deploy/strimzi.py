@@ -5,7 +5,7 @@ partitions, replication and retention are declared (and reviewed) in one place. 
 KafkaSource does not create topics, and a KafkaSource on a missing topic never becomes
 ready, so these must be applied first.
 
-State changelogs (`eventing.state.store(name, topic=...)` in a function's code) are found by
+State changelogs (`eventing.fn.state.store(name, topic=...)` in a function's code) are found by
 reading the function sources; they are compacted, as the local stack creates them.
 """
 

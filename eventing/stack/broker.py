@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from eventing.settings import StackSettings
 from eventing.stack import binaries
 from eventing.stack.process import PartSpec
+from eventing.stack.settings import StackSettings
 
 NAME = "broker"
 

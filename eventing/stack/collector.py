@@ -6,10 +6,10 @@ shipped OpenTelemetry Collector config sends them to Tempo instead.
 
 from __future__ import annotations
 
-from eventing.settings import StackSettings
 from eventing.stack import binaries
 from eventing.stack.health import http_status
 from eventing.stack.process import PartSpec
+from eventing.stack.settings import StackSettings
 
 NAME = "collector"
 

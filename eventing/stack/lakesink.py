@@ -7,10 +7,10 @@ object store, registry and broker. The S3 keys are not on its command line (visi
 
 from __future__ import annotations
 
-from eventing.settings import StackSettings
 from eventing.stack.health import http_status
 from eventing.stack.pipeline import _python_part, tracing_args
 from eventing.stack.process import PartSpec
+from eventing.stack.settings import StackSettings
 
 NAME = "lakesink"
 TOPIC = "payments.scored"

@@ -6,10 +6,10 @@ own (the admin ports among them) and a second stack on the same machine would cl
 
 from __future__ import annotations
 
-from eventing.settings import StackSettings
 from eventing.stack import binaries
 from eventing.stack.health import http_status
 from eventing.stack.process import PartSpec
+from eventing.stack.settings import StackSettings
 
 NAME = "objectstore"
 

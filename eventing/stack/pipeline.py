@@ -10,10 +10,10 @@ import sys
 from collections.abc import Callable
 
 from eventing import topology as topo
-from eventing.settings import StackSettings
 from eventing.stack import binaries
 from eventing.stack.health import http_status
 from eventing.stack.process import PartSpec
+from eventing.stack.settings import StackSettings
 
 GATEWAY = "gateway"
 
@@ -33,7 +33,7 @@ def _python_part(settings: StackSettings, name: str, args: list[str], endpoint: 
 
 
 def tracing_args(settings: StackSettings, service_name: str) -> list[str]:
-    """Every pipeline process exports spans to the stack's collector (eventing.tracing)."""
+    """Every pipeline process exports spans to the stack's collector (telemetry.tracing)."""
     return ["--otlp-endpoint", settings.otlp_http_url, "--service-name", service_name,
             "--trace-sampling", repr(settings.trace_sampling)]
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import yaml
 
-from eventing.settings import StackSettings
 from eventing.stack import binaries
 from eventing.stack.health import http_status
 from eventing.stack.process import PartSpec
+from eventing.stack.settings import StackSettings
 
 NAME = "prometheus"
 

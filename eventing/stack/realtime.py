@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from eventing.settings import StackSettings
 from eventing.stack import binaries
 from eventing.stack.health import http_status
 from eventing.stack.pipeline import tracing_args
 from eventing.stack.process import PartSpec
+from eventing.stack.settings import StackSettings
 
 NAME = "realtime"
 TOPIC = "payments.scored"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from eventing.settings import StackSettings
 from eventing.stack import binaries
 from eventing.stack.health import http_status
 from eventing.stack.process import PartSpec
+from eventing.stack.settings import StackSettings
 
 NAME = "registry"
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from eventing import topology as topo
 from eventing.kafka import ensure_topics
-from eventing.schemas import Registered, register_all
-from eventing.settings import StackSettings
+from eventing.registry.files import Registered, register_all
 from eventing.stack import (
     broker,
     collector,
@@ -38,6 +37,7 @@ from eventing.stack.process import (
     tail,
     wait_healthy,
 )
+from eventing.stack.settings import StackSettings
 
 SpecFactory = Callable[[StackSettings], PartSpec]
 

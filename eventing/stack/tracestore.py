@@ -2,7 +2,7 @@
 
 Started after the collector (which writes that topic) so `sluice trace` can find any
 event's spans by CloudEvent id, trace id or payment id. The index file lives in the
-state folder (`eventing.traces.db_path`); the part has no port, so its health check is
+state folder (`eventing.telemetry.traces.db_path`); the part has no port, so its health check is
 "the store has assigned the topic's partitions" (a row the process writes when ready).
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import sqlite3
 
-from eventing.settings import StackSettings
 from eventing.stack.pipeline import _python_part
 from eventing.stack.process import PartSpec
-from eventing.traces import TraceStore, db_path
+from eventing.stack.settings import StackSettings
+from eventing.telemetry.traces import TraceStore, db_path
 
 NAME = "tracestore"
 

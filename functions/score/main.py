@@ -2,7 +2,7 @@
 
 State: each card's recent payments (last 10 minutes of event time plus the allowed
 lateness) in a keyed store changelogged to the compacted topic `score.state` (see
-`eventing.state` for why). Because the window keeps payment ids, an event replayed after
+`eventing.fn.state` for why). Because the window keeps payment ids, an event replayed after
 a crash is recognised and not counted twice.
 
 Lateness: a payment older than the card's newest event time minus `ALLOWED_LATENESS_MS`
@@ -16,7 +16,7 @@ import os
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from eventing import state
+from eventing.fn import state
 
 MINUTE = 60_000
 WINDOW_MS = 10 * MINUTE

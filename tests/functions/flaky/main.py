@@ -8,7 +8,7 @@ Every other payment is converted like functions/convert does.
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from eventing.runtime import Reject
+from eventing.fn.runtime import Reject
 
 
 @functions_framework.cloud_event

@@ -1,9 +1,9 @@
-"""Sluice function host entry, written by eventing.host.write_entry_file.
+"""Sluice function host entry, written by eventing.fn.host.write_entry_file.
 
 Run: functions-framework --source entry.py --target handle --signature-type http --port $PORT
 """
 import os
 
-from eventing.host import handler_from_env
+from eventing.fn.host import handler_from_env
 
 handle = handler_from_env(os.environ)

@@ -19,7 +19,7 @@ snapshot expiry.
 
 Offsets stop a record from being written twice, not an event: a function that crashed
 replays and produces new records for events it had already handled. The sink also drops
-a record whose CloudEvent `source` + `id` it wrote recently (`eventing.sinks.dedupe`:
+a record whose CloudEvent `source` + `id` it wrote recently (`eventing.tables.dedupe`:
 within `dedupe_window_ms` of Kafka time, rebuilt from the topic on every assignment), so
 the table holds each event once when replays come within that window (seconds, normally).
 
@@ -43,21 +43,21 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from eventing import tracing
-from eventing.sinks import dedupe
-from eventing.sinks.maintenance import (
+from eventing.tables import dedupe
+from eventing.tables.maintenance import (
     MaintenancePolicy,
     MaintenanceReport,
     MaintenanceThread,
     prepare_table,
 )
+from eventing.telemetry import tracing
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
     from pyiceberg.schema import Schema
     from pyiceberg.table import Table
 
-    from eventing.lakehouse import LakeConfig
+    from eventing.tables.lakehouse import LakeConfig
 
 log = logging.getLogger("sluice.lake")
 
@@ -422,7 +422,7 @@ class LakeSink:
 
     def __init__(self, config: LakeSinkConfig, lake: LakeConfig, bootstrap: str, serde: Any,
                  *, on_flush: Callable[[CommitResult], None] | None = None) -> None:
-        from eventing import lakehouse
+        from eventing.tables import lakehouse
 
         self.config = config
         self.lake = lake

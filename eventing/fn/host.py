@@ -2,7 +2,7 @@
 
 A Knative KafkaSource POSTs each record as one binary-mode CloudEvent and **drops the
 reply**, so a function cannot hand its outputs back to the caller. The host therefore
-produces them itself: it runs the user function through `eventing.runtime.FunctionHost`,
+produces them itself: it runs the user function through `eventing.fn.runtime.FunctionHost`,
 produces the returned records, and answers 2xx only after the broker acknowledged every
 one of them (acks=all). A 2xx thus means "this input is processed and its outputs are
 durable", which is what lets the KafkaSource (or Sluice's dispatcher) commit the offset.
@@ -23,7 +23,7 @@ deploy generator uses for a Knative Service's `env` section:
     KAFKA_BOOTSTRAP_SERVERS   where outputs are produced (needed when there are outputs)
     SCHEMA_REGISTRY_URL       Avro decode/encode (optional: without it, JSON or bytes only)
 
-Tracing (`eventing.tracing`) follows the standard OpenTelemetry variables:
+Tracing (`eventing.telemetry.tracing`) follows the standard OpenTelemetry variables:
 `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT` (OTLP/HTTP base URL,
 e.g. http://otel-collector:4318; unset = no spans), `OTEL_SERVICE_NAME` (default: the
 function name), `OTEL_TRACES_SAMPLER_ARG` (root sampling ratio, default 1). Sluice exports
@@ -54,8 +54,8 @@ from typing import Any, Protocol
 
 import orjson
 
-from eventing import binding
-from eventing.runtime import FunctionHost, OutputRecord, Reject, load_target
+from eventing.cloudevent import binding
+from eventing.fn.runtime import FunctionHost, OutputRecord, Reject, load_target
 from eventing.topology import Delivery, Function
 
 # --------------------------------------------------------------------------- configuration
@@ -139,7 +139,7 @@ def function_from_env(env: Mapping[str, str]) -> tuple[Function, str | None, str
 
 def tracing_from_env(env: Mapping[str, str], service_name: str) -> Any:
     """`TracingSettings` from the OpenTelemetry variables, or None (no endpoint, or gRPC)."""
-    from eventing.tracing import TracingSettings
+    from eventing.telemetry.tracing import TracingSettings
 
     endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -167,13 +167,13 @@ def handler_from_env(env: Mapping[str, str]) -> Callable[[Any], Any]:
     function, bootstrap, registry_url = function_from_env(env)
     trace_settings = tracing_from_env(env, function.name)
     if trace_settings is not None:
-        from eventing import tracing
+        from eventing.telemetry import tracing
 
         tracing.configure(trace_settings)
     return make_handler(function, bootstrap, registry_url)
 
 
-_ENTRY_HEADER = '''"""Sluice function host entry, written by eventing.host.write_entry_file.
+_ENTRY_HEADER = '''"""Sluice function host entry, written by eventing.fn.host.write_entry_file.
 
 Run: functions-framework --source {path} --target {target} --signature-type http --port $PORT
 """
@@ -191,11 +191,11 @@ def write_entry_file(function: Function | None, path: str | os.PathLike[str],
     path = Path(path)
     text = _ENTRY_HEADER.format(path=path.name, target=ENTRY_TARGET)
     if function is None:
-        text += f"import os\n\nfrom eventing.host import handler_from_env\n\n" \
+        text += f"import os\n\nfrom eventing.fn.host import handler_from_env\n\n" \
                 f"{ENTRY_TARGET} = handler_from_env(os.environ)\n"
     else:
         env = function_env(function, bootstrap, registry_url)
-        text += f"from eventing.host import handler_from_env\n\nENV = {env!r}\n\n" \
+        text += f"from eventing.fn.host import handler_from_env\n\nENV = {env!r}\n\n" \
                 f"{ENTRY_TARGET} = handler_from_env(ENV)\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

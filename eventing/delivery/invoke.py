@@ -19,8 +19,9 @@ from typing import Any, Protocol
 
 from confluent_kafka import Message, Producer
 
-from eventing import binding, tracing
-from eventing.runtime import FunctionHost, Reject
+from eventing.cloudevent import binding
+from eventing.fn.runtime import FunctionHost, Reject
+from eventing.telemetry import tracing
 
 # Knative retries these statuses; any other failure status goes straight to dead letter.
 RETRYABLE_STATUS = frozenset({404, 408, 409, 429}) | frozenset(range(500, 600))
@@ -33,7 +34,7 @@ class Failure:
     code: int
     message: str
     retryable: bool = True
-    span: Any = None  # the attempt's unfinished `process` span (eventing.tracing), if traced
+    span: Any = None  # the attempt's unfinished `process` span (telemetry.tracing), if traced
 
 
 Outcome = tuple[Message, Failure | None]

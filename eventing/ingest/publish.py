@@ -22,7 +22,7 @@ import httpx
 import orjson
 from cloudevents.http import CloudEvent
 
-from eventing import binding
+from eventing.cloudevent import binding
 
 DEFAULT_SOURCE = "/sluice/publish"
 

@@ -653,7 +653,7 @@ def to_otlp(spans: Sequence[Span], service_name: str, business_ids: Mapping[str,
             {"key": "service.name", "value": {"stringValue": service_name}},
             {"key": "telemetry.sdk.name", "value": {"stringValue": "sluice"}},
         ]},
-        "scopeSpans": [{"scope": {"name": "eventing.tracing"}, "spans": out}],
+        "scopeSpans": [{"scope": {"name": "eventing.telemetry.tracing"}, "spans": out}],
     }]}
 
 

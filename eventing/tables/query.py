@@ -3,7 +3,7 @@
 Sluice's query language is Trino's, because on a cluster Trino answers (catalogs
 `iceberg` for the lake and `pinot` for the real-time table). Locally there is no Trino,
 so the same SQL is translated with sqlglot (read "trino", write "duckdb") and runs on
-the real-time server's DuckDB (`eventing.realtime`), which holds the real-time table
+the real-time server's DuckDB (`eventing.tables.realtime`), which holds the real-time table
 and ATTACHes the Iceberg catalog.
 
 A translation that runs but answers differently is worse than an error, so `translate`

@@ -7,7 +7,7 @@ instance can restore any key), and compacted to one record per key.
 
 Why it stays consistent with at-least-once delivery: the function host drains the
 changes made while handling an event and produces them with that event's outputs, on the
-same producer, so the dispatcher's "flush, then commit" rule (see `eventing.checkpoint`)
+same producer, so the dispatcher's "flush, then commit" rule (see `eventing.delivery.checkpoint`)
 covers state too. After a crash, replayed events meet state that may already include
 them: state values should carry what they need to recognise an event already applied
 (the fraud scorer keeps recent payment ids), which makes replays harmless.

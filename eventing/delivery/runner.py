@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from confluent_kafka import Producer
 
-from eventing.dispatcher import Dispatcher, Stats
-from eventing.invoke import InProcessInvoker, Invoker
+from eventing.delivery.dispatcher import Dispatcher, Stats
+from eventing.delivery.invoke import InProcessInvoker, Invoker
+from eventing.fn.runtime import FunctionHost
 from eventing.kafka import ensure_topics
-from eventing.runtime import FunctionHost
 from eventing.topology import Function, Topology
 
 log = logging.getLogger("sluice.runner")
@@ -46,7 +46,7 @@ def build(function: Function, settings: RunSettings, **kwargs) -> Dispatcher:
             # Restored again on every assignment: keys may have moved between instances.
             kwargs.setdefault("on_assign", lambda: host.restore_state(settings.bootstrap))
         return Dispatcher(function, settings.bootstrap, factory, **kwargs)
-    from eventing.invoke_http import HttpInvoker
+    from eventing.delivery.http import HttpInvoker
 
     if not function.url:
         raise ValueError(f"function {function.name!r}: invoke {function.invoke} needs `url`")
@@ -66,7 +66,7 @@ def run(topology: Topology, names: list[str], settings: RunSettings, stop: threa
         topology.functions.values())
     dispatchers = {f.name: build(f, settings) for f in functions}
     if metrics:
-        from eventing.metrics import serve_dispatcher_metrics
+        from eventing.telemetry.metrics import serve_dispatcher_metrics
 
         serve_dispatcher_metrics(dispatchers, *metrics)
     errors: list[BaseException] = []

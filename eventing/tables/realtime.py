@@ -12,9 +12,9 @@ in-memory table and answers SQL over HTTP:
   Rows whose time field is older than the retention are deleted every `sweep_s`.
   A record of an event (CloudEvent source + id) seen within `dedupe_window_s` of Kafka
   time is skipped: a function that crashed replays events it had already handled
-  (`eventing.sinks.dedupe`; the window's ids are rebuilt by reading the topic on start).
+  (`eventing.tables.dedupe`; the window's ids are rebuilt by reading the topic on start).
 - **Same shape as the lake.** Columns come from the lake sink's own mapping
-  (`eventing.sinks.lake.iceberg_schema`: Avro fields, the time field as TIMESTAMPTZ, then
+  (`eventing.tables.lake.iceberg_schema`: Avro fields, the time field as TIMESTAMPTZ, then
   `kafka_partition`, `kafka_offset`), so `SELECT * FROM payments_scored UNION ALL SELECT *
   FROM payments_scored_rt` lines up, and (partition, offset) tells which real-time rows
   the lake already has.
@@ -24,7 +24,7 @@ in-memory table and answers SQL over HTTP:
   globally and then locked, and the local file system is disabled, so a query can only
   read the tables.
 - **HTTP.** `POST /query` `{"sql": ..., "engine": "trino"|"duckdb", "explain": bool}`
-  (Trino SQL is translated by `eventing.query` with the live columns), `/healthz`,
+  (Trino SQL is translated by `eventing.tables.query` with the live columns), `/healthz`,
   `/metrics`. Binds 127.0.0.1 by default.
 """
 
@@ -44,13 +44,15 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from eventing import binding, query, tracing
+from eventing.cloudevent import binding
+from eventing.tables import query
+from eventing.telemetry import tracing
 
 if TYPE_CHECKING:
     import duckdb
     import pyarrow as pa
 
-    from eventing.lakehouse import LakeConfig
+    from eventing.tables.lakehouse import LakeConfig
 
 log = logging.getLogger("sluice.realtime")
 
@@ -68,7 +70,7 @@ def parse_duration(text: str) -> float:
 
 def table_for_topic(topic: str, suffix: str = query.DEFAULT_NAMES.realtime_suffix) -> str:
     """`payments.scored` -> `payments_scored_rt` (the lake's name plus the suffix)."""
-    from eventing.lakehouse import table_name_for_topic
+    from eventing.tables.lakehouse import table_name_for_topic
 
     return table_name_for_topic(topic) + suffix
 
@@ -88,7 +90,7 @@ class RealtimeSettings:
     poll_s: float = 0.02  # longest wait for more records before inserting a batch
     batch_max: int = 5000
     sweep_s: float = 10.0
-    dedupe_window_s: float = 300.0  # 0 = keep replayed events (see eventing.sinks.dedupe)
+    dedupe_window_s: float = 300.0  # 0 = keep replayed events (see eventing.tables.dedupe)
     query_timeout_s: float = 60.0
     max_rows: int = 10_000
     log_level: str = "info"
@@ -131,7 +133,7 @@ class RealtimeTable:
                  metrics: Metrics | None = None, lake_attempts: int = 10) -> None:
         import duckdb
 
-        from eventing.sinks.lake import BatchBuilder, iceberg_schema, is_plain_long
+        from eventing.tables.lake import BatchBuilder, iceberg_schema, is_plain_long
 
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -167,7 +169,7 @@ class RealtimeTable:
     def attach_lake(self, attempts: int = 1, wait_s: float = 1.0) -> bool:
         """ATTACH the Iceberg catalog as `lake` (extensions, secrets; before the lock);
         False, with `lake_error` set, when it fails `attempts` times."""
-        from eventing import lakehouse
+        from eventing.tables import lakehouse
 
         assert self.settings.lake is not None
         for attempt in range(attempts):
@@ -373,7 +375,7 @@ class Ingest:
     """The consumer thread: topic -> `RealtimeTable.append`, plus the retention sweep."""
 
     def __init__(self, table: RealtimeTable, serde: Any) -> None:
-        from eventing.sinks.dedupe import RecentIds
+        from eventing.tables.dedupe import RecentIds
 
         self.table = table
         self.serde = serde

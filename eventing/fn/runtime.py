@@ -1,7 +1,7 @@
 """Run one user function on one event and turn what it returns into output records.
 
 The same host code serves every invocation mode: the local dispatcher calls it in
-process, and the HTTP wrapper (`eventing.host`, the entry point of a function's
+process, and the HTTP wrapper (`eventing.fn.host`, the entry point of a function's
 container) calls it for each POST a KafkaSource sends. That is what makes "the events a
 function returns reach its output topics before its input counts as processed" hold both
 locally and on Knative, where a KafkaSource drops HTTP replies.
@@ -30,8 +30,9 @@ from typing import Any, Protocol
 import orjson
 from cloudevents.http import CloudEvent
 
-from eventing import binding, tracing
-from eventing.state import KeyedState
+from eventing.cloudevent import binding
+from eventing.fn.state import KeyedState
+from eventing.telemetry import tracing
 from eventing.topology import Function
 
 AVRO_CONTENT_TYPES = frozenset(
@@ -144,7 +145,7 @@ class FunctionHost:
         Raises whatever the function raises (the dispatcher retries and dead-letters),
         and `OutputError` for a returned event no output takes. When the event's trace is
         sampled, the run is a span and each output a `send` span whose context the output
-        carries (`eventing.tracing`).
+        carries (`eventing.telemetry.tracing`).
         """
         span = self.tracer.function(event, self.function.name) if self.tracer.enabled else None
         if span is None:

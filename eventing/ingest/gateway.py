@@ -1,7 +1,7 @@
 """The ingest gateway: CloudEvents over HTTP in, schema-checked Avro records in Kafka out.
 
 One endpoint, `POST /`, takes the three HTTP content modes of the CloudEvents HTTP binding
-(parsed by `eventing.binding`, the only module that knows header names):
+(parsed by `eventing.cloudevent.binding`, the only module that knows header names):
 
 - binary     `ce-*` headers, the body is the data (must be JSON: `application/json`);
 - structured `Content-Type: application/cloudevents+json`, one JSON event;
@@ -13,7 +13,7 @@ checked against and encoded with the latest Avro schema of `<topic>-value`
 (`content-type: application/avro`, `partitionkey` as the record key, every other
 attribute, `traceparent`/`tracestate` included, as `ce_*` headers).
 
-Tracing (`eventing.tracing`): each event gets a SERVER span (child of the publisher's
+Tracing (`eventing.telemetry.tracing`): each event gets a SERVER span (child of the publisher's
 `traceparent` when that one is valid) and a PRODUCER `send` span ended by the broker's
 acknowledgement (with partition and offset); the record's `traceparent` is the send span's.
 An invalid `traceparent` is dropped with its `tracestate`, traced or not.
@@ -32,7 +32,7 @@ schema or routing problem) lists each bad event by index and reason, and none is
 **Broker failures are the exception to all-or-nothing.** Records get a bounded
 `message.timeout.ms` (5 s by default); if the broker does not acknowledge every record of
 a request in time the answer is 503 with `Retry-After`, although some records of that
-request may already be written. Clients retry the whole request (`eventing.publish`
+request may already be written. Clients retry the whole request (`eventing.ingest.publish`
 does), so a retried batch can leave duplicates: consumers dedupe on the CloudEvent `id`
 (unique per source by the spec), which the gateway never changes. While the broker is
 known to be down (librdkafka reported all brokers down and a metadata probe failed) the
@@ -77,9 +77,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from eventing import binding, tracing
-from eventing.binding import BindingError
+from eventing.cloudevent import binding
+from eventing.cloudevent.binding import BindingError
 from eventing.serde import SchemaNotFound, SchemaViolation
+from eventing.telemetry import tracing
 
 log = logging.getLogger("sluice.gateway")
 

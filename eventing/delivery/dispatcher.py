@@ -5,7 +5,7 @@ per-partition order under `ordered` (a failing record holds back its partition, 
 others), bounded concurrency under `unordered`, `retry` retries with exponential or
 linear backoff, then the original record goes to the dead-letter topic with the
 `knativeerrordest`, `knativeerrorcode` and `knativeerrordata` extensions. Offsets are
-committed as `eventing.checkpoint` says: only after outputs are durable.
+committed as `eventing.delivery.checkpoint` says: only after outputs are durable.
 
 Work is done per batch, not per record (one consume call, one produce loop, one flush,
 one commit), because per-record framework cost is what separates a stream processor
@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from eventing import binding, tracing
-from eventing.checkpoint import Checkpoint
-from eventing.invoke import Failure, Invoker, record_event
+from eventing.cloudevent import binding
+from eventing.delivery.checkpoint import Checkpoint
+from eventing.delivery.invoke import Failure, Invoker, record_event
 from eventing.kafka import consumer_config, producer_config
+from eventing.telemetry import tracing
 from eventing.topology import Function
 
 log = logging.getLogger("sluice.dispatcher")

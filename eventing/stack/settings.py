@@ -96,7 +96,7 @@ class StackSettings:
     generator: bool = True
     generator_rate: float = 20.0
     gateway_token_file: Path | None = None
-    # Root sampling ratio of the pipeline's traces (parent-based; see eventing.tracing).
+    # Root sampling ratio of the pipeline's traces (parent-based; see eventing.telemetry.tracing).
     trace_sampling: float = 1.0
 
     @property
@@ -182,7 +182,7 @@ class StackSettings:
 
 def default_project_dir() -> Path:
     """The source checkout that holds `schemas/`, `functions/` and `infra/`."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def load_settings(

@@ -5,7 +5,7 @@ CloudEvent POST a KafkaSource sends (same attributes, the record value as the bo
 unchanged), so a function that works behind Sluice's dispatcher works behind a
 KafkaSource, and the other way round. Batched mode is Sluice's own: one
 `application/cloudevents-batch+json` POST per chunk of a lane, answered with one result
-per event by `eventing.host` (see there for the status codes).
+per event by `eventing.fn.host` (see there for the status codes).
 
 Concurrency follows the KafkaSource's `ordering`: ordered runs each lane (partition)
 sequentially and the lanes concurrently, stopping a lane at its first failure; unordered
@@ -32,9 +32,10 @@ from urllib.parse import urlsplit
 import orjson
 from confluent_kafka import Message
 
-from eventing import binding, tracing
-from eventing.host import ORDERING_HEADER
-from eventing.invoke import Failure, Outcome, Work, http_failure, record_event
+from eventing.cloudevent import binding
+from eventing.delivery.invoke import Failure, Outcome, Work, http_failure, record_event
+from eventing.fn.host import ORDERING_HEADER
+from eventing.telemetry import tracing
 from eventing.topology import Function
 
 _BATCH_CONTENT_TYPE = binding.BATCH_JSON + "; charset=utf-8"
@@ -42,7 +43,7 @@ _NOT_ATTEMPTED = 0  # batch result status of an event the host did not run
 
 
 class HttpInvoker:
-    """Sends records to a function's HTTP host; implements `eventing.invoke.Invoker`."""
+    """Sends records to a function's HTTP host; implements `eventing.delivery.invoke.Invoker`."""
 
     def __init__(self, function: Function, url: str, batched: bool = False,
                  tracer: tracing.Tracer | None = None) -> None:

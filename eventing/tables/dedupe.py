@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from eventing import binding
+from eventing.cloudevent import binding
 
 log = logging.getLogger("sluice.dedupe")
 

@@ -1,0 +1,1 @@
+"""CloudEvents: attributes and validation, and their Kafka, HTTP and JSON bindings."""

@@ -1,0 +1,1 @@
+"""Sluice's local KafkaSource: dispatcher, invokers, and the commit order."""

@@ -1,0 +1,1 @@
+"""Running one user function, in process or behind HTTP, and the API functions import."""

@@ -1,0 +1,1 @@
+"""Getting events in: the HTTP ingest gateway and the publisher client."""

@@ -1,0 +1,1 @@
+"""Seeing the pipeline: tracing, the trace store, metrics, dashboards, top."""
