@@ -141,12 +141,20 @@ def _commit_rewrite(table: Table, tasks: list[Any], new_files: list[DataFile],
     stays correct on the new head: reload, take the head's `sluice.*` properties, commit
     the same files again. If one of our old files is gone from the head (another
     compaction got there first), pyiceberg raises ValidationException: give up (False).
+
+    The reload happens inside `lock`, right before the commit is built: with the sink's
+    lock, no sink append can land between the reload and the commit, so the first attempt
+    commits however often the sink appends. Reloading outside the lock let an append slip
+    into that gap before every attempt when the sink appends back to back (it is behind
+    on its topic), and the compaction lost all `attempts` races. Without a lock (a writer
+    in another process) the gap is only as wide as building the commit; conflicts retry.
     """
     from pyiceberg.exceptions import CommitFailedException, ValidationException
 
     for attempt in range(attempts):
         try:
             with lock:
+                table.refresh()
                 tx = table.transaction()
                 with tx.update_snapshot(
                         snapshot_properties=carried_properties(table)).overwrite() as ow:
@@ -159,7 +167,6 @@ def _commit_rewrite(table: Table, tasks: list[Any], new_files: list[DataFile],
         except CommitFailedException:
             report.commit_conflicts += 1  # not applied: rebase on the new head and retry
             time.sleep(min(1.0, 0.02 * 2 ** attempt))
-            table.refresh()
         except ValidationException:
             table.refresh()
             return False
@@ -172,8 +179,8 @@ def compact(table: Table, policy: MaintenancePolicy, report: MaintenanceReport |
 
     One commit, because each commit rewrites every manifest that lists a replaced file
     (with fast appends, each sink commit's manifest spans the partitions it touched).
-    `lock`, when given, is held around the commit: the sink passes the lock it holds
-    around its own commits, so its appends cannot starve the rewrite.
+    `lock`, when given, is held around reloading the head and committing: the sink passes
+    the lock it holds around its own commits, so its appends cannot starve the rewrite.
     """
     report = report or MaintenanceReport()
     table.refresh()
