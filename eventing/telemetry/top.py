@@ -19,7 +19,9 @@ QUERIES = {
     "lag": "sum by (function) (sluice_function_consumer_lag_records)",
     "dead": "sum by (function) (increase(sluice_function_dead_lettered_total[5m]))",
     "retries": "sum by (function) (increase(sluice_function_retries_total[5m]))",
-    "total": "sum by (function) (sluice_function_events_succeeded_total)",
+    # Over a window, not the instant sample: one slow or failed scrape marks the series
+    # stale, and the total would vanish from the view until the next good one.
+    "total": "sum by (function) (max_over_time(sluice_function_events_succeeded_total[1m]))",
 }
 GATEWAY = "sum by (outcome) (rate(sluice_gateway_events_total[1m]))"
 
