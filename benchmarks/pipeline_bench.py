@@ -49,8 +49,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from eventing.generate import Generator, event_for, reference  # noqa: E402
 from eventing.stack.settings import StackSettings, load_settings  # noqa: E402
+from functions.generate import Generator, event_for, reference  # noqa: E402
 
 SCORED_TOPIC = "payments.scored"
 BENCH_TABLE = "payments_scored_bench"

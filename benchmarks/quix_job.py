@@ -21,7 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "contenders"))
 
-from common import EUR_PER_UNIT, Clock, emit, job_args, schema  # noqa: E402
+from common import (  # noqa: E402
+    CONVERTED_SCHEMA,
+    EUR_PER_UNIT,
+    SCHEMAS,
+    Clock,
+    emit,
+    job_args,
+    schema,
+)
 from quixstreams import Application  # noqa: E402
 from quixstreams.models.serializers.avro import AvroDeserializer, AvroSerializer  # noqa: E402
 from quixstreams.models.serializers.schema_registry import (  # noqa: E402
@@ -50,9 +58,9 @@ def main() -> None:
         loglevel="WARNING",
     )
     src = app.topic(args.input, key_deserializer="bytes", value_deserializer=AvroDeserializer(
-        schema("payments.raw.avsc"), schema_registry_client_config=registry))
+        schema(SCHEMAS / "payments.raw.avsc"), schema_registry_client_config=registry))
     dst = app.topic(args.output, key_serializer="bytes", value_serializer=AvroSerializer(
-        schema("payments.converted.avsc"), schema_registry_client_config=registry,
+        schema(CONVERTED_SCHEMA), schema_registry_client_config=registry,
         schema_registry_serialization_config=SchemaRegistrySerializationConfig(
             auto_register_schemas=False, use_latest_version=True)))
 

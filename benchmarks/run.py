@@ -10,7 +10,8 @@ at the end. Everything is on loopback, bounded in count and time, and stops by i
 The job, the same for every contender: N Avro payments (`schemas/payments.raw.avsc`,
 keyed by card id, 4 partitions, ~5% with a non-positive amount), produced beforehand as
 binary-mode CloudEvents exactly as `tests/pipeline.produce_payments` does → decode →
-drop non-positive amounts → add `amount_eur` → encode (`payments.converted.avsc`) →
+drop non-positive amounts → add `amount_eur` → encode (`benchmarks/schemas/
+payments.converted.avsc`, registered here for each output topic) →
 produce. Timed from the first record consumed to the last output acknowledged. Every run
 gets fresh topics and a fresh consumer group; its output topic is read back and counted
 here, so a contender that drops or duplicates records is flagged, not just timed.
@@ -18,7 +19,7 @@ here, so a contender that drops or duplicates records is flagged, not just timed
 Contenders (each one process; see benchmarks/contenders/ and README.md):
   floor            confluent-kafka + fastavro, one loop               (--repeat runs)
   quix             Quix Streams 3.28.1 in benchmarks/.venv-quix        (--repeat runs)
-  sluice           Dispatcher + functions/convert in process           (--repeat runs)
+  sluice           Dispatcher + benchmarks/convert in process          (--repeat runs)
   sluice-http-batch  Dispatcher → functions-framework host, batches    (--batch-events)
   sluice-http      Dispatcher → functions-framework host, one POST/event (--http-events)
 then the gateway (benchmarks/gateway_bench.py) and end-to-end latency through
@@ -43,12 +44,14 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE / "contenders"))
 
+from common import CONVERT, CONVERTED_SCHEMA  # noqa: E402
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
-from eventing.cloudevent import binding  # noqa: E402
+from eventing.cloudevent import event as ce_event  # noqa: E402
+from eventing.cloudevent import kafka as ce_kafka  # noqa: E402
 from eventing.kafka import admin_config, consumer_config, ensure_topics, producer_config  # noqa: E402,I001
-from eventing.serde import AvroSerde  # noqa: E402
+from eventing.serde import AvroSerde, subject_for  # noqa: E402
 from tests.pipeline import payment, register  # noqa: E402
 
 VENV_PY = Path(sys.executable)
@@ -73,18 +76,18 @@ def payments(n: int) -> list[dict]:
 
 class Input:
     """The input records, encoded once the way `tests.pipeline.produce_payments` does
-    (make_event → serde.encode → encode_binary) and replayed into each fresh topic."""
+    (make_event → serde.encode → ce_kafka.to_binary) and replayed into each fresh topic."""
 
     def __init__(self, serde: AvroSerde, topic: str, n: int) -> None:
         self.rows = payments(n)
         self.records = []
         for p in self.rows:
-            event = binding.make_event({
+            event = ce_event.make_event({
                 "specversion": "1.0", "id": p["payment_id"], "source": "/tests",
                 "type": "com.sluice.payment.created", "partitionkey": p["card_id"],
                 "datacontenttype": "application/avro",
             }, serde.encode(topic, p))
-            self.records.append(binding.encode_binary(event))
+            self.records.append(ce_kafka.to_binary(event))
         self.schema_prefix = self.records[0][1][:5]
 
     def expected_outputs(self, n: int) -> int:
@@ -121,7 +124,7 @@ class Bench:
         n = max(args.events, args.http_events, args.batch_events)
         print(f"encoding {n:,} input records ...", flush=True)
         self.input = Input(self.serde, topic, n)
-        self.drop_subjects([f"{topic}-value"])
+        self.drop_subjects([subject_for(topic)])
 
     @staticmethod
     def fresh(name: str) -> dict[str, str]:
@@ -135,7 +138,7 @@ class Bench:
         sid = register(self.registry, ids["input"], "payments.raw.avsc")
         if self.input.schema_prefix != b"\x00" + sid.to_bytes(4, "big"):
             raise SystemExit("payments.raw got a new schema id; rerun on a fresh registry")
-        register(self.registry, ids["output"], "payments.converted.avsc")
+        register(self.registry, ids["output"], CONVERTED_SCHEMA)
         self.input.produce(self.bootstrap, ids["input"], n)
 
     def cleanup(self, ids: dict[str, str], extra_topics: tuple[str, ...] = ()) -> None:
@@ -145,7 +148,7 @@ class Bench:
                 fut.result(15)
             except Exception as exc:  # noqa: BLE001 - best effort, reported
                 print(f"  note: topic not deleted: {exc}", file=sys.stderr)
-        self.drop_subjects([f"{t}-value" for t in topics])
+        self.drop_subjects([subject_for(t) for t in topics])
 
     def drop_subjects(self, subjects: list[str]) -> None:
         import httpx
@@ -296,7 +299,7 @@ def latency(bench: Bench, args: argparse.Namespace, batch_size: int | None = Non
     ensure_topics(bench.bootstrap, {ids["input"]: 4, mid: 4, ids["output"]: 4, ids["dlq"]: 1})
     register(bench.registry, ids["input"], "payments.raw.avsc")
     register(bench.registry, mid, "payments.valid.avsc")
-    register(bench.registry, ids["output"], "payments.converted.avsc")
+    register(bench.registry, ids["output"], CONVERTED_SCHEMA)
     cmd = [str(VENV_PY), str(HERE / "contenders" / "e2e_latency.py"),
            "--bootstrap", bench.bootstrap, "--registry", bench.registry,
            "--input", ids["input"], "--mid", mid, "--output", ids["output"],
@@ -322,9 +325,9 @@ def profile(bench: Bench, args: argparse.Namespace) -> None:
     stats = pstats.Stats(str(out))
     stats.sort_stats("tottime").print_stats(22)
     stats.sort_stats("cumulative").print_stats(
-        r"(step|invoke|call|record_event|decode_record|encode_binary|_finish_cycle|"
+        r"(step|invoke|call|record_event|from_record|to_binary|to_binary_derived|_finish_cycle|"
         r"decode_data|encode|decode|make_event|_as_event|_accept|_drop_done|_due_work|flush|"
-        r"to_commit)\b", 25)
+        r"commit)\b", 25)
 
 
 # --------------------------------------------------------------------------- main
@@ -335,11 +338,11 @@ def check_rates() -> None:
 
     from eventing.fn.runtime import load_target
 
-    fn = load_target(ROOT / "functions" / "convert" / "main.py", "convert")
+    fn = load_target(CONVERT / "main.py", "convert")
     table = sys.modules[fn.__module__].EUR_PER_UNIT
     if table != EUR_PER_UNIT:
         raise SystemExit("benchmarks/contenders/common.py EUR_PER_UNIT differs from "
-                         "functions/convert: update the copy")
+                         "benchmarks/convert: update the copy")
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Kafka client settings shared by every Sluice component.
+"""Talking to Kafka: client settings, topics, and producing until the broker has the record.
 
 The defaults here exist because of measured broker behaviour (see
 `../shared/notes/local-parts.md`), not taste:
@@ -12,11 +12,23 @@ The defaults here exist because of measured broker behaviour (see
 
 They are harmless on Apache Kafka, so one configuration serves both. Every broker
 address comes from the caller: nothing here knows where the broker is.
+
+It is also the one home of "produce and know it is durable": `produce` waits out a full
+local queue (librdkafka's `BufferError`) until a deadline instead of failing, `RoomWait`
+is that wait for callers that cannot block (the gateway's event loop), and `Acks` counts
+the delivery reports of a group of records (one HTTP request's outputs).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+import time
+from typing import Any, Protocol
+
+# How long a producer's local queue may stay full before `produce` gives up. Records
+# leave the queue as the broker acknowledges them, so a queue full for this long means
+# the broker is not taking records: the same bound the dispatcher's flush waits.
+QUEUE_FULL_TIMEOUT_S = 30.0
 
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "enable.auto.commit": False,
@@ -80,3 +92,127 @@ def ensure_topics(
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise RuntimeError(f"could not create topic {name!r}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- producing
+
+
+class KafkaProducer(Protocol):
+    """The part of `confluent_kafka.Producer` Sluice's producing code uses (tests fake it)."""
+
+    def produce(self, topic: str, value: Any = None, key: Any = None, **kwargs: Any) -> None: ...
+
+    def poll(self, timeout: float = ...) -> int: ...
+
+
+class QueueFull(BufferError):
+    """The producer's local queue stayed full until the deadline: nothing more is queued."""
+
+    def __init__(self, topic: str, waited_s: float) -> None:
+        self.topic = topic
+        self.waited_s = waited_s
+        super().__init__(
+            f"{topic}: the producer's local queue stayed full for {waited_s:.1f}s; the broker "
+            "is not acknowledging records as fast as they are produced (or is unreachable)")
+
+
+class RoomWait:
+    """Waiting for room in a full local queue: how long each pause lasts, when to give up.
+
+    A full queue is not an error: records leave it as the broker acknowledges them, which
+    the producer's `poll` serves. `pause` says how long to wait before trying again, and
+    raises `QueueFull` once `deadline` (a `time.monotonic()` value) has passed. `produce`
+    blocks in `poll` for the pause; the gateway awaits it instead.
+    """
+
+    __slots__ = ("deadline", "pause_s", "started")
+
+    def __init__(self, deadline: float, pause_s: float = 0.01) -> None:
+        self.deadline = deadline
+        self.pause_s = pause_s
+        self.started = time.monotonic()
+
+    def pause(self, topic: str) -> float:
+        now = time.monotonic()
+        if now >= self.deadline:
+            raise QueueFull(topic, now - self.started)
+        return min(self.pause_s, self.deadline - now)
+
+
+def produce(producer: KafkaProducer, topic: str, value: Any = None, key: Any = None, *,
+            deadline: float | None = None, poll: bool = True, **kwargs: Any) -> None:
+    """`producer.produce(topic, value, key, **kwargs)`, waiting out a full local queue.
+
+    On `BufferError` it polls the producer (serving delivery reports frees room) and tries
+    again until `deadline` (default: `QUEUE_FULL_TIMEOUT_S` from the first refusal), then
+    raises `QueueFull`. With `poll=False` it sleeps instead, for a producer another thread
+    polls. Other errors (`KafkaException`: unknown topic, record too large) are raised
+    as they are. Hot loops try `producer.produce` first and call this on `BufferError`.
+    """
+    try:
+        producer.produce(topic, value, key, **kwargs)
+        return
+    except BufferError:
+        pass
+    wait = RoomWait(deadline if deadline is not None
+                    else time.monotonic() + QUEUE_FULL_TIMEOUT_S)
+    while True:
+        pause = wait.pause(topic)
+        if poll:
+            producer.poll(pause)
+        else:
+            time.sleep(pause)
+        try:
+            producer.produce(topic, value, key, **kwargs)
+            return
+        except BufferError:
+            continue
+
+
+class Acks:
+    """Delivery reports of a group of records; `wait` returns once all have arrived.
+
+    Pass it as `on_delivery` of each record, call `sent()` after each record is queued and
+    `seal()` when no more will be. Reports may arrive on another thread (a poller), so the
+    count is guarded by a lock, and the waiting thread blocks on an Event rather than
+    polling (no added latency).
+    """
+
+    __slots__ = ("_lock", "_sent", "_acked", "_sealed", "errors", "_done")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sent = 0
+        self._acked = 0
+        self._sealed = False
+        self.errors: list[str] = []
+        self._done = threading.Event()
+
+    def sent(self) -> None:
+        with self._lock:
+            self._sent += 1
+
+    def __call__(self, err: Any, msg: Any) -> None:
+        with self._lock:
+            self._acked += 1
+            if err is not None:
+                self.errors.append(f"{msg.topic()}: {err}")
+            if self._sealed and self._acked >= self._sent:
+                self._done.set()
+
+    def seal(self) -> None:
+        """No more records will be produced in this group."""
+        with self._lock:
+            self._sealed = True
+            if self._acked >= self._sent:
+                self._done.set()
+
+    def wait(self, deadline: float) -> str | None:
+        """None when every record was acknowledged by `deadline`, else why not."""
+        if not self._done.wait(max(0.0, deadline - time.monotonic())):
+            with self._lock:
+                missing = self._sent - self._acked
+            return f"{missing} output(s) not acknowledged in time by the broker"
+        if self.errors:
+            return "output(s) not acknowledged: " + "; ".join(self.errors[:3])
+        return None

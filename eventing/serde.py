@@ -4,15 +4,18 @@ Wire format: magic byte 0, the schema id as 4 bytes big-endian, then the Avro bi
 encoding of the record (no container header), exactly what confluent-kafka's
 `AvroSerializer` writes, so Java/Go/ksqlDB consumers read Sluice's records and vice versa.
 
-Writers use the latest schema of the subject `<topic>-value` (TopicNameStrategy);
-readers use the writer's schema named by the id in the value. Both are parsed once with
-`fastavro.parse_schema` and cached (ids forever: a registered id never changes; subjects
-for `subject_ttl_s` so a newly registered version is picked up).
+Writers use the latest schema of the subject `subject_for(topic)`, `<topic>-value`
+(TopicNameStrategy); readers use the writer's schema named by the id in the value. Both
+are parsed once with `fastavro.parse_schema` and cached (ids forever: a registered id
+never changes; subjects for `subject_ttl_s` so a newly registered version is picked up).
 
 Validation is Sluice's own, compiled per schema into small closures (~1 us per record
 against fastavro's `validate` at ~2.5 us) and stricter than fastavro's writer, which
 silently writes `1` for a boolean, `True` for an int, and drops unknown fields. Only
 when a record fails does a second walk find the field path for the error message.
+
+`decode_data` is the one rule for turning a record's data bytes into the value a reader
+wants (Avro, JSON or bytes, by content type); `decode_row` is that rule for a table row.
 """
 
 from __future__ import annotations
@@ -25,9 +28,14 @@ from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
+import orjson
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 MAGIC_BYTE = 0
+# Content types that declare Confluent-framed Avro data (what Sluice and Confluent write).
+AVRO_CONTENT_TYPES = frozenset(
+    {"application/avro", "avro/binary", "application/vnd.apache.avro+binary"}
+)
 _INT_RANGE = (-(2**31), 2**31 - 1)
 _LONG_RANGE = (-(2**63), 2**63 - 1)
 
@@ -56,6 +64,15 @@ class SchemaNotFound(SerdeError, LookupError):
 
 
 Check = Callable[[Any], bool]
+
+
+def subject_for(topic: str) -> str:
+    """The registry subject of `topic`'s values: `<topic>-value` (TopicNameStrategy).
+
+    The one place the name is built, so writers, readers, the gateway's error messages
+    and `sluice schemas` (file `payments.raw.avsc` -> topic `payments.raw`) agree.
+    """
+    return f"{topic}-value"
 
 
 def schema_id_of(value: bytes) -> int:
@@ -128,7 +145,7 @@ class AvroSerde:
             or time.monotonic() - writer.fetched_at < self.subject_ttl_s
         ):
             return writer
-        subject = f"{topic}-value"
+        subject = subject_for(topic)
         try:
             registered = self.client.get_latest_version(subject)
         except Exception as exc:
@@ -175,15 +192,20 @@ class AvroSerde:
         """
         writer = self.writer_for(topic)
         if validate and not writer.check(record):
-            path, problem = _explain(record, writer.parsed, writer.names, "")
-            raise SchemaViolation(path, problem, subject=f"{topic}-value")
+            raise _violation(writer, record, topic)
         buf = BytesIO()
         buf.write(writer.header)
         try:
             schemaless_writer(buf, writer.parsed, record)
         except (TypeError, ValueError, AttributeError, KeyError) as exc:
-            raise SchemaViolation("", f"cannot encode: {exc}", subject=f"{topic}-value") from None
+            raise SchemaViolation("", f"cannot encode: {exc}", subject=subject_for(topic)) from None
         return buf.getvalue()
+
+    def validate(self, topic: str, record: Any) -> None:
+        """Raise `SchemaViolation` unless `record` matches the latest schema of `topic`."""
+        writer = self.writer_for(topic)
+        if not writer.check(record):
+            raise _violation(writer, record, topic)
 
     def encode_lazy(self, topic: str, record: dict[str, Any]) -> bytes:
         """`encode` for the hot path: the full check runs only when it can matter.
@@ -220,6 +242,97 @@ class AvroSerde:
             return schemaless_reader(buf, parsed, None)
         except (EOFError, StopIteration, ValueError, IndexError, UnicodeDecodeError) as exc:
             raise SerdeError(f"Avro value does not decode with its schema: {exc!r}") from None
+
+
+def _violation(writer: _Writer, record: Any, topic: str) -> SchemaViolation:
+    """The precise error for a record the writer's check refused (slow; errors only)."""
+    path, problem = _explain(record, writer.parsed, writer.names, "")
+    return SchemaViolation(path, problem, subject=subject_for(topic))
+
+
+# --------------------------------------------------------------------------- record data
+# How a record's data bytes become the value a reader wants. Before this, the function
+# host, the real-time table and the lake sink each had their own rule.
+
+AVRO, JSON, BYTES = "avro", "json", "bytes"
+_ABSENT = "absent"  # no content type: Avro if Confluent-framed, else JSON
+_formats: dict[str | None, str] = {None: _ABSENT, "": _ABSENT}
+
+
+def data_format(content_type: str | None, value: bytes) -> str:
+    """`AVRO`, `JSON` or `BYTES`: how data of `content_type` is read (see `decode_data`)."""
+    fmt = _formats.get(content_type) or _format_of(content_type)
+    if fmt is _ABSENT:
+        return AVRO if value[:1] == b"\x00" else JSON
+    return fmt
+
+
+def _format_of(content_type: str | None) -> str:
+    """Classify a content type (cached: a stream has a handful of them)."""
+    from eventing.cloudevent.event import is_json_content_type
+
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if not media:
+        fmt = _ABSENT
+    elif media in AVRO_CONTENT_TYPES:
+        fmt = AVRO
+    else:
+        fmt = JSON if is_json_content_type(media) else BYTES
+    if len(_formats) > 1024:  # content types are few; this bounds a hostile stream
+        _formats.clear()
+        _formats[None] = _formats[""] = _ABSENT
+    _formats[content_type] = fmt
+    return fmt
+
+
+def decode_data(content_type: str | None, value: Any, serde: AvroSerde | None) -> Any:
+    """The value a reader wants from a record's data, by its content type.
+
+    - Avro (`AVRO_CONTENT_TYPES`, or no content type and the Confluent magic byte 0):
+      decoded through the registry with the schema its id names;
+    - JSON (`*/json`, `*/*+json`, or no content type, as the CloudEvents JSON format
+      reads an absent one): parsed, empty data is None;
+    - anything else: the bytes as they are.
+
+    Data that is not bytes (None, or a value the event format already parsed, such as
+    `data` in a structured-mode event) is returned as it is. Raises `SerdeError` when
+    the data does not decode as its content type says, or is Avro and `serde` is None.
+    """
+    if type(value) is not bytes:
+        if not isinstance(value, bytearray | memoryview):
+            return value
+        value = bytes(value)
+    fmt = _formats.get(content_type) or _format_of(content_type)
+    if fmt is AVRO or (fmt is _ABSENT and value[:1] == b"\x00"):
+        if serde is None:
+            raise SerdeError("Avro data but no schema registry configured")
+        return serde.decode(value)
+    if fmt is BYTES:
+        return value
+    if not value:
+        return None
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise SerdeError(f"data is not valid JSON (content type {content_type!r}): "
+                         f"{exc}") from None
+
+
+def decode_row(content_type: str | None, value: Any, serde: AvroSerde,
+               topic: str) -> dict[str, Any]:
+    """`decode_data` for a row of a table fed by `topic`: it must be a record.
+
+    Avro data is read with its writer's schema, which the registry keeps compatible with
+    the topic's. Anything else (JSON, or data the event format already parsed) is checked
+    against the topic's latest schema, so a row that does not fit is refused here
+    (`SchemaViolation`) instead of failing the Arrow conversion of its whole batch.
+    """
+    row = decode_data(content_type, value, serde)
+    if type(row) is not dict:
+        raise SerdeError(f"data of content type {content_type!r} is not a record")
+    if type(value) is not bytes or data_format(content_type, value) != AVRO:
+        serde.validate(topic, row)
+    return row
 
 
 def _raise_not_found(exc: Exception, message: str) -> None:

@@ -1,4 +1,8 @@
-"""Traffic generator: realistic card payments with injected fraud patterns.
+"""Traffic generator of the payments example: card payments with injected fraud patterns.
+
+It lives beside the topology it feeds, not in the platform: `sluice generate` loads the
+`generate.py` next to the topology file and calls `run`, and `sluice up` starts that
+command only when the file exists. Tests and benchmarks import it as `functions.generate`.
 
 Realistic enough to make the fraud rules earn their keep: a few thousand cards with a
 home country, merchants with categories and Zipf-like popularity, amounts log-normal

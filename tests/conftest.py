@@ -7,43 +7,27 @@ the end, so the suite never touches a developer's running stack.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from eventing.stack.process import port_open
 from eventing.stack.settings import Ports, StackSettings, load_settings
+from tests.helpers import free_port_offset, sluice
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port_offset(start: int = 20000, step: int = 700, exclude: set[int] = frozenset()) -> int:
-    """First offset whose whole port layout is free on loopback."""
-    for offset in range(start, 31000, step):
-        if offset in exclude:
-            continue
-        if not any(port_open("127.0.0.1", p, 0.05) for p in Ports().shifted(offset).all().values()):
-            return offset
-    raise RuntimeError("no free port layout found for a test stack")
+# Fixtures that start (or stand on) the real stack; a test using one is a `stack` test.
+STACK_FIXTURES = frozenset({"stack", "pipeline"})
 
 
-def sluice(*args: str, state_dir: Path, offset: int, timeout: float = 120,
-           check: bool = True, env_extra: dict[str, str] | None = None,
-           ) -> subprocess.CompletedProcess[str]:
-    """Run the `sluice` CLI exactly as a user would, against one state folder."""
-    cmd = [sys.executable, "-m", "eventing.cli", "--state-dir", str(state_dir),
-           "--port-offset", str(offset), *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    env |= env_extra or {}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n"
-                             f"{proc.stdout}\n{proc.stderr}")
-    return proc
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: it must see the marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the real stack, so `-m "not stack"` starts nothing.
+
+    Belt and braces: modules and tests mark themselves too; this catches a test that asks
+    for the stack only through another fixture (`fixturenames` is the whole closure).
+    """
+    for item in items:
+        if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.stack)
 
 
 @pytest.fixture(scope="session")

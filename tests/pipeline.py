@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
-import uuid
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
-from eventing.cloudevent import binding
+from eventing.cloudevent import event as ce_event
+from eventing.cloudevent import kafka as ce_kafka
 from eventing.kafka import consumer_config, ensure_topics, producer_config
+from eventing.serde import subject_for
+from tests.helpers import ROOT, unique
 
-ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "schemas"
+# The benchmarks' job (payments -> amount in EUR), which some tests run as a plain function:
+# benchmark code, so `sluice up` does not register its schema; the tests that use it do.
+CONVERT = ROOT / "benchmarks" / "convert"
+CONVERTED_SCHEMA = ROOT / "benchmarks" / "schemas" / "payments.converted.avsc"
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:8]}"
-
-
-def register(registry_url: str, topic: str, schema_file: str) -> int:
+def register(registry_url: str, topic: str, schema_file: str | Path) -> int:
+    """Register a schema for `topic`: a file name under schemas/, or a path."""
+    path = schema_file if isinstance(schema_file, Path) else SCHEMAS / schema_file
     client = SchemaRegistryClient({"url": registry_url})
-    return client.register_schema(f"{topic}-value",
-                                  Schema((SCHEMAS / schema_file).read_text(), "AVRO"))
+    return client.register_schema(subject_for(topic), Schema(path.read_text(), "AVRO"))
 
 
 def payment(i: int, card: int, amount: float = 10.0, currency: str = "EUR") -> dict:
@@ -37,11 +38,11 @@ def payment_record(serde, topic: str, p: dict, *, source: str = "/tests",
                    type: str = "com.sluice.payment.created"):
     """(key, value, headers) of a payment as the gateway writes it: binary-mode
     CloudEvent, Avro data, keyed by card."""
-    event = binding.make_event({
+    event = ce_event.make_event({
         "specversion": "1.0", "id": p["payment_id"], "source": source, "type": type,
         "partitionkey": p["card_id"], "datacontenttype": "application/avro",
     }, serde.encode(topic, p))
-    return binding.encode_binary(event)
+    return ce_kafka.to_binary(event)
 
 
 def produce_payments(bootstrap: str, serde, topic: str, payments: list[dict]) -> None:
@@ -51,18 +52,6 @@ def produce_payments(bootstrap: str, serde, topic: str, payments: list[dict]) ->
         producer.produce(topic, value, key, headers=headers)
         producer.poll(0)
     assert producer.flush(30) == 0
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL after `timeout`: a test's own server never outlives it."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 60,

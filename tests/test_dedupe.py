@@ -9,7 +9,8 @@ import pytest
 
 from eventing.serde import AvroSerde
 from eventing.tables.dedupe import RecentIds, restore
-from tests.pipeline import produce_payments, register, setup_topics, unique
+from tests.helpers import unique
+from tests.pipeline import produce_payments, register, setup_topics
 
 
 def test_a_key_seen_within_the_window_is_a_duplicate_after_it_is_not() -> None:

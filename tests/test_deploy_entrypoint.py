@@ -12,10 +12,8 @@ PORT). Python packages come from the project's venv instead of the image's pip i
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -28,20 +26,14 @@ import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from eventing import topology as topo
-from eventing.cloudevent import binding
+from eventing.cloudevent import http as ce_http
 from eventing.delivery.invoke import record_event
 from eventing.deploy import DeploySettings, docker, write_bundle
 from eventing.kafka import consumer_config, ensure_topics
 from eventing.serde import AvroSerde
+from tests.helpers import ROOT, free_port, stop_process
 
-ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -138,13 +130,7 @@ class Served:
         raise AssertionError(f"entry point did not start:\n{log.read_text()}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)  # sh, the gunicorn master and its worker
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait(5)
+        stop_process(self.proc, group=True)  # sh, the gunicorn master and its worker
         self.log.close()
 
 
@@ -195,7 +181,7 @@ def servers(deployed, tmp_path_factory):
 
 def post_as_kafkasource(server: Served, msg, function: str) -> httpx.Response:
     """POST a Kafka record the way a KafkaSource does: one binary-mode CloudEvent."""
-    headers, body = binding.to_http_binary(record_event(msg, function), validate=False)
+    headers, body = ce_http.to_binary(record_event(msg, function), validate=False)
     return httpx.post(server.url, headers=headers, content=body, timeout=30)
 
 

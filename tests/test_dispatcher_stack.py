@@ -15,19 +15,23 @@ from pathlib import Path
 import pytest
 
 from eventing import topology as topo
-from eventing.cloudevent import binding
+from eventing.cloudevent import event as ce_event
+from eventing.cloudevent import kafka as ce_kafka
 from eventing.delivery.runner import RunSettings, build
 from eventing.serde import AvroSerde
+from tests.helpers import ROOT, stop_process, unique
 from tests.pipeline import (
-    ROOT,
+    CONVERT,
+    CONVERTED_SCHEMA,
     consume_all,
     headers_of,
     payment,
     produce_payments,
     register,
     setup_topics,
-    unique,
 )
+
+pytestmark = pytest.mark.stack
 
 
 def _topology(tmp_path: Path, raw: str, mid: str, out: str, dlq: str, *,
@@ -46,7 +50,7 @@ functions:
       deadLetterSink: {dlq}
       {delivery}
   second:
-    source: {ROOT / 'functions' / 'convert'}
+    source: {CONVERT}
     target: convert
     topics: [{mid}]
     consumerGroup: {unique('g-second-')}
@@ -65,7 +69,7 @@ def topics(stack):
     setup_topics(stack.bootstrap, {raw: 4, mid: 4, out: 4, dlq: 1})
     register(stack.registry_url, raw, "payments.raw.avsc")
     register(stack.registry_url, mid, "payments.valid.avsc")
-    register(stack.registry_url, out, "payments.converted.avsc")
+    register(stack.registry_url, out, CONVERTED_SCHEMA)
     return raw, mid, out, dlq
 
 
@@ -176,9 +180,7 @@ def test_sigkill_mid_stream_loses_nothing(stack, topics, tmp_path):
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         msgs = consume_all(stack.bootstrap, out, n, timeout=120)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
+        stop_process(proc, 30, group=True)
     ids = {serde.decode(m.value())["payment_id"] for m in msgs}
     assert ids == {f"p-{i}" for i in range(n)}
 
@@ -216,9 +218,9 @@ functions:
               RunSettings(stack.bootstrap, None))
     _run_until([d], lambda: d.stats.succeeded >= 1, timeout=60)
     [msg] = consume_all(stack.bootstrap, out, 1)
-    event = binding.decode_record(msg.key(), msg.value(), msg.headers(), topic=out,
-                                  partition=0, offset=0, timestamp_ms=None)
-    body = binding.json_data(event)
+    event = ce_kafka.from_record(msg.key(), msg.value(), msg.headers(), topic=out,
+                                 partition=0, offset=0, timestamp_ms=None)
+    body = ce_event.json_data(event)
     assert body["type"] == "dev.knative.kafka.event"
     assert body["id"] == "partition:0/offset:0"
     assert body["subject"] == "partition:0#0"

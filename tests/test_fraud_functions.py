@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from cloudevents.http import CloudEvent
 
-from eventing.fn.runtime import Reject
-from eventing.generate import Generator, reference
+from eventing.fn.api import Reject
+from functions.generate import Generator, reference
 
 FUNCTIONS = Path(__file__).resolve().parent.parent / "functions"
 

@@ -24,14 +24,14 @@ import httpx
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from eventing.generate import Generator, Reference, event_for, reference
 from eventing.ingest.publish import Publisher
 from eventing.kafka import consumer_config, producer_config
 from eventing.serde import AvroSerde
 from eventing.stack.settings import Ports, StackSettings
 from eventing.tables.lakehouse import LakeConfig, duckdb_connect
 from eventing.tables.query import EXAMPLES
-from tests.conftest import ROOT, sluice
+from functions.generate import Generator, Reference, event_for, reference
+from tests.helpers import ROOT, sluice
 
 pytestmark = pytest.mark.stack
 

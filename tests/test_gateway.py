@@ -9,8 +9,6 @@ import io
 import json
 import threading
 import time
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -20,9 +18,9 @@ from starlette.testclient import TestClient
 
 from eventing.ingest.gateway import Gateway, GatewaySettings
 from eventing.ingest.publish import GatewayError, Progress, Publisher, one_event, read_jsonl
-from eventing.serde import AvroSerde
+from eventing.serde import AvroSerde, subject_for
+from tests.helpers import ROOT, FakeProducer, FakeRegistryClient
 
-ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = (ROOT / "schemas" / "payments.raw.avsc").read_text()
 TYPE = "com.sluice.payment.created"
 TOPIC = "payments.raw"
@@ -40,68 +38,10 @@ def structured(i: int = 1, **overrides: Any) -> dict[str, Any]:
             "data": payment(i), **overrides}
 
 
-class FakeRegistryClient:
-    """The two calls AvroSerde makes, answered from memory (or failing)."""
-
-    def __init__(self) -> None:
-        self.schemas = {f"{TOPIC}-value": (7, SCHEMA)}
-        self.down = False
-
-    def get_latest_version(self, subject: str) -> Any:
-        if self.down:
-            raise ConnectionError("registry unreachable")
-        if subject not in self.schemas:
-            raise LookupError(subject)
-        sid, text = self.schemas[subject]
-        return SimpleNamespace(schema_id=sid, schema=SimpleNamespace(schema_str=text))
-
-    def get_schema(self, schema_id: int) -> Any:
-        for sid, text in self.schemas.values():
-            if sid == schema_id:
-                return SimpleNamespace(schema_str=text)
-        raise LookupError(schema_id)
-
-
-class FakeProducer:
-    """confluent-kafka Producer surface; delivers on poll (or fails every record)."""
-
-    def __init__(self, error_cb: Any) -> None:
-        self.error_cb = error_cb
-        self.queued: list[tuple] = []
-        self.written: list[tuple[str, bytes | None, bytes | None, list]] = []
-        self.fail: KafkaError | None = None
-        self.topics = {TOPIC: None}
-        self.reachable = True
-        self.lock = threading.Lock()
-
-    def produce(self, topic, value=None, key=None, headers=None, on_delivery=None):
-        with self.lock:
-            self.queued.append((topic, key, value, headers, on_delivery))
-
-    def poll(self, timeout: float) -> int:
-        with self.lock:
-            batch, self.queued = self.queued, []
-        if not batch:
-            time.sleep(min(timeout, 0.005))
-        for topic, key, value, headers, cb in batch:
-            if self.fail is None:
-                self.written.append((topic, key, value, headers))
-            cb(self.fail, None)
-        return len(batch)
-
-    def list_topics(self, topic=None, timeout=-1):
-        if not self.reachable:
-            raise RuntimeError("broker unreachable")
-        return SimpleNamespace(topics=self.topics)
-
-    def flush(self, timeout=None) -> int:
-        self.poll(0)
-        return 0
-
-
 class Harness:
     def __init__(self, token: str | None = None, max_body_bytes: int = 4096) -> None:
         self.registry = FakeRegistryClient()
+        self.registry.register(subject_for(TOPIC), SCHEMA, schema_id=7)
         self.serde = AvroSerde(client=self.registry)
         self.producer: FakeProducer | None = None
         self.registry_up = True
@@ -110,7 +50,7 @@ class Harness:
                                    token=token)
 
         def factory(error_cb: Any) -> FakeProducer:
-            self.producer = FakeProducer(error_cb)
+            self.producer = FakeProducer(error_cb=error_cb, topics=(TOPIC,))
             return self.producer
 
         def probe() -> None:
@@ -307,7 +247,7 @@ def test_token_required_when_configured():
 
 
 def test_broker_failure_is_503_with_retry_after(gw):
-    gw.producer.fail = KafkaError(KafkaError._MSG_TIMED_OUT)
+    gw.producer.error = KafkaError(KafkaError._MSG_TIMED_OUT)
     r = gw.client.post("/", content=orjson.dumps(payment()), headers=binary_headers())
     assert r.status_code == 503
     assert r.json()["error"] == "broker_unavailable" and "retry" in r.json()["reason"].lower()
@@ -342,7 +282,7 @@ def test_registry_down_is_503(gw):
 
 
 def test_route_without_schema_is_a_server_error(gw):
-    gw.registry.schemas.clear()
+    gw.registry.subjects.clear()
     gw.serde.invalidate()
     r = gw.client.post("/", content=orjson.dumps(payment()), headers=binary_headers())
     assert r.status_code == 500 and r.json()["error"] == "no_schema"
@@ -402,17 +342,17 @@ def test_publisher_reports_bad_event_index_in_the_stream(gw):
 
 
 def test_publisher_retries_503(gw):
-    gw.producer.fail = KafkaError(KafkaError._MSG_TIMED_OUT)
+    gw.producer.error = KafkaError(KafkaError._MSG_TIMED_OUT)
 
     def heal() -> None:
         time.sleep(0.3)
-        gw.producer.fail = None
+        gw.producer.error = None
 
     threading.Thread(target=heal).start()
     pub = Publisher("http://testserver", client=gw.client, retries=5)
     assert pub.send({"type": TYPE, "data": payment()})
     pub.retries = 0
-    gw.producer.fail = KafkaError(KafkaError._MSG_TIMED_OUT)
+    gw.producer.error = KafkaError(KafkaError._MSG_TIMED_OUT)
     with pytest.raises(GatewayError) as info:
         pub.send({"type": TYPE, "data": payment()})
     assert info.value.status == 503
@@ -462,7 +402,7 @@ def test_bridge_resolves_every_request_under_concurrency():
             return 1
 
     async def main() -> list[float]:
-        bridge = DeliveryBridge(Trickle(None), asyncio.get_running_loop(), poll_timeout=0.001)
+        bridge = DeliveryBridge(Trickle(), asyncio.get_running_loop(), poll_timeout=0.001)
         bridge.start()
         try:
             async def one(i: int) -> float:

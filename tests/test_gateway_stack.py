@@ -5,7 +5,6 @@ to a topic of its own. Records are read back with confluent-kafka's AvroDeserial
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,11 +24,10 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 from eventing.ingest.publish import GatewayError, Publisher
 from eventing.kafka import consumer_config
-from tests.pipeline import stop_process
+from tests.helpers import ROOT, free_port, stop_process
 
 pytestmark = pytest.mark.stack
 
-ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = (ROOT / "schemas" / "payments.raw.avsc").read_text()
 TYPE = "com.sluice.test.payment"
 TOKEN = "gw-test-" + uuid.uuid4().hex
@@ -50,12 +48,6 @@ def payment(i: int = 1, **overrides: Any) -> dict[str, Any]:
 def event(event_id: str, i: int = 1, **overrides: Any) -> dict[str, Any]:
     return {"specversion": "1.0", "id": event_id, "source": "/tests/gateway", "type": TYPE,
             "partitionkey": f"card-{i % 7}", "data": payment(i), **overrides}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_gateway(tmp: Path, *, bootstrap: str, registry: str, topology: Path,

@@ -12,17 +12,18 @@ import base64
 import dataclasses
 import threading
 import time
-from pathlib import Path
 
 import flask
 import orjson
 import pytest
 
-from eventing.cloudevent import binding
+from eventing.cloudevent import http as ce_http
+from eventing.cloudevent import json as ce_json
+from eventing.fn import env as host_env
 from eventing.fn import host
 from eventing.topology import Delivery, Function
+from tests.helpers import ROOT, FakeProducer
 
-ROOT = Path(__file__).resolve().parent.parent
 FLAKY = ROOT / "tests" / "functions" / "flaky" / "main.py"
 OUT = "payments.converted"
 
@@ -36,48 +37,6 @@ def flaky_function(**changes) -> Function:
     fn = Function(name="flaky", source=FLAKY, target="flaky", topics=("in",),
                   consumer_group="g", outputs={OUT: ("*",)}, delivery=Delivery(), invoke="http")
     return dataclasses.replace(fn, **changes)
-
-
-class FakeMsg:
-    def __init__(self, topic: str) -> None:
-        self._topic = topic
-
-    def topic(self) -> str:
-        return self._topic
-
-
-class FakeProducer:
-    """Records produce calls; delivery reports come from poll(), as with librdkafka."""
-
-    def __init__(self, *, error: str | None = None, raise_on_produce: Exception | None = None):
-        self.error = error
-        self.raise_on_produce = raise_on_produce
-        self.records: list[tuple[str, bytes, bytes, list]] = []
-        self.acked: list[str] = []
-        self._pending: list = []
-        self._lock = threading.Lock()
-        self.release = threading.Event()
-        self.release.set()  # clear() to hold delivery reports back
-
-    def produce(self, topic, value=None, key=None, *, headers=None, on_delivery=None):
-        if self.raise_on_produce is not None:
-            raise self.raise_on_produce
-        with self._lock:
-            self.records.append((topic, key, value, headers))
-            self._pending.append((topic, on_delivery))
-
-    def poll(self, timeout: float = 0) -> int:
-        if not self.release.is_set():
-            time.sleep(min(timeout, 0.01))
-            return 0
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for topic, cb in pending:
-            self.acked.append(topic)
-            cb(self.error, FakeMsg(topic))
-        if not pending:
-            time.sleep(min(timeout, 0.002))
-        return len(pending)
 
 
 def client_for(producer: FakeProducer, function: Function | None = None, **kwargs):
@@ -103,7 +62,7 @@ def event_obj(pid: str, merchant: str = "m1") -> dict:
 
 
 def post_batch(client, objs: list, ordering: str | None = None):
-    headers = {"content-type": binding.BATCH_JSON}
+    headers = {"content-type": ce_json.BATCH_JSON}
     if ordering:
         headers[host.ORDERING_HEADER] = ordering
     return client.post("/", data=orjson.dumps(objs), headers=headers)
@@ -128,7 +87,7 @@ def test_binary_event_is_run_and_its_output_produced_before_204():
 
 def test_structured_event_is_accepted():
     producer = FakeProducer()
-    headers, body = binding.to_http_structured(binding.event_from_json(event_obj("p2")))
+    headers, body = ce_http.to_structured(ce_json.from_object(event_obj("p2")))
     resp = client_for(producer).post("/", data=body, headers=headers)
     assert resp.status_code == 204, resp.data
     assert len(producer.records) == 1
@@ -246,7 +205,7 @@ def test_batch_output_failure_marks_only_produced_events():
 def test_batch_rejects_bad_ordering_and_non_arrays():
     client = client_for(FakeProducer())
     assert post_batch(client, [], "sideways").status_code == 400
-    resp = client.post("/", data=b'{"a": 1}', headers={"content-type": binding.BATCH_JSON})
+    resp = client.post("/", data=b'{"a": 1}', headers={"content-type": ce_json.BATCH_JSON})
     assert resp.status_code == 400
 
 
@@ -283,20 +242,20 @@ def test_batch_avro_data_travels_as_base64():
 
 def test_env_round_trip():
     fn = flaky_function(outputs={OUT: ("a", "b"), "other": ("*",)})
-    env = host.function_env(fn, "127.0.0.1:9092", "http://127.0.0.1:8081")
-    assert set(env) == set(host.ENV_NAMES)
-    back, bootstrap, registry = host.function_from_env(env)
+    env = host_env.function_env(fn, "127.0.0.1:9092", "http://127.0.0.1:8081")
+    assert set(env) == set(host_env.ENV_NAMES)
+    back, bootstrap, registry = host_env.function_from_env(env)
     assert (back.name, back.source, back.target, back.outputs) == (
         fn.name, fn.source, fn.target, fn.outputs)
     assert (bootstrap, registry) == ("127.0.0.1:9092", "http://127.0.0.1:8081")
 
 
 def test_env_needs_bootstrap_when_there_are_outputs():
-    env = host.function_env(flaky_function(), None, None)
-    with pytest.raises(host.HostConfigError, match=host.ENV_BOOTSTRAP):
-        host.function_from_env(env)
-    with pytest.raises(host.HostConfigError, match=host.ENV_SOURCE):
-        host.function_from_env({})
+    env = host_env.function_env(flaky_function(), None, None)
+    with pytest.raises(host_env.HostConfigError, match=host_env.ENV_BOOTSTRAP):
+        host_env.function_from_env(env)
+    with pytest.raises(host_env.HostConfigError, match=host_env.ENV_SOURCE):
+        host_env.function_from_env({})
 
 
 @pytest.mark.parametrize("baked", [True, False])
@@ -308,14 +267,14 @@ def test_entry_file_is_a_functions_framework_http_target(tmp_path, monkeypatch, 
         monkeypatch.delenv(name, raising=False)  # create_app sets these; restore after
     fn = flaky_function(outputs={})  # no outputs: no Kafka needed for this check
     if baked:
-        entry = host.write_entry_file(fn, tmp_path / "entry_baked.py", None, None)
+        entry = host_env.write_entry_file(fn, tmp_path / "entry_baked.py", None, None)
     else:
-        for name, value in host.function_env(fn, None, None).items():
+        for name, value in host_env.function_env(fn, None, None).items():
             monkeypatch.setenv(name, value)
-        entry = host.write_entry_file(None, tmp_path / "entry_env.py")
-    assert host.serve_command(entry, 8080)[1:5] == ["--source", str(entry), "--target",
-                                                    "handle"]
-    app = functions_framework.create_app(host.ENTRY_TARGET, str(entry), "http")
+        entry = host_env.write_entry_file(None, tmp_path / "entry_env.py")
+    assert host_env.serve_command(entry, 8080)[1:5] == ["--source", str(entry), "--target",
+                                                        "handle"]
+    app = functions_framework.create_app(host_env.ENTRY_TARGET, str(entry), "http")
     client = app.test_client()
     headers, body = binary("e1")
     resp = client.post("/", data=body, headers=headers)  # returns an event, no outputs

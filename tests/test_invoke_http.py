@@ -13,12 +13,10 @@ import base64
 import dataclasses
 import http.server
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,28 +27,22 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from eventing import topology as topo
-from eventing.cloudevent import binding
+from eventing.cloudevent import event as ce_event
+from eventing.cloudevent import json as ce_json
+from eventing.cloudevent import kafka as ce_kafka
 from eventing.delivery.http import HttpInvoker
 from eventing.delivery.runner import RunSettings, build
+from eventing.fn import env as host_env
 from eventing.fn import host
 from eventing.kafka import consumer_config, ensure_topics, producer_config
 from eventing.serde import AvroSerde
 from eventing.topology import Delivery, Function
+from tests.helpers import ROOT, FakeMessage, free_port, http_server, stop_process, unique
+from tests.pipeline import CONVERT, CONVERTED_SCHEMA, headers_of, register
 
-ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 FLAKY = ROOT / "tests" / "functions" / "flaky" / "main.py"
 OUT = "payments.converted"
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:8]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def payments(prefix: str, n: int, merchant=lambda i: f"m-{i % 7}") -> list[dict]:
@@ -63,11 +55,11 @@ def produce(bootstrap: str, serde: AvroSerde, topic: str, rows: list[dict]) -> N
     """Binary-mode CloudEvents with Avro data, as the gateway writes them."""
     producer = Producer(producer_config(bootstrap))
     for p in rows:
-        event = binding.make_event({
+        event = ce_event.make_event({
             "specversion": "1.0", "id": p["payment_id"], "source": "/tests",
             "type": "com.sluice.payment.valid", "partitionkey": p["card_id"],
             "datacontenttype": "application/avro"}, serde.encode("payments.valid", p))
-        key, value, headers = binding.encode_binary(event)
+        key, value, headers = ce_kafka.to_binary(event)
         producer.produce(topic, value, key, headers=headers)
     assert producer.flush(30) == 0
 
@@ -94,10 +86,6 @@ def read(bootstrap: str, topic: str, keep, expected: int, timeout: float = 30.0)
     return got
 
 
-def headers_of(msg) -> dict[str, str]:
-    return {k: v.decode() for k, v in (msg.headers() or [])}
-
-
 def source_id(msg) -> str:
     """The input event id an output came from (outputs get `<input id>/<function>/<n>`)."""
     return headers_of(msg).get("ce_id", "").split("/", 1)[0]
@@ -112,10 +100,10 @@ class FunctionServer:
     def __init__(self, function: Function, bootstrap: str, registry_url: str, tmp: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        entry = host.write_entry_file(function, tmp / f"entry_{function.name}.py",
-                                      bootstrap, registry_url)
-        argv = host.serve_command(entry, self.port,
-                                  executable=str(VENV_BIN / "functions-framework"))
+        entry = host_env.write_entry_file(function, tmp / f"entry_{function.name}.py",
+                                          bootstrap, registry_url)
+        argv = host_env.serve_command(entry, self.port,
+                                      executable=str(VENV_BIN / "functions-framework"))
         env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
                "PYTHONUNBUFFERED": "1"}
         self.log = (tmp / f"{function.name}.log").open("w")
@@ -132,24 +120,18 @@ class FunctionServer:
         raise AssertionError(f"function server on {self.url} did not start")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)  # gunicorn master and its worker, started here
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait(5)
+        stop_process(self.proc, group=True)  # gunicorn master and its worker, started here
         self.log.close()
 
 
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory) -> topo.Topology:
-    """The example `convert` function (payments.valid -> payments.converted)."""
+    """The benchmarks' `convert` function (payments.valid -> payments.converted)."""
     path = tmp_path_factory.mktemp("topology") / "topology.yaml"
     path.write_text(f"""
 functions:
   convert:
-    source: {ROOT / "functions" / "convert"}
+    source: {CONVERT}
     topics: [payments.valid]
     outputs: [payments.converted]
     delivery: {{deadLetterSink: sluice.deadletter}}
@@ -160,6 +142,7 @@ functions:
 @pytest.fixture(scope="module")
 def serde(stack) -> AvroSerde:
     ensure_topics(stack.bootstrap, {OUT: 4, "payments.valid": 4})
+    register(stack.registry_url, OUT, CONVERTED_SCHEMA)  # benchmark code: `up` does not
     return AvroSerde(stack.registry_url)
 
 
@@ -356,40 +339,14 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def recorder() -> Iterator[tuple[str, type[_Recorder]]]:
     handler = type("Rec", (_Recorder,), {"requests": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/", handler
-    server.shutdown()
-    server.server_close()
+    with http_server(handler) as url:
+        yield url + "/", handler
 
 
-class Msg:
-    """Enough of confluent_kafka.Message for `record_event`."""
-
-    def __init__(self, partition: int, offset: int, value: bytes, headers=None, key=b"k"):
-        self._p, self._o, self._v, self._h, self._k = partition, offset, value, headers, key
-
-    def topic(self):
-        return "payments.valid"
-
-    def partition(self):
-        return self._p
-
-    def offset(self):
-        return self._o
-
-    def value(self):
-        return self._v
-
-    def key(self):
-        return self._k
-
-    def headers(self):
-        return self._h
-
-    def timestamp(self):
-        return (1, 1_764_000_000_123)
+def fake_msg(partition: int, offset: int, value: bytes, headers=None) -> FakeMessage:
+    """A payments.valid record, as `record_event` reads it."""
+    return FakeMessage(topic="payments.valid", partition=partition, offset=offset, key=b"k",
+                       value=value, headers=headers, timestamp_ms=1_764_000_000_123)
 
 
 def fn_for(url: str, **changes) -> Function:
@@ -402,10 +359,10 @@ def fn_for(url: str, **changes) -> Function:
 def test_per_event_post_is_what_a_kafkasource_sends(recorder):
     url, rec = recorder
     raw = b"\x00\x00\x00\x00\x01avro-bytes"
-    msgs = [Msg(0, 5, raw, [("ce_specversion", b"1.0"), ("ce_id", b"e1"),
+    msgs = [fake_msg(0, 5, raw, [("ce_specversion", b"1.0"), ("ce_id", b"e1"),
                             ("ce_source", b"/s"), ("ce_type", b"t"),
                             ("content-type", b"application/avro")]),
-            Msg(1, 9, b"plain", [("trace", b"x")])]  # not a CloudEvent: wrapped like Knative
+            fake_msg(1, 9, b"plain", [("trace", b"x")])]  # not a CloudEvent: wrapped like Knative
     invoker = HttpInvoker(fn_for(url), url)
     try:
         outcomes = invoker.invoke([[msgs[0]], [msgs[1]]], ordered=True)
@@ -426,8 +383,8 @@ def test_ordered_lane_stops_at_first_failure_unordered_does_not(recorder):
     url, rec = recorder
     rec.answer = staticmethod(lambda headers, body: (500, b"nope") if body == b"2"
                               else (429, b"slow") if body == b"4" else (200, b""))
-    lane_a = [Msg(0, i, str(i).encode()) for i in range(4)]  # 2 fails
-    lane_b = [Msg(1, i, str(i + 4).encode()) for i in range(2)]  # 4 fails
+    lane_a = [fake_msg(0, i, str(i).encode()) for i in range(4)]  # 2 fails
+    lane_b = [fake_msg(1, i, str(i + 4).encode()) for i in range(2)]  # 4 fails
     invoker = HttpInvoker(fn_for(url), url)
     try:
         ordered = invoker.invoke([lane_a, lane_b], ordered=True)
@@ -451,7 +408,7 @@ def test_batch_results_map_to_outcomes(recorder):
         return 200, orjson.dumps({"results": results})
 
     rec.answer = staticmethod(answer)
-    lane = [Msg(0, i, b"{}", [("content-type", b"application/json")]) for i in range(5)]
+    lane = [fake_msg(0, i, b"{}", [("content-type", b"application/json")]) for i in range(5)]
     invoker = HttpInvoker(fn_for(url, batch_size=3), url, batched=True)
     try:
         outcomes = invoker.invoke([lane], ordered=True)
@@ -459,7 +416,7 @@ def test_batch_results_map_to_outcomes(recorder):
         invoker.close()
     assert len(rec.requests) == 1  # the lane stopped: second chunk never sent
     headers, body = rec.requests[0]
-    assert headers["content-type"].startswith(binding.BATCH_JSON)
+    assert headers["content-type"].startswith(ce_json.BATCH_JSON)
     assert headers[host.ORDERING_HEADER] == "ordered"
     assert len(orjson.loads(body)) == 3
     assert [(m.offset(), f and (f.code, f.retryable)) for m, f in outcomes] == [
@@ -471,7 +428,7 @@ def test_connection_error_is_a_retryable_500():
     for batched in (False, True):
         invoker = HttpInvoker(fn_for(url), url, batched=batched)
         try:
-            (msg, failure), = invoker.invoke([[Msg(0, 0, b"x")]], ordered=True)
+            (msg, failure), = invoker.invoke([[fake_msg(0, 0, b"x")]], ordered=True)
         finally:
             invoker.close()
         assert failure.code == 500 and failure.retryable
@@ -484,7 +441,7 @@ def test_connection_closed_while_idle_is_reopened(recorder):
     rec.drop_after_reply = True  # close silently, without `Connection: close`
     invoker = HttpInvoker(fn_for(url, max_in_flight=1), url)
     try:
-        outcomes = [invoker.invoke([[Msg(0, i, b"x")]], ordered=True) for i in range(3)]
+        outcomes = [invoker.invoke([[fake_msg(0, i, b"x")]], ordered=True) for i in range(3)]
     finally:
         invoker.close()
     assert [f for (_, f), in outcomes] == [None, None, None]

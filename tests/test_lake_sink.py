@@ -36,7 +36,8 @@ from eventing.tables.lake import (
     rows_after,
 )
 from eventing.tables.lakehouse import LakeConfig, catalog, duckdb_connect, s3_filesystem
-from tests.pipeline import ROOT, produce_payments, register, setup_topics, unique
+from tests.helpers import ROOT, stop_process, unique, wait_until
+from tests.pipeline import produce_payments, register, setup_topics
 
 SCORED = json.loads((ROOT / "schemas" / "payments.scored.avsc").read_text())
 DAY_MS = 86_400_000
@@ -238,15 +239,6 @@ def _sink_process(stack, topic: str, table: str, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.stack
 def test_sigkill_mid_stream_then_restart_yields_each_row_once(stack, lake, tmp_path):
     topic, n = _topic(stack), 40_000
@@ -266,7 +258,7 @@ def test_sigkill_mid_stream_then_restart_yields_each_row_once(stack, lake, tmp_p
 
     proc = _sink_process(stack, topic, table_name, log)
     try:
-        _wait(lambda: total() >= 3_000, 90, "some commits")
+        wait_until(lambda: total() >= 3_000, 90, "some commits")
         producer = threading.Thread(target=_produce, args=(stack, topic, range(n // 2, n)))
         producer.start()
         time.sleep(0.5)
@@ -276,15 +268,10 @@ def test_sigkill_mid_stream_then_restart_yields_each_row_once(stack, lake, tmp_p
         producer.join(60)
         assert 0 < killed_at < n
         proc = _sink_process(stack, topic, table_name, log)
-        _wait(lambda: total() >= n, 120, f"{n} rows (log: {log})")
+        wait_until(lambda: total() >= n, 120, f"{n} rows (log: {log})")
         time.sleep(1.5)  # anything beyond n would be a duplicate: give it time to show
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30)
     table = cat.load_table(ident)
     assert _ids(table) == Counter(f"p-{i}" for i in range(n))
     assert "maintenance:" in log.read_text()  # it ran while writing and across the kill
@@ -292,8 +279,19 @@ def test_sigkill_mid_stream_then_restart_yields_each_row_once(stack, lake, tmp_p
           f"{len(table.metadata.snapshots)} snapshots left")
 
 
+def _append_batch(writer: LakeWriter, builder: BatchBuilder, b: int, per_batch: int) -> None:
+    """Commit batch `b`: rows `b * per_batch ...` over 4 Kafka partitions and 3 days."""
+    builder.clear()
+    for i in range(b * per_batch, (b + 1) * per_batch):
+        builder.add(scored(i), i % 4, i)
+    writer.commit(builder.build(), {p: (b + 1) * per_batch - 4 + p for p in range(4)})
+
+
 @pytest.mark.stack
 def test_maintenance_racing_appends_keeps_every_row_and_shrinks_files(stack, lake):
+    """Compaction beside back-to-back appends, sharing the writer's commit lock as the sink
+    does. Deterministic: the appender waits halfway until a compaction has committed, and
+    with the lock no compaction loses its commit to an append (no conflict at all)."""
     table = open_table(catalog(lake), lake.qualified(unique("lake_maint_")), SCORED,
                        "event_time")
     writer = LakeWriter(table, "t")
@@ -301,16 +299,15 @@ def test_maintenance_racing_appends_keeps_every_row_and_shrinks_files(stack, lak
     batches, per_batch = 60, 200
     latencies: list[float] = []
     failures: list[BaseException] = []
+    compacted = threading.Event()
 
     def append_all() -> None:
         try:
             for b in range(batches):
-                builder.clear()
-                for i in range(b * per_batch, (b + 1) * per_batch):
-                    builder.add(scored(i), i % 4, i)
+                if b == batches // 2 and not compacted.wait(120):
+                    raise AssertionError("no compaction committed beside the appends")
                 t0 = time.monotonic()
-                writer.commit(builder.build(), {p: (b + 1) * per_batch - 4 + p
-                                                for p in range(4)})
+                _append_batch(writer, builder, b, per_batch)
                 latencies.append(time.monotonic() - t0)
         except BaseException as exc:  # surfaced below
             failures.append(exc)
@@ -321,13 +318,15 @@ def test_maintenance_racing_appends_keeps_every_row_and_shrinks_files(stack, lak
     appender.start()
     conflicts = compactions = 0
     while appender.is_alive():
-        report = mnt.compact(other, policy)
+        report = mnt.compact(other, policy, lock=writer.commit_lock)
         conflicts += report.commit_conflicts
         compactions += report.partitions_compacted
+        if report.partitions_compacted:
+            compacted.set()
         time.sleep(0.05)
     appender.join()
     assert not failures, failures
-    assert compactions > 0
+    assert compactions > 0 and conflicts == 0
 
     other.refresh()
     files_before = mnt.data_file_count(other)
@@ -349,3 +348,41 @@ def test_maintenance_racing_appends_keeps_every_row_and_shrinks_files(stack, lak
           f"append p50 {statistics.median(latencies) * 1000:.0f} ms; files {files_before} -> "
           f"{files_after}; {report.snapshots_expired} snapshots expired, "
           f"{report.orphans_deleted} orphans deleted")
+
+
+@pytest.mark.stack
+def test_compaction_commits_although_an_append_lands_after_every_reload(stack, lake):
+    """Starvation under continuous appends, made deterministic: whenever the compaction
+    reloads its table while the sink's commit lock is free, an append lands right after
+    (a sink behind on its topic appends back to back). The compaction must still commit
+    at its first attempt, and keep the rows appended while it planned and rewrote."""
+    table = open_table(catalog(lake), lake.qualified(unique("lake_starve_")), SCORED,
+                       "event_time")
+    writer = LakeWriter(table, "t")
+    builder = BatchBuilder(table.schema().as_arrow(), "event_time", time_is_ms=True)
+    per_batch, batches = 40, 4
+    for b in range(batches):
+        _append_batch(writer, builder, b, per_batch)  # 4 small files per day partition
+    other = catalog(lake).load_table(table.name())
+    reload = other.refresh
+
+    def reload_then_append():
+        reload()
+        if not writer.commit_lock.locked():
+            nonlocal batches
+            _append_batch(writer, builder, batches, per_batch)
+            batches += 1
+        return other
+
+    other.refresh = reload_then_append  # type: ignore[method-assign]
+    report = mnt.compact(other, mnt.MaintenancePolicy(min_files=4), lock=writer.commit_lock)
+    assert report.commit_conflicts == 0 and report.partitions_compacted == 3
+    assert batches > 4  # appends landed after the compaction planned
+    other.refresh = reload  # type: ignore[method-assign]
+    other.refresh()
+    n = batches * per_batch
+    assert _ids(other) == Counter(f"p-{i}" for i in range(n))
+    assert head_offsets(other, "t") == {p: n - 4 + p for p in range(4)}
+    # the 12 planned files became 3; each later append added one file per day
+    assert mnt.data_file_count(other) == 3 + 3 * (batches - 4)
+

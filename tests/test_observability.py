@@ -8,16 +8,15 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
 
-from eventing.generate import EVENT_TYPE
 from eventing.ingest.publish import Publisher
 from eventing.telemetry import dashboards
+from functions.generate import EVENT_TYPE
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 RULES = sorted((ROOT / "infra" / "prometheus").glob("*.rules.yml"))
 
 
@@ -70,6 +69,7 @@ def test_committed_dashboards_are_the_generated_ones() -> None:
         json.loads(committed)
 
 
+@pytest.mark.stack
 def test_every_dashboard_panel_returns_data(traffic) -> None:
     url = traffic.prometheus_url
     pending = []
@@ -85,6 +85,7 @@ def test_every_dashboard_panel_returns_data(traffic) -> None:
     assert not empty, f"panels without data: {empty}"
 
 
+@pytest.mark.stack
 def test_dead_letter_alert_fires(traffic) -> None:
     url = traffic.prometheus_url
     deadline = time.monotonic() + 90
@@ -100,6 +101,7 @@ def test_dead_letter_alert_fires(traffic) -> None:
     assert firing[0]["labels"]["function"] == "validate"
 
 
+@pytest.mark.stack
 def test_sluice_top_shows_each_function(traffic) -> None:
     offset = traffic.ports.broker - 9092
     proc = subprocess.run(

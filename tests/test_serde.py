@@ -7,7 +7,6 @@ import datetime
 import decimal
 import io
 import json
-from types import SimpleNamespace
 
 import pytest
 from confluent_kafka.schema_registry import Schema
@@ -23,8 +22,12 @@ from eventing.serde import (
     SchemaNotFound,
     SchemaViolation,
     SerdeError,
+    decode_data,
+    decode_row,
     schema_id_of,
+    subject_for,
 )
+from tests.helpers import FakeRegistryClient
 
 PAYMENT = {
     "type": "record", "name": "Payment", "namespace": "com.example",
@@ -49,38 +52,9 @@ GOOD = {"id": "p1", "amount": 12.5, "customer": {"zip": "75001", "tags": ["vip"]
         "attrs": {"n": 3}}
 
 
-class FakeRegistry:
-    """The two client methods AvroSerde calls, in memory, counting calls."""
-
-    def __init__(self):
-        self.by_id: dict[int, str] = {}
-        self.subjects: dict[str, list[int]] = {}
-        self.calls = {"latest": 0, "by_id": 0}
-
-    def register(self, subject: str, schema: dict) -> int:
-        schema_id = len(self.by_id) + 100
-        self.by_id[schema_id] = json.dumps(schema)
-        self.subjects.setdefault(subject, []).append(schema_id)
-        return schema_id
-
-    def get_latest_version(self, subject: str):
-        self.calls["latest"] += 1
-        if subject not in self.subjects:
-            raise LookupError(subject)
-        schema_id = self.subjects[subject][-1]
-        return SimpleNamespace(schema_id=schema_id,
-                               schema=SimpleNamespace(schema_str=self.by_id[schema_id]))
-
-    def get_schema(self, schema_id: int):
-        self.calls["by_id"] += 1
-        if schema_id not in self.by_id:
-            raise LookupError(schema_id)
-        return SimpleNamespace(schema_str=self.by_id[schema_id])
-
-
 @pytest.fixture
 def registry():
-    reg = FakeRegistry()
+    reg = FakeRegistryClient()
     reg.register("payments-value", PAYMENT)
     return reg
 
@@ -153,7 +127,7 @@ def test_missing_required_field_and_wrong_top_level_type(registry):
 
 
 def test_logical_types_accept_python_values():
-    reg = FakeRegistry()
+    reg = FakeRegistryClient()
     reg.register("t-value", {"type": "record", "name": "R", "fields": [
         {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
         {"name": "price", "type": {"type": "bytes", "logicalType": "decimal",
@@ -166,7 +140,7 @@ def test_logical_types_accept_python_values():
 
 
 def test_recursive_schema_validates():
-    reg = FakeRegistry()
+    reg = FakeRegistryClient()
     reg.register("list-value", {"type": "record", "name": "Node", "fields": [
         {"name": "v", "type": "int"}, {"name": "next", "type": ["null", "Node"], "default": None},
     ]})
@@ -243,3 +217,55 @@ def test_constructor_needs_a_registry():
     with pytest.raises(ValueError):
         AvroSerde()
     assert AvroSerde("http://127.0.0.1:1").client is not None  # no request until a lookup
+
+
+# --------------------------------------------------------------------------- decode_data
+
+
+def test_subject_for_is_topic_name_strategy():
+    assert subject_for("payments.raw") == "payments.raw-value"
+
+
+@pytest.mark.parametrize("content_type", [
+    "application/avro", "avro/binary", "application/vnd.apache.avro+binary",
+    "Application/Avro; charset=binary", None, ""])
+def test_decode_data_reads_avro_by_content_type_or_magic_byte(registry, content_type):
+    serde = AvroSerde(client=registry)
+    assert decode_data(content_type, serde.encode("payments", GOOD), serde)["id"] == "p1"
+
+
+@pytest.mark.parametrize("content_type", [
+    "application/json", "text/json; charset=utf-8", "application/cloudevents+json", None])
+def test_decode_data_parses_json_and_absent_content_type(content_type):
+    assert decode_data(content_type, b'{"a": [1]}', None) == {"a": [1]}
+    assert decode_data(content_type, bytearray(b"2"), None) == 2
+    assert decode_data(content_type, b"", None) is None
+
+
+def test_decode_data_keeps_other_bytes_and_parsed_values():
+    assert decode_data("text/plain", b"\x00raw", None) == b"\x00raw"
+    assert decode_data("application/json", {"parsed": True}, None) == {"parsed": True}
+    assert decode_data("application/avro", None, None) is None
+
+
+def test_decode_data_errors_are_serde_errors(registry):
+    with pytest.raises(SerdeError, match="not valid JSON"):
+        decode_data("application/json", b"{nope", None)
+    with pytest.raises(SerdeError, match="no schema registry"):
+        decode_data(None, b"\x00\x00\x00\x00\x64", None)
+    with pytest.raises(SerdeError, match="magic byte"):
+        decode_data("application/avro", b"{}", AvroSerde(client=registry))
+
+
+def test_decode_row_checks_json_rows_against_the_topic_schema(registry):
+    serde = AvroSerde(client=registry)
+    assert decode_row("application/avro", serde.encode("payments", GOOD), serde,
+                      "payments")["id"] == "p1"
+    assert decode_row(None, json.dumps(GOOD).encode(), serde, "payments") == GOOD
+    assert decode_row("application/json", GOOD, serde, "payments") == GOOD
+    with pytest.raises(SchemaViolation, match="amount"):
+        decode_row("application/json", b'{"id": "p1", "amount": "12"}', serde, "payments")
+    with pytest.raises(SerdeError, match="not a record"):
+        decode_row("application/json", b"[1]", serde, "payments")
+    with pytest.raises(SerdeError, match="not a record"):
+        decode_row("text/plain", b"p1", serde, "payments")

@@ -14,7 +14,9 @@ from confluent_kafka import Consumer, Producer
 from eventing.kafka import consumer_config, ensure_topics, producer_config
 from eventing.stack.process import port_open
 from eventing.stack.settings import Ports
-from tests.conftest import free_port_offset, sluice
+from tests.helpers import free_port_offset, sluice
+
+pytestmark = pytest.mark.stack  # every test starts `sluice up` stacks of its own
 
 LOOPBACK_HEX = "0100007F"  # 127.0.0.1 in /proc/net/tcp byte order
 

@@ -9,12 +9,14 @@ import uuid
 import httpx
 import pytest
 
-from eventing.generate import EVENT_TYPE, reference
 from eventing.ingest.publish import Publisher
 from eventing.stack.settings import Ports
 from eventing.telemetry.tracing import parse_traceparent
-from tests.conftest import sluice
+from functions.generate import EVENT_TYPE, reference
+from tests.helpers import sluice
 from tests.pipeline import consume_all, headers_of
+
+pytestmark = pytest.mark.stack
 
 CHAIN = [  # (service, operation) from the gateway to the scored output, each a child
     ("sluice-gateway", "POST /"),

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import http.server
 import sqlite3
-import threading
 from pathlib import Path
 
 import orjson
 import pytest
 
-from eventing.cloudevent import binding
+from eventing.cloudevent import event as ce_event
 from eventing.delivery.invoke import InProcessInvoker
-from eventing.fn.runtime import FunctionHost, Reject
+from eventing.fn.api import Reject
+from eventing.fn.runtime import FunctionHost
 from eventing.telemetry import traces, tracing
 from eventing.topology import Delivery, Function
+from tests.helpers import FakeMessage, FakeProducer, http_server
 
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -112,56 +113,20 @@ def _function(user, outputs=("payments.valid",)) -> FunctionHost:
     return FunctionHost(fn, None, user=user)
 
 
-class Msg:
-    def __init__(self, headers, value=b'{"payment_id": "p9"}', partition=2, offset=41):
-        self._h, self._v, self._p, self._o = headers, value, partition, offset
-
-    def key(self):
-        return b"card-1"
-
-    def value(self):
-        return self._v
-
-    def headers(self):
-        return self._h
-
-    def topic(self):
-        return "payments.raw"
-
-    def partition(self):
-        return self._p
-
-    def offset(self):
-        return self._o
-
-    def timestamp(self):
-        return (1, 1_764_000_000_000)
-
-
-class Producer:
-    def __init__(self):
-        self.records = []
-
-    def produce(self, topic, value, key, headers=None):
-        self.records.append((topic, key, value, headers))
-
-    def poll(self, _t=0):
-        return 0
-
-
-def _msg(tp: str | None = TP) -> Msg:
+def _msg(tp: str | None = TP) -> FakeMessage:
     h = [("ce_specversion", b"1.0"), ("ce_id", b"e9"), ("ce_source", b"/s"),
          ("ce_type", b"com.x"), ("content-type", b"application/json")]
     if tp:
         h.append(("ce_traceparent", tp.encode()))
-    return Msg(h)
+    return FakeMessage(topic="payments.raw", partition=2, offset=41, key=b"card-1",
+                       value=b'{"payment_id": "p9"}', headers=h, timestamp_ms=1_764_000_000_000)
 
 
 def test_in_process_hop_links_process_function_and_send_spans() -> None:
     t = Recorder()
     host = _function(lambda e: [e.data, e.data])  # fan-out: two outputs
     host.tracer = t
-    producer = Producer()
+    producer = FakeProducer()
     outcomes = InProcessInvoker(host, producer, t).invoke([[_msg()]], True)
     assert outcomes[0][1] is None
     by_name: dict[str, list[tracing.Span]] = {}
@@ -192,7 +157,7 @@ def test_a_failed_attempt_hands_its_open_span_to_the_dispatcher() -> None:
 
     host = _function(reject)
     host.tracer = t
-    ((_, failure),) = InProcessInvoker(host, Producer(), t).invoke([[_msg()]], True)
+    ((_, failure),) = InProcessInvoker(host, FakeProducer(), t).invoke([[_msg()]], True)
     assert failure.code == 422 and failure.span is not None
     assert failure.span.end == 0  # still open: retry or dead letter decides
     (function,) = t.finished
@@ -206,7 +171,7 @@ def test_a_failed_attempt_hands_its_open_span_to_the_dispatcher() -> None:
 
 def test_records_without_context_get_a_root_and_disabled_tracing_costs_nothing() -> None:
     t = Recorder()
-    event = binding.make_event({"specversion": "1.0", "id": "1", "source": "/s", "type": "t"})
+    event = ce_event.make_event({"specversion": "1.0", "id": "1", "source": "/s", "type": "t"})
     span = t.process(event, _msg(None), "validate", "g")
     assert span.parent_id is None and event["traceparent"] == span.traceparent
     off = tracing.Tracer()
@@ -244,12 +209,8 @@ def collector():
         def log_message(self, *_a):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", bodies
-    server.shutdown()
-    server.server_close()
+    with http_server(Handler) as url:
+        yield url, bodies
 
 
 def test_spans_are_exported_as_otlp_json(collector) -> None:

@@ -27,9 +27,13 @@ if str(ROOT) not in sys.path:  # `eventing.kafka` needs only confluent-kafka: an
     sys.path.insert(0, str(ROOT))
 
 SCHEMAS = ROOT / "schemas"
+# The job's function and its output schema are benchmark code, not the example's: every
+# run registers CONVERTED_SCHEMA for its output topic (`sluice up` does not).
+CONVERT = ROOT / "benchmarks" / "convert"
+CONVERTED_SCHEMA = ROOT / "benchmarks" / "schemas" / "payments.converted.avsc"
 RESULT_PREFIX = "RESULT "
 
-# A copy of functions/convert's table so the floor and Quix need no functions-framework;
+# A copy of benchmarks/convert's table so the floor and Quix need no functions-framework;
 # run.py checks the two are equal before anything is timed.
 EUR_PER_UNIT = {"EUR": 1.0, "USD": 0.92, "GBP": 1.17, "CHF": 1.05, "JPY": 0.0061,
                 "SEK": 0.088, "PLN": 0.23}
@@ -49,8 +53,8 @@ def job_args(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def schema(name: str) -> dict:
-    return json.loads((SCHEMAS / name).read_text())
+def schema(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 def latest_schema_id(registry: str, subject: str) -> int:

@@ -25,10 +25,11 @@ import time
 from pathlib import Path
 
 import yaml
-from common import ROOT, emit, tree_cpu_seconds
+from common import CONVERT, ROOT, emit, tree_cpu_seconds
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from eventing.cloudevent import binding
+from eventing.cloudevent import event as ce_event
+from eventing.cloudevent import kafka as ce_kafka
 from eventing.kafka import consumer_config, producer_config
 from eventing.serde import AvroSerde
 from tests.pipeline import payment
@@ -41,11 +42,11 @@ def records(serde: AvroSerde, topic: str, prefix: str, n: int) -> list[tuple]:
     for i in range(n):
         p = payment(i, i % 1000, 1.0 + i % 997, CURRENCIES[i % len(CURRENCIES)])
         p["payment_id"] = f"{prefix}{i}"
-        event = binding.make_event({
+        event = ce_event.make_event({
             "specversion": "1.0", "id": p["payment_id"], "source": "/bench",
             "type": "com.sluice.payment.created", "partitionkey": p["card_id"],
             "datacontenttype": "application/avro"}, serde.encode(topic, p))
-        out.append(binding.encode_binary(event))
+        out.append(ce_kafka.to_binary(event))
     return out
 
 
@@ -60,7 +61,7 @@ def start_functions(args, tmp: Path) -> list[subprocess.Popen]:
             "validate": {"source": str(ROOT / "functions" / "validate"), "topics": [args.input],
                          "outputs": [args.mid], "consumerGroup": f"{args.group}-validate",
                          "delivery": delivery, **tuning},
-            "convert": {"source": str(ROOT / "functions" / "convert"), "topics": [args.mid],
+            "convert": {"source": str(CONVERT), "topics": [args.mid],
                         "outputs": [args.output], "consumerGroup": f"{args.group}-convert",
                         "delivery": delivery, **tuning},
         }}))

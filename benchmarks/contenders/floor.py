@@ -12,7 +12,16 @@ from __future__ import annotations
 import time
 from io import BytesIO
 
-from common import EUR_PER_UNIT, Clock, emit, job_args, latest_schema_id, schema
+from common import (
+    CONVERTED_SCHEMA,
+    EUR_PER_UNIT,
+    SCHEMAS,
+    Clock,
+    emit,
+    job_args,
+    latest_schema_id,
+    schema,
+)
 from confluent_kafka import Consumer, Producer
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
@@ -21,8 +30,8 @@ from eventing.kafka import consumer_config, producer_config
 
 def main() -> None:
     args = job_args(__doc__.splitlines()[0]).parse_args()
-    reader = parse_schema(schema("payments.raw.avsc"))
-    writer = parse_schema(schema("payments.converted.avsc"))
+    reader = parse_schema(schema(SCHEMAS / "payments.raw.avsc"))
+    writer = parse_schema(schema(CONVERTED_SCHEMA))
     prefix = b"\x00" + latest_schema_id(args.registry, f"{args.output}-value").to_bytes(4, "big")
     consumer = Consumer(consumer_config(args.bootstrap, args.group))
     producer = Producer(producer_config(args.bootstrap))

@@ -1,4 +1,4 @@
-"""Sluice: the real Dispatcher running `functions/convert`, in process or over HTTP.
+"""Sluice: the real Dispatcher running `benchmarks/convert`, in process or over HTTP.
 
 `--invoke inprocess` builds the dispatcher with `eventing.delivery.runner.build` from a topology
 written to a temp dir, exactly as `sluice run` would. `--invoke http|http-batch` also
@@ -28,11 +28,11 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from common import ROOT, Clock, TimedConsumer, emit, job_args
+from common import CONVERT, Clock, TimedConsumer, emit, job_args
 
 from eventing import topology as topo
 from eventing.delivery.runner import RunSettings, build
-from eventing.fn import host
+from eventing.fn import env as host_env
 
 
 class Done:
@@ -66,7 +66,7 @@ def write_topology(tmp: Path, args, url: str | None) -> Path:
         "topics": {args.input: {"partitions": 4}, args.output: {"partitions": 4},
                    args.dlq: {"partitions": 1}},
         "functions": {"convert": {
-            "source": str(ROOT / "functions" / "convert"),
+            "source": str(CONVERT),
             "topics": [args.input], "outputs": [args.output],
             "consumerGroup": args.group,
             "invoke": args.invoke,
@@ -92,10 +92,10 @@ def start_server(function: topo.Function, args, tmp: Path) -> tuple[subprocess.P
     """functions-framework serving the host; returns once the worker's host is built."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    entry = host.write_entry_file(function, tmp / "entry_convert.py", args.bootstrap,
-                                  args.registry)
-    argv = host.serve_command(entry, port,
-                              executable=str(Path(sys.executable).parent / "functions-framework"))
+    entry = host_env.write_entry_file(function, tmp / "entry_convert.py", args.bootstrap,
+                                      args.registry)
+    argv = host_env.serve_command(
+        entry, port, executable=str(Path(sys.executable).parent / "functions-framework"))
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
            "PYTHONUNBUFFERED": "1"}
     log = (tmp / "server.log").open("w")

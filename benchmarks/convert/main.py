@@ -1,4 +1,9 @@
-"""Add the amount in EUR so downstream features compare like with like."""
+"""Add the amount in EUR: the function of the benchmarks' job (payments.raw -> converted).
+
+Benchmark code, not part of the example pipeline: every contender runs this same job,
+and its output schema is `benchmarks/schemas/payments.converted.avsc`, which the
+benchmarks register themselves.
+"""
 
 import functions_framework
 from cloudevents.http import CloudEvent

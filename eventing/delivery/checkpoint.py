@@ -11,14 +11,37 @@ The order, for every consumed record, is:
 
 So a crash at any point replays from the last commit: nothing acknowledged is lost, and
 the records processed after that commit are processed again. Those replays are the only
-source of duplicates in output topics (at-least-once).
+source of duplicates in output topics (at-least-once). `Checkpoint.commit` is the one
+method that carries this order out; the dispatcher only decides how often to call it.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
+from typing import Protocol
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+FLUSH_TIMEOUT_S = 30.0  # longest a commit waits for the broker to acknowledge outputs
+
+
+class DeliveryFailed(RuntimeError):
+    """The broker did not acknowledge outputs: nothing was committed; records replay."""
+
+
+class Flushes(Protocol):
+    """The producer side a checkpoint needs (a `confluent_kafka.Producer`)."""
+
+    def flush(self, timeout: float) -> int: ...
+
+
+class Commits(Protocol):
+    """The consumer side a checkpoint needs (a `confluent_kafka.Consumer`)."""
+
+    def commit(self, *, offsets: list[TopicPartition], asynchronous: bool) -> object: ...
+
+    def seek(self, partition: TopicPartition) -> None: ...
 
 
 class PartitionProgress:
@@ -73,10 +96,23 @@ class PartitionProgress:
 
 
 class Checkpoint:
-    """Progress of every partition this consumer owns."""
+    """Progress of every partition this consumer owns, and the order that commits it.
 
-    def __init__(self) -> None:
+    `producer` is the one that wrote every output and dead-letter copy of the records
+    tracked here; `consumer` owns their partitions. `on_rewind` drops whatever the
+    caller fetched but has not finished, since a rewind fetches it again.
+    """
+
+    def __init__(self, producer: Flushes, consumer: Commits, *, name: str = "",
+                 on_rewind: Callable[[], None] | None = None,
+                 flush_timeout_s: float = FLUSH_TIMEOUT_S) -> None:
         self.partitions: dict[tuple[str, int], PartitionProgress] = {}
+        self._producer = producer
+        self._consumer = consumer
+        self._name = name
+        self._on_rewind = on_rewind
+        self._flush_timeout_s = flush_timeout_s
+        self._delivery_errors: list[str] = []
 
     def progress(self, topic: str, partition: int) -> PartitionProgress:
         key = (topic, partition)
@@ -85,8 +121,65 @@ class Checkpoint:
             p = self.partitions[key] = PartitionProgress(topic, partition)
         return p
 
-    def to_commit(self) -> list[TopicPartition]:
-        """Offsets safe to commit. Call only after the producer flushed without errors."""
+    def delivery_failed(self, error: str) -> None:
+        """The producer reported an output it could not deliver: the next commit fails."""
+        self._delivery_errors.append(error)
+
+    def commit(self, *, sync: bool) -> bool:
+        """Commit every offset whose records are done and whose outputs are durable.
+
+        This method will:
+         1. Flush the producer: wait (up to `flush_timeout_s`) until the broker has
+            acknowledged, with acks=all, every output and dead-letter copy produced so far.
+         2. Check delivery: an output still unacknowledged after the flush, or a delivery
+            error reported since the last commit, fails the checkpoint.
+         3. On failure, rewind and stop: seek every partition back to its last commit
+            (or its first record, if never committed), forget its progress, drop what was
+            fetched (`on_rewind`) and raise `DeliveryFailed`. Nothing is committed; the
+            records replay (at-least-once).
+         4. Commit each partition up to its first record not done: a record waiting for
+            a retry holds back every record after it. Asynchronous unless `sync` (on
+            revoke and close); the broker's "no offset to commit" is not an error.
+         5. Remember those offsets as committed, the point a later rewind returns to.
+
+        Returns True when offsets were committed (False: nothing new was safe).
+        """
+        # Steps 1 and 2: flush, then check what the broker acknowledged.
+        remaining = self._producer.flush(self._flush_timeout_s)
+        if remaining or self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors, []
+            # Step 3: rewind; nothing after the last commit is known durable.
+            self._rewind()
+            raise DeliveryFailed(
+                f"{self._name}: {remaining} output(s) unacknowledged, "
+                f"errors: {errors[:3]}; nothing committed, records will be replayed"
+            )
+        # Step 4: commit what is done, up to each partition's first open record.
+        offsets = self._to_commit()
+        if not offsets:
+            return False
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=not sync)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                raise
+        # Step 5: the new replay point.
+        self._mark_committed(offsets)
+        return True
+
+    def _rewind(self) -> None:
+        """Replay every partition from its last commit (at-least-once after a failure):
+        records done since then may have outputs the broker never acknowledged."""
+        for (topic, partition), progress in list(self.partitions.items()):
+            offset = progress.replay_from()
+            if offset is not None:
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+            self.forget(topic, partition)
+        if self._on_rewind is not None:
+            self._on_rewind()
+
+    def _to_commit(self) -> list[TopicPartition]:
+        """Offsets safe to commit once the producer flushed without errors (step 4)."""
         out = []
         for p in self.partitions.values():
             point = p.commit_point()
@@ -94,7 +187,7 @@ class Checkpoint:
                 out.append(TopicPartition(p.topic, p.partition, point))
         return out
 
-    def mark_committed(self, offsets: list[TopicPartition]) -> None:
+    def _mark_committed(self, offsets: list[TopicPartition]) -> None:
         for tp in offsets:
             self.progress(tp.topic, tp.partition).committed(tp.offset)
 

@@ -4,8 +4,9 @@ It obeys the same delivery spec a Knative KafkaSource does (see `eventing.topolo
 per-partition order under `ordered` (a failing record holds back its partition, not the
 others), bounded concurrency under `unordered`, `retry` retries with exponential or
 linear backoff, then the original record goes to the dead-letter topic with the
-`knativeerrordest`, `knativeerrorcode` and `knativeerrordata` extensions. Offsets are
-committed as `eventing.delivery.checkpoint` says: only after outputs are durable.
+`knativeerrordest`, `knativeerrorcode` and `knativeerrordata` extensions, in its own
+content mode (`eventing.cloudevent.kafka.to_dead_letter`). Offsets are committed as
+`eventing.delivery.checkpoint` says: only after outputs are durable.
 
 Work is done per batch, not per record (one consume call, one produce loop, one flush,
 one commit), because per-record framework cost is what separates a stream processor
@@ -14,7 +15,6 @@ from the raw client floor.
 
 from __future__ import annotations
 
-import base64
 import bisect
 import logging
 import threading
@@ -25,21 +25,16 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from eventing.cloudevent import binding
-from eventing.delivery.checkpoint import Checkpoint
+from eventing.cloudevent import kafka as ce_kafka
+from eventing.delivery.checkpoint import Checkpoint, DeliveryFailed
 from eventing.delivery.invoke import Failure, Invoker, record_event
-from eventing.kafka import consumer_config, producer_config
+from eventing.kafka import consumer_config, produce, producer_config
 from eventing.telemetry import tracing
 from eventing.topology import Function
 
 log = logging.getLogger("sluice.dispatcher")
-ERROR_DATA_MAX = 1024  # Knative truncates knativeerrordata to 1 KiB
 COMMIT_INTERVAL_S = 0.05  # flush-then-commit at most this often (more = more replay)
 BATCH_WAIT_S = 0.025  # longest a batch may gather when nothing is waiting
-
-
-class DeliveryFailed(RuntimeError):
-    """The broker did not acknowledge outputs: nothing was committed; records replay."""
 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -109,12 +104,12 @@ class Dispatcher:
         self._last_commit = 0.0
         self.max_backlog = max_backlog
         self.stats = Stats()
-        self.checkpoint = Checkpoint()
         self.lanes: dict[tuple[str, int], Lane] = {}
-        self._delivery_errors: list[str] = []
         self._assigned = threading.Event()
         overrides = {"auto.offset.reset": function.initial_offset, **(consumer_overrides or {})}
         self.consumer = Consumer(consumer_config(bootstrap, function.consumer_group, **overrides))
+        self.checkpoint = Checkpoint(self.producer, self.consumer, name=function.name,
+                                     on_rewind=self.lanes.clear)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -289,43 +284,19 @@ class Dispatcher:
             lane.queue = keep
 
     def _finish_cycle(self, *, sync: bool) -> None:
-        """Flush outputs, then commit what the checkpoint allows.
+        """Commit through the checkpoint (`Checkpoint.commit` owns the order).
 
         At most every `COMMIT_INTERVAL_S` (or when `sync`): outputs leave continuously
         in the background, and waiting for their acknowledgements after every small
-        batch would put a broker round trip into each cycle's latency.
+        batch would put a broker round trip into each cycle's latency. A failed flush
+        raises `DeliveryFailed` after the checkpoint rewound (and emptied the lanes).
         """
         now = time.monotonic()
         if not sync and now - self._last_commit < COMMIT_INTERVAL_S:
             return
         self._last_commit = now
-        remaining = self.producer.flush(30)
-        if remaining or self._delivery_errors:
-            errors, self._delivery_errors = self._delivery_errors, []
-            self._rewind()
-            raise DeliveryFailed(
-                f"{self.function.name}: {remaining} output(s) unacknowledged, "
-                f"errors: {errors[:3]}; nothing committed, records will be replayed"
-            )
-        offsets = self.checkpoint.to_commit()
-        if offsets:
-            try:
-                self.consumer.commit(offsets=offsets, asynchronous=not sync)
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError._NO_OFFSET:
-                    raise
-            self.checkpoint.mark_committed(offsets)
+        if self.checkpoint.commit(sync=sync):
             self.stats.commits += 1
-
-    def _rewind(self) -> None:
-        """Replay every partition from its last commit (at-least-once after a failure):
-        records done since then may have outputs the broker never acknowledged."""
-        for (topic, partition), progress in list(self.checkpoint.partitions.items()):
-            offset = progress.replay_from()
-            if offset is not None:
-                self.consumer.seek(TopicPartition(topic, partition, offset))
-            self.checkpoint.forget(topic, partition)
-        self.lanes.clear()
 
     def _apply_backpressure(self) -> None:
         for (topic, partition), lane in self.lanes.items():
@@ -341,29 +312,19 @@ class Dispatcher:
 
     def _on_delivery(self, err, msg) -> None:
         if err is not None:
-            self._delivery_errors.append(f"{msg.topic()}: {err}")
+            self.checkpoint.delivery_failed(f"{msg.topic()}: {err}")
 
     def _dead_letter(self, msg: Message, failure: Failure) -> None:
         event = record_event(msg, self.function.name)
-        attrs = event._get_attributes()
-        data = failure.message.encode()[:ERROR_DATA_MAX]
-        attrs["knativeerrordest"] = self.invoker.destination
-        attrs["knativeerrorcode"] = str(failure.code)
-        attrs["knativeerrordata"] = base64.b64encode(data).decode()
         dl_span = self.tracer.dead_letter(
-            failure.span, attrs, event, self.delivery.dead_letter_sink, msg, self.function.name,
-            failure.code, failure.message[:1024]) if self.tracer.enabled else None
-        headers = msg.headers() or []
-        structured = any(
-            k.lower() == "content-type" and v and v.lower().startswith(b"application/cloudevents")
-            for k, v in headers
-        )
-        if structured:
-            key, value, out_headers = binding.encode_structured(event, validate=False)
-        else:
-            key, value, out_headers = binding.encode_binary(event, validate=False)
-        self.producer.produce(self.delivery.dead_letter_sink, value, msg.key() or key,
-                              headers=out_headers)
+            failure.span, event._get_attributes(), event, self.delivery.dead_letter_sink, msg,
+            self.function.name, failure.code, failure.message[:1024],
+        ) if self.tracer.enabled else None
+        key, value, out_headers = ce_kafka.to_dead_letter(
+            event, msg.headers(), destination=self.invoker.destination, code=failure.code,
+            message=failure.message)
+        produce(self.producer, self.delivery.dead_letter_sink, value, msg.key() or key,
+                headers=out_headers)  # waits out a full queue; kafka.QueueFull past 30 s
         if dl_span is not None:
             dl_span.finish()
         self.stats.dead_lettered += 1

@@ -4,8 +4,9 @@ Per-event mode is the compatibility mode: each record becomes exactly the binary
 CloudEvent POST a KafkaSource sends (same attributes, the record value as the body,
 unchanged), so a function that works behind Sluice's dispatcher works behind a
 KafkaSource, and the other way round. Batched mode is Sluice's own: one
-`application/cloudevents-batch+json` POST per chunk of a lane, answered with one result
-per event by `eventing.fn.host` (see there for the status codes).
+`application/cloudevents-batch+json` POST per chunk of a lane (built by
+`eventing.cloudevent.http`), answered with one result per event by `eventing.fn.host`
+(see there for the status codes).
 
 Concurrency follows the KafkaSource's `ordering`: ordered runs each lane (partition)
 sequentially and the lanes concurrently, stopping a lane at its first failure; unordered
@@ -22,7 +23,6 @@ Knative's dispatcher reports them: code 500 with body `dispatch error: ...`, ret
 
 from __future__ import annotations
 
-import base64
 import http.client
 import threading
 from collections.abc import Sequence
@@ -32,13 +32,13 @@ from urllib.parse import urlsplit
 import orjson
 from confluent_kafka import Message
 
-from eventing.cloudevent import binding
+from eventing.cloudevent import event as ce_event
+from eventing.cloudevent import http as ce_http
 from eventing.delivery.invoke import Failure, Outcome, Work, http_failure, record_event
 from eventing.fn.host import ORDERING_HEADER
 from eventing.telemetry import tracing
 from eventing.topology import Function
 
-_BATCH_CONTENT_TYPE = binding.BATCH_JSON + "; charset=utf-8"
 _NOT_ATTEMPTED = 0  # batch result status of an event the host did not run
 
 
@@ -107,8 +107,8 @@ class HttpInvoker:
         event = record_event(msg, self._source_name)
         span = self._span(event, msg)
         try:
-            headers, body = binding.to_http_binary(event, validate=False)
-        except binding.BindingError as exc:
+            headers, body = ce_http.to_binary(event, validate=False)
+        except ce_event.BindingError as exc:
             return Failure(400, f"cannot send as an HTTP CloudEvent: {exc}", retryable=False,
                            span=span)
         try:
@@ -157,8 +157,8 @@ class HttpInvoker:
             if span is not None:
                 spans[id(msg)] = span
             try:
-                objs.append(_json_object(event))
-            except binding.BindingError as exc:
+                objs.append(ce_http.to_batch_item(event))
+            except ce_event.BindingError as exc:
                 failure = Failure(400, f"cannot send as a CloudEvent: {exc}", retryable=False,
                                   span=span)
                 unsendable.append((msg, failure))
@@ -182,10 +182,10 @@ class HttpInvoker:
         return outcomes + unsendable
 
     def _post_batch(self, msgs: list[Message], objs: list, ordered: bool) -> list[Outcome]:
-        headers = {"content-type": _BATCH_CONTENT_TYPE,
-                   ORDERING_HEADER: "ordered" if ordered else "unordered"}
+        headers, body = ce_http.batch_message(objs)
+        headers[ORDERING_HEADER] = "ordered" if ordered else "unordered"
         try:
-            status, reply = self._http.post(headers, orjson.dumps(objs))
+            status, reply = self._http.post(headers, body)
         except _TRANSPORT_ERRORS as exc:
             return self._all_failed(msgs, _dispatch_error(exc), ordered)
         if not 200 <= status < 300:
@@ -222,24 +222,6 @@ class HttpInvoker:
         if ordered:
             return [(msgs[0], failure)]
         return [(m, failure) for m in msgs]
-
-
-def _json_object(event) -> dict:
-    """The event in the JSON format; bytes that are not the JSON their (absent or JSON)
-    content type claims go as `data_base64`, so the host gets the body binary mode sends.
-
-    `binding.to_json_object` treats a missing content type as JSON (JSON format 3.1), which
-    a KafkaSource-style record with arbitrary bytes and no content type is not.
-    """
-    try:
-        return binding.to_json_object(event)
-    except binding.BindingError:
-        data = event.data
-        if type(data) is not bytes:
-            raise
-        obj = binding.to_json_object(binding.make_event(event._get_attributes()))
-        obj["data_base64"] = base64.b64encode(data).decode("ascii")
-        return obj
 
 
 _TRANSPORT_ERRORS = (OSError, http.client.HTTPException)  # refused, reset, timeout, garbage

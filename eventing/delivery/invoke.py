@@ -5,10 +5,11 @@ returns an outcome per record it attempted. In ordered mode it stops a lane at t
 first failure, so nothing after a failing record runs before it succeeds or is
 dead-lettered; in unordered mode it attempts every record it is given.
 
-Outputs: the in-process invoker produces a function's outputs on the dispatcher's
-producer (the dispatcher flushes before committing); over HTTP the function's host
-produces them itself and answers 2xx only after the broker acknowledged, as it must on
-Knative where the KafkaSource drops replies.
+Outputs: the in-process invoker sends a function's outputs through
+`eventing.fn.output.OutputProducer` on the dispatcher's producer (the dispatcher flushes
+before committing); over HTTP the function's host sends them through the same class and
+answers 2xx only after the broker acknowledged, as it must on Knative where the
+KafkaSource drops replies. Both map failures with `eventing.fn.output.failure`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any, Protocol
 
 from confluent_kafka import Message, Producer
 
-from eventing.cloudevent import binding
-from eventing.fn.runtime import FunctionHost, Reject
+from eventing.cloudevent import kafka as ce_kafka
+from eventing.fn.output import OutputProducer, failure
+from eventing.fn.runtime import FunctionHost
 from eventing.telemetry import tracing
 
 # Knative retries these statuses; any other failure status goes straight to dead letter.
@@ -58,7 +60,7 @@ def record_event(msg: Message, source_name: str):
     non-CloudEvent record, as a KafkaSource does.
     """
     ts_type, ts = msg.timestamp()
-    return binding.decode_record(
+    return ce_kafka.from_record(
         msg.key(), msg.value(), msg.headers(),
         topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
         timestamp_ms=ts if ts_type else None, source_name=source_name, wrap_invalid=True,
@@ -73,6 +75,7 @@ class InProcessInvoker:
                  tracer: tracing.Tracer | None = None) -> None:
         self.host = host
         self.producer = producer
+        self.output = OutputProducer(producer)  # this thread polls: it may serve reports
         self.destination = f"inprocess://{host.function.name}"
         self._source_name = host.function.name
         self.tracer = tracer or host.tracer
@@ -81,7 +84,7 @@ class InProcessInvoker:
         outcomes: list[Outcome] = []
         append = outcomes.append
         call = self.host.call
-        produce = self.producer.produce
+        send = self.output.send
         source_name = self._source_name
         # A `process` span per attempt when tracing is on. A failed attempt's span rides
         # on its `Failure`; the dispatcher finishes it once it knows whether a retry or
@@ -95,22 +98,14 @@ class InProcessInvoker:
                 span = process(event, msg, name, group) if process is not None else None
                 try:
                     records = call(event)
-                except Reject as exc:
-                    append((msg, Failure(422, f"Reject: {exc}", retryable=False, span=span)))
+                    if records:
+                        send(records)
+                except Exception as exc:  # noqa: BLE001 - Reject, the function's, OutputFailed
+                    code, message = failure(exc)
+                    append((msg, Failure(code, message, code in RETRYABLE_STATUS, span)))
                     if ordered:
                         break
                     continue
-                except Exception as exc:  # noqa: BLE001 - any failure is the function's
-                    append((msg, Failure(500, f"{type(exc).__name__}: {exc}", span=span)))
-                    if ordered:
-                        break
-                    continue
-                for topic, key, value, headers in records:
-                    try:
-                        produce(topic, value, key, headers=headers)
-                    except BufferError:  # local queue full: let deliveries drain
-                        self.producer.poll(0.05)
-                        produce(topic, value, key, headers=headers)
                 if span is not None:
                     span.finish()
                 append((msg, None))

@@ -21,7 +21,7 @@ import math
 
 from eventing.deploy import docker
 from eventing.deploy.common import DeploySettings, k8s_name, labels, metadata
-from eventing.fn import host
+from eventing.fn import env as host_env
 from eventing.topology import Function, Topology
 
 SERVICE_API = "serving.knative.dev/v1"
@@ -49,13 +49,13 @@ def sink_name(topic: str) -> str:
 
 
 def container_env(function: Function, settings: DeploySettings) -> dict[str, str]:
-    """The container's environment: host.py's variables plus the OTLP endpoint.
+    """The container's environment: `eventing.fn.env`'s variables plus the OTLP endpoint.
 
     The source path is the one inside the image (relative to its WORKDIR), not the path
     on the machine that generated the manifests.
     """
-    env = host.function_env(function, settings.bootstrap, settings.registry_url)
-    env[host.ENV_SOURCE] = docker.FUNCTION_SOURCE
+    env = host_env.function_env(function, settings.bootstrap, settings.registry_url)
+    env[host_env.ENV_SOURCE] = docker.FUNCTION_SOURCE
     env[OTEL_ENDPOINT] = settings.otlp_endpoint
     env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/json"  # eventing.telemetry.tracing speaks OTLP/HTTP
     env["OTEL_SERVICE_NAME"] = function.name

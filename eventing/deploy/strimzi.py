@@ -5,7 +5,7 @@ partitions, replication and retention are declared (and reviewed) in one place. 
 KafkaSource does not create topics, and a KafkaSource on a missing topic never becomes
 ready, so these must be applied first.
 
-State changelogs (`eventing.fn.state.store(name, topic=...)` in a function's code) are found by
+State changelogs (`eventing.fn.api.store(name, topic=...)` in a function's code) are found by
 reading the function sources; they are compacted, as the local stack creates them.
 """
 
@@ -23,13 +23,16 @@ DAY_MS = 86_400_000
 
 
 def state_topics(topology: Topology) -> dict[str, int]:
-    """Changelog topics declared with `state.store(..., topic="...", partitions=N)`."""
+    """Changelog topics declared with `store(..., topic="...", partitions=N)` (or `x.store`)."""
     out: dict[str, int] = {}
     for fn in topology.functions.values():
         for path in docker.function_files(fn):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                        and node.func.attr == "store"):
+                if not isinstance(node, ast.Call):
+                    continue
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+                if name != "store":
                     continue
                 kw = {k.arg: k.value for k in node.keywords}
                 topic = kw.get("topic") or (node.args[1] if len(node.args) > 1 else None)

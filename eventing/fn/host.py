@@ -12,22 +12,9 @@ It is an ordinary `functions-framework` HTTP target, so the stock image and serv
     functions-framework --source <entry file> --target handle --signature-type http \\
         --port $PORT [--host 127.0.0.1]
 
-`write_entry_file` writes that entry file. It is the only place that reads the
-environment (the edge); the variable names are the `ENV_*` constants below, which the
-deploy generator uses for a Knative Service's `env` section:
-
-    SLUICE_FUNCTION_NAME      function name (the `source` of events it returns)
-    SLUICE_FUNCTION_SOURCE    path of the function's source file (main.py)
-    SLUICE_FUNCTION_TARGET    the function's name in that file (default: name, - → _)
-    SLUICE_OUTPUTS            JSON: {"topic": ["event type" | "*", ...]} or ["topic", ...]
-    KAFKA_BOOTSTRAP_SERVERS   where outputs are produced (needed when there are outputs)
-    SCHEMA_REGISTRY_URL       Avro decode/encode (optional: without it, JSON or bytes only)
-
-Tracing (`eventing.telemetry.tracing`) follows the standard OpenTelemetry variables:
-`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT` (OTLP/HTTP base URL,
-e.g. http://otel-collector:4318; unset = no spans), `OTEL_SERVICE_NAME` (default: the
-function name), `OTEL_TRACES_SAMPLER_ARG` (root sampling ratio, default 1). Sluice exports
-OTLP over HTTP only: with `OTEL_EXPORTER_OTLP_PROTOCOL=grpc` tracing stays off (warned).
+The entry file and the environment that configures the host (the `ENV_*` variables,
+and tracing's standard OpenTelemetry ones) are `eventing.fn.env`'s: the contract that
+`eventing.deploy` builds images and Knative Services from, without importing the server.
 
 Status codes, chosen for how Knative (and the dispatcher, which follows it) reacts:
 
@@ -35,7 +22,7 @@ Status codes, chosen for how Knative (and the dispatcher, which follows it) reac
     400  not a CloudEvent                               → not retried, dead letter
     422  the function raised `Reject`                   → not retried, dead letter
     500  the function raised anything else (text body)  → retried with backoff
-    503  an output was not acknowledged by the broker   → retried with backoff
+    503  an output was not queued or not acknowledged   → retried with backoff
 
 Batch mode (`Content-Type: application/cloudevents-batch+json`) is Sluice's own, opt-in
 extension (Knative has none): one POST carries many events, runs them in order and
@@ -44,31 +31,25 @@ answers 200 with one result per event, so the per-POST cost is paid once per bat
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
-from eventing.cloudevent import binding
-from eventing.fn.runtime import FunctionHost, OutputRecord, Reject, load_target
-from eventing.topology import Delivery, Function
+from eventing.cloudevent import event as ce_event
+from eventing.cloudevent import http as ce_http
+from eventing.cloudevent import json as ce_json
+from eventing.fn.env import ENTRY_TARGET, HostConfigError, function_from_env, tracing_from_env
+from eventing.fn.output import OutputFailed, OutputProducer, failure
+from eventing.fn.runtime import FunctionHost, load_target
+from eventing.kafka import Acks, KafkaProducer
+from eventing.topology import Function
 
 # --------------------------------------------------------------------------- configuration
 
-ENV_FUNCTION_NAME = "SLUICE_FUNCTION_NAME"
-ENV_SOURCE = "SLUICE_FUNCTION_SOURCE"
-ENV_TARGET = "SLUICE_FUNCTION_TARGET"
-ENV_OUTPUTS = "SLUICE_OUTPUTS"
-ENV_BOOTSTRAP = "KAFKA_BOOTSTRAP_SERVERS"
-ENV_REGISTRY = "SCHEMA_REGISTRY_URL"
-ENV_NAMES = (ENV_FUNCTION_NAME, ENV_SOURCE, ENV_TARGET, ENV_OUTPUTS, ENV_BOOTSTRAP, ENV_REGISTRY)
-
-ENTRY_TARGET = "handle"  # the functions-framework --target of every entry file
 ORDERING_HEADER = "Sluice-Ordering"  # batch mode: ordered (default) | unordered
 ACK_TIMEOUT_S = 30.0  # longest wait for the broker to acknowledge a request's outputs
 # The host waits for each request's acks, so lingering only adds latency per POST;
@@ -77,89 +58,6 @@ PRODUCER_OVERRIDES: dict[str, Any] = {"linger.ms": 0}
 
 _TEXT = {"Content-Type": "text/plain; charset=utf-8"}
 _JSON = {"Content-Type": "application/json"}
-
-
-class HostConfigError(ValueError):
-    """The host's configuration (environment of the entry file) is incomplete or wrong."""
-
-
-def function_env(function: Function, bootstrap: str | None,
-                 registry_url: str | None) -> dict[str, str]:
-    """The environment that configures a host for `function` (Knative `env`, local process)."""
-    env = {
-        ENV_FUNCTION_NAME: function.name,
-        ENV_SOURCE: str(function.source),
-        ENV_TARGET: function.target,
-        ENV_OUTPUTS: json.dumps({t: list(types) for t, types in function.outputs.items()}),
-    }
-    if bootstrap:
-        env[ENV_BOOTSTRAP] = bootstrap
-    if registry_url:
-        env[ENV_REGISTRY] = registry_url
-    return env
-
-
-def function_from_env(env: Mapping[str, str]) -> tuple[Function, str | None, str | None]:
-    """Parse `function_env`'s variables back into (function, bootstrap, registry_url).
-
-    Only what the host needs is set; subscription fields (topics, delivery) belong to
-    whoever delivers events, so they keep their defaults.
-    """
-    source = env.get(ENV_SOURCE)
-    if not source:
-        raise HostConfigError(f"{ENV_SOURCE} is not set: the path of the function's main.py")
-    path = Path(source)
-    main = path / "main.py" if path.is_dir() else path
-    name = env.get(ENV_FUNCTION_NAME) or main.parent.name
-    raw_outputs = env.get(ENV_OUTPUTS) or "{}"
-    try:
-        outputs = json.loads(raw_outputs)
-    except json.JSONDecodeError as exc:
-        raise HostConfigError(f"{ENV_OUTPUTS} is not JSON: {exc}") from None
-    if isinstance(outputs, list):
-        outputs = {t: ["*"] for t in outputs}
-    if not isinstance(outputs, dict) or not all(isinstance(t, str) for t in outputs):
-        raise HostConfigError(f'{ENV_OUTPUTS}: use {{"topic": ["type", ...]}} or ["topic", ...]')
-    bootstrap = env.get(ENV_BOOTSTRAP) or None
-    if outputs and not bootstrap:
-        raise HostConfigError(f"{ENV_BOOTSTRAP} is not set but the function has outputs")
-    function = Function(
-        name=name,
-        source=main,
-        target=env.get(ENV_TARGET) or name.replace("-", "_"),
-        topics=(),
-        consumer_group="",
-        outputs={t: tuple([types] if isinstance(types, str) else types or ["*"])
-                 for t, types in outputs.items()},
-        delivery=Delivery(),
-        invoke="http",
-    )
-    return function, bootstrap, env.get(ENV_REGISTRY) or None
-
-
-def tracing_from_env(env: Mapping[str, str], service_name: str) -> Any:
-    """`TracingSettings` from the OpenTelemetry variables, or None (no endpoint, or gRPC)."""
-    from eventing.telemetry.tracing import TracingSettings
-
-    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT")
-    if not endpoint:
-        return None
-    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/json").lower()
-    if protocol == "grpc":
-        import logging
-
-        logging.getLogger("sluice.host").warning(
-            "tracing off: OTEL_EXPORTER_OTLP_PROTOCOL=grpc, but Sluice exports OTLP over "
-            "HTTP; set it to http/json and point the endpoint at the collector's :4318")
-        return None
-    try:
-        sampling = float(env.get("OTEL_TRACES_SAMPLER_ARG") or 1.0)
-    except ValueError:
-        raise HostConfigError("OTEL_TRACES_SAMPLER_ARG must be a number in [0, 1]") from None
-    return TracingSettings(endpoint=endpoint, sampling=sampling,
-                           service_name=env.get("OTEL_SERVICE_NAME") or service_name)
 
 
 def handler_from_env(env: Mapping[str, str]) -> Callable[[Any], Any]:
@@ -171,101 +69,6 @@ def handler_from_env(env: Mapping[str, str]) -> Callable[[Any], Any]:
 
         tracing.configure(trace_settings)
     return make_handler(function, bootstrap, registry_url)
-
-
-_ENTRY_HEADER = '''"""Sluice function host entry, written by eventing.fn.host.write_entry_file.
-
-Run: functions-framework --source {path} --target {target} --signature-type http --port $PORT
-"""
-'''
-
-
-def write_entry_file(function: Function | None, path: str | os.PathLike[str],
-                     bootstrap: str | None = None, registry_url: str | None = None) -> Path:
-    """Write the functions-framework entry file that defines `handle`.
-
-    With `function=None` the file reads its configuration from the process environment
-    (the `ENV_*` variables): that is the file a container image carries. With a function,
-    the same variables are written into the file, so a local process needs no environment.
-    """
-    path = Path(path)
-    text = _ENTRY_HEADER.format(path=path.name, target=ENTRY_TARGET)
-    if function is None:
-        text += f"import os\n\nfrom eventing.fn.host import handler_from_env\n\n" \
-                f"{ENTRY_TARGET} = handler_from_env(os.environ)\n"
-    else:
-        env = function_env(function, bootstrap, registry_url)
-        text += f"from eventing.fn.host import handler_from_env\n\nENV = {env!r}\n\n" \
-                f"{ENTRY_TARGET} = handler_from_env(ENV)\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def serve_command(entry: str | os.PathLike[str], port: int, *, host: str = "127.0.0.1",
-                  executable: str = "functions-framework") -> list[str]:
-    """The command line that serves an entry file (Knative images pass host 0.0.0.0)."""
-    return [executable, "--source", str(entry), "--target", ENTRY_TARGET,
-            "--signature-type", "http", "--host", host, "--port", str(port)]
-
-
-# --------------------------------------------------------------------------- acks
-
-
-class KafkaProducer(Protocol):
-    """The part of `confluent_kafka.Producer` the host uses (tests pass a fake)."""
-
-    def produce(self, topic: str, value: Any = None, key: Any = None, *, headers: Any = None,
-                on_delivery: Any = None) -> None: ...
-
-    def poll(self, timeout: float = ...) -> int: ...
-
-
-class _Acks:
-    """Delivery reports of one event's outputs; `wait` returns once all have arrived.
-
-    Reports arrive on the worker's poller thread, so the count is guarded by a lock; the
-    request thread blocks on an Event instead of polling (no added latency).
-    """
-
-    __slots__ = ("_lock", "_sent", "_acked", "_sealed", "errors", "_done")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sent = 0
-        self._acked = 0
-        self._sealed = False
-        self.errors: list[str] = []
-        self._done = threading.Event()
-
-    def sent(self) -> None:
-        with self._lock:
-            self._sent += 1
-
-    def __call__(self, err: Any, msg: Any) -> None:
-        with self._lock:
-            self._acked += 1
-            if err is not None:
-                self.errors.append(f"{msg.topic()}: {err}")
-            if self._sealed and self._acked >= self._sent:
-                self._done.set()
-
-    def seal(self) -> None:
-        """No more outputs will be produced for this event."""
-        with self._lock:
-            self._sealed = True
-            if self._acked >= self._sent:
-                self._done.set()
-
-    def wait(self, deadline: float) -> str | None:
-        """None when every output was acknowledged, else why not."""
-        if not self._done.wait(max(0.0, deadline - time.monotonic())):
-            with self._lock:
-                missing = self._sent - self._acked
-            return f"{missing} output(s) not acknowledged in time by the broker"
-        if self.errors:
-            return "output(s) not acknowledged: " + "; ".join(self.errors[:3])
-        return None
 
 
 # --------------------------------------------------------------------------- worker state
@@ -293,10 +96,11 @@ class _Worker:
         self._pid: int | None = None
         self.host: FunctionHost | None = None
         self.producer: KafkaProducer | None = None
+        self.output: OutputProducer | None = None
 
-    def ready(self) -> tuple[FunctionHost, KafkaProducer | None]:
+    def ready(self) -> tuple[FunctionHost, OutputProducer | None]:
         if self._pid == os.getpid() and self.host is not None:
-            return self.host, self.producer
+            return self.host, self.output
         with self._lock:
             if self._pid != os.getpid() or self.host is None:
                 serde = self._serde_factory() if self._serde_factory else self._make_serde()
@@ -305,10 +109,14 @@ class _Worker:
                     self.host.restore_state(self.bootstrap)
                 self.producer = self._make_producer() if self.function.outputs else None
                 if self.producer is not None:
+                    # The poller thread serves delivery reports: request threads only sleep
+                    # while they wait for room in a full queue.
+                    self.output = OutputProducer(self.producer, poll=False,
+                                                 queue_timeout_s=ACK_TIMEOUT_S)
                     threading.Thread(target=self._poll, args=(self.producer,),
                                      name="sluice-host-acks", daemon=True).start()
                 self._pid = os.getpid()
-        return self.host, self.producer
+        return self.host, self.output
 
     def _make_serde(self) -> Any:
         if not self.registry_url:
@@ -356,31 +164,30 @@ def make_handler(
     _forget_decorator_registration(user)
     worker = _Worker(function, bootstrap, registry_url, user, producer_factory, serde_factory)
 
-    def run(host: FunctionHost, producer: KafkaProducer | None,
-            event: Any) -> tuple[int, str, _Acks | None]:
-        """Call the function and produce its outputs (without waiting for acks)."""
+    def run(host: FunctionHost, output: OutputProducer | None,
+            event: Any) -> tuple[int, str, Acks | None]:
+        """Call the function and send its outputs (without waiting for acks)."""
+        acks = Acks()
         try:
             records = host.call(event)
-        except Reject as exc:
-            return 422, f"Reject: {exc}", None
-        except Exception as exc:  # noqa: BLE001 - any failure is the function's: retry it
-            return 500, f"{type(exc).__name__}: {exc}", None
-        acks = _Acks()
-        if records:
-            error = _produce(producer, records, acks)
-            if error:
-                acks.seal()
-                return 503, error, None
+            if records:
+                if output is None:
+                    raise OutputFailed("the function returned outputs but the host has no "
+                                       "Kafka producer")
+                output.send_acked(records, acks)
+        except Exception as exc:  # noqa: BLE001 - Reject, the function's, OutputFailed
+            status, error = failure(exc)
+            return status, error, None
         acks.seal()
         return 200, "", acks
 
     def handle_one(headers: Any, body: bytes) -> Any:
         try:
-            event = binding.from_http(headers, body, max_name_length=None)
-        except binding.BindingError as exc:
+            event = ce_http.from_http(headers, body, max_name_length=None)
+        except ce_event.BindingError as exc:
             return f"not a CloudEvent: {exc}", 400, _TEXT
-        host, producer = worker.ready()
-        status, error, acks = run(host, producer, event)
+        host, output = worker.ready()
+        status, error, acks = run(host, output, event)
         if status == 200:
             error = acks.wait(time.monotonic() + ack_timeout_s)  # type: ignore[union-attr]
             if error is None:
@@ -393,21 +200,19 @@ def make_handler(
         if ordering not in ("ordered", "unordered"):
             return f"{ORDERING_HEADER}: {ordering!r}; use ordered or unordered", 400, _TEXT
         try:
-            items = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            return f"batch body is not JSON: {exc}", 400, _TEXT
-        if type(items) is not list:
-            return "a batch must be a JSON array of events", 400, _TEXT
-        host, producer = worker.ready()
+            items = ce_http.batch_items(body)  # each read when its turn comes: see ordered
+        except ce_event.BindingError as exc:
+            return f"not a batch: {exc}", 400, _TEXT
+        host, output = worker.ready()
         results: list[dict[str, Any]] = [{"status": 0} for _ in items]
-        pending: list[tuple[int, _Acks]] = []
+        pending: list[tuple[int, Acks]] = []
         for i, item in enumerate(items):
             try:
-                event = binding.event_from_json(item, max_name_length=None, index=i)
-            except binding.BindingError as exc:
+                event = ce_json.from_object(item, max_name_length=None, index=i)
+            except ce_event.BindingError as exc:
                 status, error, acks = 400, f"not a CloudEvent: {exc}", None
             else:
-                status, error, acks = run(host, producer, event)
+                status, error, acks = run(host, output, event)
             if acks is not None:
                 pending.append((i, acks))
                 continue
@@ -424,33 +229,12 @@ def make_handler(
         if request.method != "POST":
             return "POST a CloudEvent", 405, {**_TEXT, "Allow": "POST"}
         body = request.get_data()
-        if binding.http_mode(request.headers) == "batch":
+        if ce_http.mode(request.headers) == "batch":
             return handle_batch(request.headers, body)
         return handle_one(request.headers, body)
 
     handle.__name__ = handle.__qualname__ = ENTRY_TARGET
     return handle
-
-
-def _produce(producer: KafkaProducer | None, records: list[OutputRecord],
-             acks: _Acks) -> str | None:
-    """Queue `records`; returns an error text if one could not even be queued."""
-    if producer is None:
-        return "the function returned outputs but the host has no Kafka producer"
-    deadline = time.monotonic() + ACK_TIMEOUT_S
-    for topic, key, value, headers in records:
-        while True:
-            try:
-                producer.produce(topic, value, key, headers=headers, on_delivery=acks)
-                acks.sent()
-                break
-            except BufferError:  # local queue full: the poller thread drains it
-                if time.monotonic() > deadline:
-                    return f"{topic}: producer queue full for {ACK_TIMEOUT_S:g}s"
-                time.sleep(0.01)
-            except Exception as exc:  # noqa: BLE001 - KafkaException, unknown topic, ...
-                return f"{topic}: {type(exc).__name__}: {exc}"
-    return None
 
 
 def _forget_decorator_registration(user: Callable[[Any], Any]) -> None:

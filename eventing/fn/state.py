@@ -12,9 +12,12 @@ covers state too. After a crash, replayed events meet state that may already inc
 them: state values should carry what they need to recognise an event already applied
 (the fraud scorer keeps recent payment ids), which makes replays harmless.
 
-A function declares a store at import time and uses it like a dict:
+A function declares a store at import time (through `eventing.fn.api`, the one module
+functions import) and uses it like a dict:
 
-    WINDOWS = state.store("card-windows", topic="score.state")
+    from eventing.fn.api import store
+
+    WINDOWS = store("card-windows", topic="score.state")
     ...
     window = WINDOWS.get(card_id, [])
     WINDOWS.put(card_id, window)
@@ -33,7 +36,7 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from eventing.kafka import consumer_config, ensure_topics, producer_config
+from eventing.kafka import consumer_config, ensure_topics, produce, producer_config
 
 _MARKER = b"__sluice_restore_marker__"
 _stores: dict[str, KeyedState] = {}
@@ -92,7 +95,7 @@ class KeyedState:
         try:
             parts = consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
             for p in parts:  # one marker per partition: each must be read to its end
-                producer.produce(self.topic, marker_id, _MARKER, partition=p)
+                produce(producer, self.topic, marker_id, _MARKER, partition=p)
             if producer.flush(timeout) != 0:
                 raise TimeoutError(f"state {self.name}: changelog not writable")
             consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
@@ -120,7 +123,7 @@ class KeyedState:
                                    f"{self.topic} within {timeout:.0f}s")
             # A tombstone per marker key keeps compaction from holding markers forever.
             for p in parts:
-                producer.produce(self.topic, None, _MARKER, partition=p)
+                produce(producer, self.topic, None, _MARKER, partition=p)
             producer.flush(timeout)
         finally:
             consumer.close()

@@ -1,7 +1,7 @@
 """The ingest gateway: CloudEvents over HTTP in, schema-checked Avro records in Kafka out.
 
 One endpoint, `POST /`, takes the three HTTP content modes of the CloudEvents HTTP binding
-(parsed by `eventing.cloudevent.binding`, the only module that knows header names):
+(parsed by `eventing.cloudevent.http`, the home of `ce-` headers and the batch format):
 
 - binary     `ce-*` headers, the body is the data (must be JSON: `application/json`);
 - structured `Content-Type: application/cloudevents+json`, one JSON event;
@@ -77,16 +77,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from eventing.cloudevent import binding
-from eventing.cloudevent.binding import BindingError
-from eventing.serde import SchemaNotFound, SchemaViolation
+from eventing.cloudevent import event as ce_event
+from eventing.cloudevent import http as ce_http
+from eventing.cloudevent import json as ce_json
+from eventing.cloudevent import kafka as ce_kafka
+from eventing.kafka import RoomWait
+from eventing.serde import SchemaNotFound, SchemaViolation, subject_for
 from eventing.telemetry import tracing
 
 log = logging.getLogger("sluice.gateway")
 
 AVRO_CONTENT_TYPE = "application/avro"
 ACCEPTED_CONTENT_TYPES = (
-    f"{binding.STRUCTURED_JSON} (structured), {binding.BATCH_JSON} (batch), or "
+    f"{ce_json.STRUCTURED_JSON} (structured), {ce_json.BATCH_JSON} (batch), or "
     "application/json with ce-* headers (binary)"
 )
 Record = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]
@@ -157,20 +160,11 @@ def json_response(body: Any, status: int, headers: Mapping[str, str] | None = No
                     media_type="application/json")
 
 
-def _binding_rejection(exc: BindingError) -> Rejection:
+def _binding_rejection(exc: ce_event.BindingError) -> Rejection:
     error = "invalid_attribute" if exc.attribute not in (None, "data", "data_base64") else (
         "invalid_data" if exc.attribute else "malformed_event")
     reason = exc.reason if exc.attribute is None else f"attribute {exc.attribute!r}: {exc.reason}"
     return Rejection(400, error, reason, attribute=exc.attribute)
-
-
-class _Parsed:
-    """Event data already parsed from a JSON batch (never leaves the gateway)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
 
 
 class Unavailable(Exception):
@@ -328,6 +322,7 @@ class DeliveryBridge:
         callback = pending.on_delivery
         produce = self.producer.produce
         deadline = time.monotonic() + timeout_s
+        wait: RoomWait | None = None
         try:
             for i, (topic, key, value, headers) in enumerate(records):
                 on_delivery = callback
@@ -338,9 +333,9 @@ class DeliveryBridge:
                         produce(topic, value, key, headers=headers, on_delivery=on_delivery)
                         break
                     except BufferError:  # local queue full: let the poll thread drain it
-                        if time.monotonic() > deadline:
-                            raise
-                        await asyncio.sleep(0.005)
+                        if wait is None:
+                            wait = RoomWait(deadline, pause_s=0.005)
+                        await asyncio.sleep(wait.pause(topic))  # kafka.QueueFull at the end
         except (BufferError, KafkaException) as exc:
             # Records already queued may still be written: the 503 tells the client to
             # retry, and consumers dedupe on the CloudEvent id.
@@ -547,7 +542,7 @@ class Gateway:
         spans: list[Any] = []
         try:
             self._authorize(request)
-            mode = binding.http_mode(request.headers)
+            mode = ce_http.mode(request.headers)
             self._check_content_type(mode, request)
             body = await self._read_body(request)
             records, ids = await self._validate(mode, request, body, started_ns, spans)
@@ -599,17 +594,17 @@ class Gateway:
         content_type = request.headers.get("content-type")
         media = content_type.split(";", 1)[0].strip().lower() if content_type else None
         if mode == "batch":
-            ok = media == binding.BATCH_JSON
+            ok = media == ce_json.BATCH_JSON
         elif mode == "structured":
-            ok = media == binding.STRUCTURED_JSON
+            ok = media == ce_json.STRUCTURED_JSON
         else:
-            ok = binding.is_json_content_type(content_type)
+            ok = ce_event.is_json_content_type(content_type)
         if not ok:
             raise Rejection(
                 415, "unsupported_content_type",
                 f"unsupported content type {content_type!r}; accepted: "
                 f"{ACCEPTED_CONTENT_TYPES}",
-                extra={"accepted": [binding.STRUCTURED_JSON, binding.BATCH_JSON,
+                extra={"accepted": [ce_json.STRUCTURED_JSON, ce_json.BATCH_JSON,
                                     "application/json"]},
             )
 
@@ -653,8 +648,8 @@ class Gateway:
             events, positions, errors, total = self._parse_batch(body)
         else:
             try:
-                events = [binding.from_http(request.headers, body)]
-            except BindingError as exc:
+                events = [ce_http.from_http(request.headers, body)]
+            except ce_event.BindingError as exc:
                 self.metrics.count("", "rejected")
                 raise _binding_rejection(exc) from None
             positions, total = [0], 1
@@ -682,31 +677,19 @@ class Gateway:
     ) -> tuple[list[Any], list[int], list[tuple[int, Rejection]], int]:
         """(events, their indexes in the batch, errors by index, batch length)."""
         try:
-            items = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise Rejection(400, "malformed_batch", f"body is not valid JSON: {exc}") from None
-        if type(items) is not list:
-            raise Rejection(400, "malformed_batch", "a batch must be a JSON array of events")
+            items = ce_http.batch_items(body)
+        except ce_event.BindingError as exc:
+            raise Rejection(400, "malformed_batch", exc.reason) from None
         events: list[Any] = []
         positions: list[int] = []
         errors: list[tuple[int, Rejection]] = []
-        is_json = binding.is_json_content_type
+        from_object = ce_json.from_object
         for i, item in enumerate(items):
             try:
-                if type(item) is dict and "data" in item and "data_base64" not in item and (
-                        type(item.get("datacontenttype")) is str or
-                        item.get("datacontenttype") is None) and is_json(
-                        item.get("datacontenttype")):
-                    # JSON data: keep the parsed value instead of re-encoding it to bytes
-                    # and parsing it again for the schema check.
-                    item = dict(item)
-                    data = _Parsed(item.pop("data"))
-                    event = binding.event_from_json(item)
-                    event.data = data
-                else:
-                    event = binding.event_from_json(item)
-                events.append(event)
-            except BindingError as exc:
+                # JSON data stays parsed: the schema check needs the value, so it is not
+                # re-encoded to bytes here and parsed again in `_encode`.
+                events.append(from_object(item, keep_json=True))
+            except ce_event.BindingError as exc:
                 errors.append((i, _binding_rejection(exc)))
             else:
                 positions.append(i)
@@ -744,31 +727,27 @@ class Gateway:
                 f"{', '.join(self.known_types) or 'none'}",
                 attribute="type", extra={"known_types": self.known_types})
         content_type = attrs.get("datacontenttype")
-        if not binding.is_json_content_type(content_type):
+        if not ce_event.is_json_content_type(content_type):
             raise Rejection(
                 415, "unsupported_content_type",
                 f"data must be JSON to be checked against the Avro schema of topic {topic!r};"
                 f" got datacontenttype {content_type!r}", attribute="datacontenttype",
                 extra={"accepted": ["application/json"]})
-        data = event.data
-        if type(data) is _Parsed:
-            data = data.value
-        else:
-            try:
-                data = binding.json_data(event)
-            except BindingError as exc:
-                raise _binding_rejection(exc) from None
+        try:
+            data = ce_event.json_data(event)  # a batch's JSON data is already parsed
+        except ce_event.BindingError as exc:
+            raise _binding_rejection(exc) from None
         try:
             value = self.serde.encode(topic, data)
         except SchemaViolation as exc:
             raise Rejection(422, "schema_violation",
                             f"data does not match the schema of topic {topic!r}: {exc}",
                             field=exc.path or None,
-                            extra={"problem": exc.problem, "subject": f"{topic}-value"}) from None
+                            extra={"problem": exc.problem, "subject": subject_for(topic)}) from None
         except SchemaNotFound:
             raise Rejection(500, "no_schema",
                             f"topic {topic!r} has no schema registered (subject "
-                            f"'{topic}-value'); register it with `sluice schemas`") from None
+                            f"{subject_for(topic)!r}); register it with `sluice schemas`") from None
         except Exception as exc:  # registry unreachable, timeouts
             raise Rejection(503, "registry_unavailable",
                             f"the schema registry could not be reached: {exc}",
@@ -776,7 +755,7 @@ class Gateway:
         traced = self.tracer.ingest(attrs, data, topic, started_ns or None)
         attrs["datacontenttype"] = AVRO_CONTENT_TYPE
         event.data = value
-        key, value, headers = binding.encode_binary(event, validate=False)
+        key, value, headers = ce_kafka.to_binary(event, validate=False)
         return (topic, key, value, headers), traced
 
     def _mark_fresh(self, topics: Iterable[str | None]) -> None:

@@ -22,7 +22,9 @@ import httpx
 import orjson
 from cloudevents.http import CloudEvent
 
-from eventing.cloudevent import binding
+from eventing.cloudevent import event as ce_event
+from eventing.cloudevent import http as ce_http
+from eventing.cloudevent import json as ce_json
 
 DEFAULT_SOURCE = "/sluice/publish"
 
@@ -48,8 +50,8 @@ class GatewayError(Exception):
 
 def normalize(event: CloudEvent | dict[str, Any], source: str = DEFAULT_SOURCE) -> dict[str, Any]:
     """The event as a JSON-format dict, with `specversion`, `id` and `source` filled in."""
-    obj = binding.to_json_object(event) if isinstance(event, CloudEvent) else dict(event)
-    obj.setdefault("specversion", binding.SPECVERSION)
+    obj = ce_json.to_object(event) if isinstance(event, CloudEvent) else dict(event)
+    obj.setdefault("specversion", ce_event.SPECVERSION)
     if not obj.get("id"):
         obj["id"] = str(uuid.uuid4())
     if not obj.get("source"):
@@ -83,7 +85,7 @@ class Publisher:
     def send(self, event: CloudEvent | dict[str, Any]) -> str:
         """Publish one event; return its id once the gateway has it durably."""
         obj = normalize(event, self.source)
-        self._post(orjson.dumps(obj), binding.STRUCTURED_CONTENT_TYPE, 0)
+        self._post(orjson.dumps(obj), ce_json.STRUCTURED_CONTENT_TYPE, 0)
         return obj["id"]
 
     def send_many(self, events: Iterable[CloudEvent | dict[str, Any]], batch_size: int = 500,
@@ -103,8 +105,9 @@ class Publisher:
     def _send_batch(self, objs: list[dict[str, Any]], offset: int,
                     progress: Callable[[int], None] | None) -> int:
         """POST one batch; halve it while the gateway says it is too large (413)."""
+        headers, body = ce_http.batch_message(objs)
         try:
-            self._post(orjson.dumps(objs), binding.BATCH_JSON, offset)
+            self._post(body, headers["content-type"], offset)
         except GatewayError as exc:
             if exc.status != 413 or len(objs) < 2:
                 raise
@@ -224,7 +227,7 @@ def one_event(event_type: str, source: str | None, data: str, event_id: str | No
         value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"--data is not valid JSON: {exc}") from None
-    obj: dict[str, Any] = {"specversion": binding.SPECVERSION, "type": event_type,
+    obj: dict[str, Any] = {"specversion": ce_event.SPECVERSION, "type": event_type,
                            "source": source or DEFAULT_SOURCE,
                            "id": event_id or str(uuid.uuid4()),
                            "datacontenttype": "application/json", "data": value}

@@ -13,6 +13,8 @@ from pathlib import Path
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
+from eventing.serde import subject_for
+
 
 class IncompatibleSchema(RuntimeError):
     """A schema file cannot be registered; the message carries the registry's reason."""
@@ -25,16 +27,12 @@ class Registered:
     path: Path
 
 
-def subject_for(path: Path) -> str:
-    return f"{path.name.removesuffix('.avsc')}-value"
-
-
 def register_all(registry_url: str, schemas_dir: Path) -> list[Registered]:
     """Register every `*.avsc` under `schemas_dir`; stop at the first refusal."""
     client = SchemaRegistryClient({"url": registry_url})
     done: list[Registered] = []
     for path in sorted(schemas_dir.glob("*.avsc")):
-        subject = subject_for(path)
+        subject = subject_for(path.name.removesuffix(".avsc"))  # the file name is the topic
         schema = Schema(path.read_text(), schema_type="AVRO")
         try:
             schema_id = client.register_schema(subject, schema)

@@ -140,14 +140,14 @@ class KafkaLog:
             if err is not None:
                 failures.append(str(err))
 
+        from eventing.kafka import produce
+
+        deadline = time.monotonic() + self.timeout
         try:
             for key, value in records:
-                self._producer.produce(
-                    self.topic, key=_encode(key),
-                    value=None if value is None else _encode(value),
-                    partition=0, on_delivery=on_delivery,
-                )
-        except Exception as exc:  # BufferError, KafkaException
+                produce(self._producer, self.topic, None if value is None else _encode(value),
+                        _encode(key), partition=0, on_delivery=on_delivery, deadline=deadline)
+        except Exception as exc:  # kafka.QueueFull, KafkaException
             raise errors.store_error(str(exc)) from exc
         if self._producer.flush(self.timeout) > 0:
             raise errors.store_timeout(f"no acknowledgement from {self.topic} in {self.timeout}s")

@@ -1,4 +1,5 @@
-"""The pipeline parts of the stack: the ingest gateway and one process per function.
+"""The pipeline parts of the stack: the ingest gateway, one process per function, and
+the topology's traffic generator when it ships one.
 
 They are parts like the broker: started by `sluice up` after the infrastructure, each
 with its own pid, log and health check, stopped by `sluice down`.
@@ -78,11 +79,17 @@ def function_specs(settings: StackSettings) -> list[Callable[[StackSettings], Pa
     return factories
 
 
+def has_generator(settings: StackSettings) -> bool:
+    """Whether the topology ships traffic (`generate.py` beside it, example code)."""
+    return settings.generator_path.exists()
+
+
 def generator_spec(settings: StackSettings) -> PartSpec:
-    """The example traffic generator, publishing through the gateway until stopped."""
+    """The topology's traffic generator, publishing through the gateway until stopped."""
     truth = settings.state_dir / "generator-truth.txt"
     args = ["generate", "--rate", str(settings.generator_rate), "--duration", "0", "--quiet",
-            "--gateway", settings.gateway_url, "--truth", str(truth)]
+            "--gateway", settings.gateway_url, "--truth", str(truth),
+            "--topology", str(settings.topology_path)]
     if settings.gateway_token_file:
         args += ["--token-file", str(settings.gateway_token_file)]
     return _python_part(

@@ -141,6 +141,11 @@ class StackSettings:
         return self.project_dir / "functions" / "topology.yaml"
 
     @property
+    def generator_path(self) -> Path:
+        """The example's traffic generator, if the topology ships one (`sluice up` runs it)."""
+        return generator_path(self.topology_path)
+
+    @property
     def credentials(self) -> Credentials:
         return Credentials.load_or_create(self.state_dir / "credentials.json")
 
@@ -180,6 +185,15 @@ class StackSettings:
         )
 
 
+def generator_path(topology_path: Path) -> Path:
+    """Where a topology's traffic generator lives: `generate.py` beside the topology file.
+
+    Traffic is example-specific (the payments example publishes card payments), so it
+    lives with the example and the platform only knows where to look.
+    """
+    return topology_path.parent / "generate.py"
+
+
 def default_project_dir() -> Path:
     """The source checkout that holds `schemas/`, `functions/` and `infra/`."""
     return Path(__file__).resolve().parents[2]
@@ -193,22 +207,25 @@ def load_settings(
     project_dir: str | os.PathLike[str] | None = None,
     pipeline: bool = True,
     generator: bool = True,
-    generator_rate: float = 20.0,
+    generator_rate: float | None = None,
     gateway_token_file: str | os.PathLike[str] | None = None,
-    trace_sampling: float = 1.0,
+    trace_sampling: float | None = None,
 ) -> StackSettings:
-    """Build settings from explicit values; the CLI maps flags and env vars onto these."""
+    """Build settings from explicit values; the CLI maps flags and env vars onto these.
+
+    A value left None takes the `StackSettings` default, the one place defaults live.
+    """
     project = Path(project_dir) if project_dir else default_project_dir()
     state = Path(state_dir) if state_dir else project / ".state"
+    optional = {"generator_rate": generator_rate, "trace_sampling": trace_sampling}
     settings = StackSettings(
         state_dir=state.resolve(),
         project_dir=project.resolve(),
         ports=Ports().shifted(port_offset),
         pipeline=pipeline,
         generator=generator,
-        generator_rate=generator_rate,
         gateway_token_file=Path(gateway_token_file).resolve() if gateway_token_file else None,
-        trace_sampling=trace_sampling,
+        **{k: v for k, v in optional.items() if v is not None},
     )
     if broker_storage:
         settings = replace(settings, broker_storage=broker_storage)

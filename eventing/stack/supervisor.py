@@ -79,7 +79,7 @@ def core_parts(settings: StackSettings) -> list[SpecFactory]:
     parts += [registry.spec, collector.spec, tracestore.spec, prometheus.spec, realtime.spec]
     if settings.pipeline:
         parts += [pipeline.gateway_spec, *pipeline.function_specs(settings), lakesink.spec]
-        if settings.generator:
+        if settings.generator and pipeline.has_generator(settings):
             parts.append(pipeline.generator_spec)
     return parts
 

@@ -32,7 +32,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from eventing.cloudevent import binding
+from eventing.cloudevent import event as ce_event
+from eventing.cloudevent import kafka as ce_kafka
 
 log = logging.getLogger("sluice.dedupe")
 
@@ -47,12 +48,17 @@ def event_key(msg: Any) -> str | None:
     if not headers:
         return None
     try:
-        event = binding.decode_record(
+        event = ce_kafka.from_record(
             msg.key(), msg.value(), headers, topic=msg.topic(), partition=msg.partition(),
             offset=msg.offset(), timestamp_ms=None, validate=False)
-    except binding.BindingError:
+    except ce_event.BindingError:
         return None
-    if event["type"] == binding.NON_CLOUDEVENT_TYPE:
+    return key_of(event)
+
+
+def key_of(event: Any) -> str | None:
+    """`event_key` of an already decoded event (None for a wrapped non-CloudEvent)."""
+    if event["type"] == ce_event.NON_CLOUDEVENT_TYPE:
         return None
     return f"{event['source']} {event['id']}"
 

@@ -517,7 +517,8 @@ class LakeSink:
         return self.stats
 
     def _add(self, msg: Any) -> None:
-        from eventing.serde import SerdeError
+        from eventing.cloudevent import kafka as ce_kafka
+        from eventing.serde import SerdeError, decode_row
 
         p, o = msg.partition(), msg.offset()
         self.stats.consumed += 1
@@ -530,13 +531,19 @@ class LakeSink:
         value = msg.value()
         if value is None:
             return  # a tombstone: nothing to store, but its offset counts
+        # Decoded once for both the dedupe key and the data's content type; a record that
+        # is not a valid CloudEvent is wrapped (no key; content type from its header).
+        event = ce_kafka.from_record(
+            msg.key(), value, msg.headers(), topic=msg.topic(), partition=p, offset=o,
+            timestamp_ms=None, wrap_invalid=True, validate=False)
         if self.config.dedupe_window_ms > 0:
-            key = dedupe.event_key(msg)
+            key = dedupe.key_of(event)
             if key is not None and self.recent.seen(p, key, dedupe.record_time_ms(msg)):
                 self.stats.skipped_duplicate_ids += 1  # a replayed event: its offset counts
                 return
         try:
-            record = self.serde.decode(value)
+            record = decode_row(event.get("datacontenttype"), event.data, self.serde,
+                                self.config.topic)
         except SerdeError as exc:
             self.stats.undecodable += 1
             log.warning("skipping %s[%d]@%d: %s", msg.topic(), p, o, exc)

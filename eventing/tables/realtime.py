@@ -44,7 +44,9 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from eventing.cloudevent import binding
+from eventing.cloudevent import event as ce_event
+from eventing.cloudevent import kafka as ce_kafka
+from eventing.serde import decode_row, subject_for
 from eventing.tables import query
 from eventing.telemetry import tracing
 
@@ -454,21 +456,17 @@ class Ingest:
 
     def _decode(self, msg: Any) -> dict[str, Any] | None:
         try:
-            event = binding.decode_record(
+            event = ce_kafka.from_record(
                 msg.key(), msg.value(), msg.headers(), topic=msg.topic(),
                 partition=msg.partition(), offset=msg.offset(),
                 timestamp_ms=msg.timestamp()[1], validate=False)
-            if self.recent.window_ms > 0 and event["type"] != binding.NON_CLOUDEVENT_TYPE:
+            if self.recent.window_ms > 0 and event["type"] != ce_event.NON_CLOUDEVENT_TYPE:
                 ts = msg.timestamp()[1]
                 if self.recent.seen(msg.partition(), f"{event['source']} {event['id']}",
                                     ts if ts > 0 else int(time.time() * 1000)):
                     self.table.metrics.duplicates.inc()
                     return None
-            data = event.data
-            content_type = (event.get("datacontenttype") or "").lower()
-            if "json" in content_type:
-                return orjson.loads(data)
-            return self.serde.decode(data)
+            return decode_row(event.get("datacontenttype"), event.data, self.serde, msg.topic())
         except Exception as exc:  # noqa: BLE001 - one bad record must not stop the table
             self.table.metrics.undecodable.inc()
             log.debug("skipping %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
@@ -595,13 +593,14 @@ def fetch_avro_schema(registry_url: str, topic: str, *, wait_s: float = 30.0,
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
     client = SchemaRegistryClient({"url": registry_url})
+    subject = subject_for(topic)
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return json.loads(client.get_latest_version(f"{topic}-value").schema.schema_str)
+            return json.loads(client.get_latest_version(subject).schema.schema_str)
         except Exception as exc:  # noqa: BLE001 - registry down or subject missing
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no schema for {topic}-value at {registry_url}: "
+                raise RuntimeError(f"no schema for {subject} at {registry_url}: "
                                    f"{exc}") from exc
             sleep(0.5)
 

@@ -99,6 +99,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from eventing.cloudevent import kafka as ce_kafka
+
 log = logging.getLogger("sluice.tracing")
 
 # OTLP SpanKind numbers.
@@ -520,18 +522,14 @@ class Tracer:
 
 
 def _header_context(msg: Any) -> Context | None:
-    for k, v in msg.headers() or ():
-        if k == "ce_traceparent":
-            return parse_traceparent(v)
-    return None
+    return parse_traceparent(ce_kafka.header_value(msg.headers(), "traceparent"))
+
+
+_SPAN_EVENT_ATTRS = frozenset({"id", "type", "source", "partitionkey"})  # what export reads
 
 
 def _header_attrs(msg: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in msg.headers() or ():
-        if k in ("ce_id", "ce_type", "ce_source", "ce_partitionkey") and v is not None:
-            out[k[3:]] = v.decode("utf-8", "replace")
-    return out
+    return ce_kafka.header_attributes(msg.headers(), _SPAN_EVENT_ATTRS)
 
 
 # --------------------------------------------------------------------------- the process

@@ -16,7 +16,7 @@ import os
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from eventing.fn import state
+from eventing.fn.api import store
 
 MINUTE = 60_000
 WINDOW_MS = 10 * MINUTE
@@ -36,7 +36,7 @@ CARD_TESTING_MERCHANTS = 2
 # Features the rules use that are not columns of payments.scored.
 INTERNAL_FEATURES = {"recent_countries", "tiny_merchants_10m"}
 
-WINDOWS = state.store("card-windows", topic="score.state")
+WINDOWS = store("card-windows", topic="score.state")
 
 # Payments in two regions within TRAVEL_WINDOW_MS cannot both be card-present.
 REGION = {c: "europe" for c in ("DE", "FR", "NL", "ES", "IT", "GB", "PL", "SE", "CH")} | {

@@ -3,7 +3,7 @@
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from eventing.fn.runtime import Reject
+from eventing.fn.api import Reject
 
 KNOWN_CURRENCIES = {"EUR", "USD", "GBP", "CHF", "JPY", "SEK", "PLN"}
 MAX_AMOUNT = 1_000_000.0

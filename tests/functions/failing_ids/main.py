@@ -4,7 +4,7 @@ with 500), ids ending in 13 are rejected (dead-lettered at once with 422)."""
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from eventing.fn.runtime import Reject
+from eventing.fn.api import Reject
 
 
 @functions_framework.cloud_event

@@ -2,13 +2,13 @@
 
 Payments whose merchant_id is "fail" raise (a transient-looking error: retried, then
 dead-lettered with 500); "reject" raises `Reject` (dead-lettered at once with 422).
-Every other payment is converted like functions/convert does.
+Every other payment is converted like benchmarks/convert does.
 """
 
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from eventing.fn.runtime import Reject
+from eventing.fn.api import Reject
 
 
 @functions_framework.cloud_event

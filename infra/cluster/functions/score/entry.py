@@ -1,4 +1,4 @@
-"""Sluice function host entry, written by eventing.fn.host.write_entry_file.
+"""Sluice function host entry, written by eventing.fn.env.write_entry_file.
 
 Run: functions-framework --source entry.py --target handle --signature-type http --port $PORT
 """

@@ -1,0 +1,182 @@
+"""Commands a user runs against the pipeline: publish, generate, query, deploy."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from eventing.cli.edge import CommandFailed, Edge, add_command, settings_flag
+
+DEPLOY = "eventing.deploy:DeploySettings"
+
+
+def publish(edge: Edge) -> int:
+    from eventing.ingest.publish import GatewayError, Progress, Publisher, one_event, read_jsonl
+
+    a = edge.args
+    url = a.gateway or edge.settings.gateway_url
+    try:
+        with Publisher(url, edge.gateway_token()) as publisher:
+            if a.file:
+                total, events = read_jsonl(a.file)
+                progress = Progress(total, sys.stderr)
+                sent = publisher.send_many(events, progress=progress, **edge.given("batch_size"))
+                progress(sent, final=True)
+                print(f"published {sent} events to {url}")
+            else:
+                if not a.type or a.data is None:
+                    raise CommandFailed("give --file, or --type and --data (and --source)")
+                print(publisher.send(one_event(a.type, a.source, a.data, a.id, a.key)))
+    except ValueError as exc:
+        raise CommandFailed(str(exc)) from None
+    except GatewayError as exc:
+        print(f"\nerror: gateway answered {exc.status or 'nothing'} ({exc.error}): "
+              f"{exc.reason}", file=sys.stderr)
+        for bad in exc.events[:20]:
+            print(f"  event {bad['index']} (0-based, blank lines skipped): {bad.get('reason')}",
+                  file=sys.stderr)
+        return 1
+    return 0
+
+
+def generate(edge: Edge) -> int:
+    """Publish the topology's example traffic (its `generate.py`) through the gateway."""
+    from eventing.ingest.publish import GatewayError, Progress, Publisher
+
+    a, s = edge.args, edge.settings
+    traffic = edge.generator()
+    token = edge.gateway_token()
+    if not token and s.gateway_token_file and s.gateway_token_file.exists():
+        token = s.gateway_token_file.read_text().strip()
+    edge.interrupt_on_sigterm()  # `sluice down` stops the generator cleanly
+    total = int(a.rate * a.duration) if a.duration else 0
+    progress = Progress(total, sys.stderr) if total and not a.quiet else None
+    try:
+        with Publisher(a.gateway or s.gateway_url, token) as pub:
+            sent, fraud = traffic.run(pub, rate=a.rate, duration=a.duration,
+                                      truth=Path(a.truth) if a.truth else None,
+                                      progress=progress, **edge.given("seed", "fraud_share"))
+    except KeyboardInterrupt:
+        return 0
+    except GatewayError as exc:
+        raise CommandFailed(f"the gateway refused a batch: {exc}", 1) from None
+    if progress:
+        progress(sent, final=True)
+    print(f"published {sent} payments ({fraud} injected fraud)")
+    return 0
+
+
+def query(edge: Edge) -> int:
+    """Trino SQL to the real-time server (DuckDB) or to a Trino cluster."""
+    from eventing.tables.query import QueryFailed, TranslationError, run
+
+    a = edge.args
+    server = a.server or edge.settings.realtime_url
+    try:
+        print(run(a.sql, server_url=server, trino_url=a.trino, explain=a.explain,
+                  **edge.given(fmt="format", timeout_s="timeout")))
+    except TranslationError as exc:
+        raise CommandFailed(str(exc)) from None
+    except QueryFailed as exc:
+        raise CommandFailed(str(exc), 1) from None
+    return 0
+
+
+def deploy(edge: Edge) -> int:
+    """Knative/Kubernetes manifests for the topology, applied with kubectl."""
+    import tempfile
+
+    from eventing.deploy import DeployError, DeploySettings, write_bundle
+    from eventing.deploy.apply import ToolMissing, apply
+
+    a = edge.args
+    topology = edge.topology()
+    settings = DeploySettings(**edge.given(
+        "namespace", "image_registry", "image_tag", "bootstrap", "registry_url",
+        "kafka_cluster", "otlp_endpoint"))
+    out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="sluice-deploy-"))
+    try:
+        bundle = write_bundle(topology, out, settings, include_code=not a.no_code)
+    except DeployError as exc:
+        raise CommandFailed(str(exc)) from None
+    print(f"wrote {len(bundle.files)} files to {out}:")
+    for name in topology.functions:
+        print(f"  function {name:<12} functions/{name}/Dockerfile, "
+              f"base/functions/{name}.service.yaml, base/functions/{name}.kafkasource.yaml")
+    print("  kustomize          base/, overlays/dev, overlays/prod;  kn script: kn.sh")
+    if a.dry_run:
+        return 0
+    try:
+        return apply(out, a.overlay)
+    except ToolMissing as exc:
+        raise CommandFailed(str(exc), 1) from None
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "publish", publish, help="publish CloudEvents to the gateway "
+                    "(bearer token from env SLUICE_GATEWAY_TOKEN)")
+    p.add_argument("--type", help="event type (routes it to a topic)")
+    p.add_argument("--source", help="event source (default /sluice/publish)")
+    p.add_argument("--data", help="event data as JSON text")
+    p.add_argument("--id", help="event id (default: a new UUID)")
+    p.add_argument("--key", help="partition key (the partitionkey extension)")
+    p.add_argument("--file", help="JSON Lines file, one structured CloudEvent per line "
+                   "(id, source, specversion filled in when missing)")
+    settings_flag(p, "--batch-size", type=int,
+                  default_of="eventing.ingest.publish:Publisher.send_many.batch_size",
+                  help="events per request (--file)")
+    p.add_argument("--gateway", help="gateway URL (default: the local stack's)")
+
+    p = add_command(sub, "generate", generate, help="publish the topology's example traffic "
+                    "(its generate.py: realistic payments with injected fraud)")
+    p.add_argument("--rate", type=float, default=50.0, help="payments per second")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds (0 = forever)")
+    p.add_argument("--seed", type=int, help="random seed (default: the generator's)")
+    p.add_argument("--fraud-share", type=float,
+                   help="share of payments that start a fraud pattern (default: the "
+                        "generator's)")
+    p.add_argument("--truth", help="append injected fraud payment ids to this file")
+    p.add_argument("--gateway", help="gateway URL (default: the local stack's)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--token-file", help="file holding the gateway's bearer token")
+    p.add_argument("--topology", help="topology file whose generate.py runs "
+                   "(default functions/topology.yaml)")
+
+    p = add_command(sub, "query", query, help="run Trino SQL: locally on the real-time server "
+                    "(translated to DuckDB), or on Trino with --trino")
+    p.add_argument("sql", help="one Trino SQL query; tables: payments_scored (lake), "
+                   "payments_scored_rt (real-time)")
+    settings_flag(p, "--format", choices=["table", "csv", "json"],
+                  default_of="eventing.tables.query:run.fmt", help="output format")
+    p.add_argument("--trino", metavar="URL", help="run on Trino at "
+                   "http(s)://[user@]host:port[/catalog/schema] instead")
+    p.add_argument("--explain", action="store_true",
+                   help="print the SQL that would run (DuckDB, or Trino with --trino)")
+    p.add_argument("--server", help="real-time server URL (default: the local stack's)")
+    settings_flag(p, "--timeout", type=float, default_of="eventing.tables.query:run.timeout_s",
+                  help="seconds to wait for answers")
+
+    p = add_command(sub, "deploy", deploy, help="write Knative/Kubernetes manifests for the "
+                    "topology and apply them with kubectl (--dry-run: only write them)")
+    p.add_argument("--dry-run", action="store_true", help="write the files, apply nothing")
+    p.add_argument("--out", help="folder to write into (default: a new temporary folder)")
+    p.add_argument("--topology", help="topology file (default functions/topology.yaml)")
+    p.add_argument("--overlay", choices=["dev", "prod"], default="dev",
+                   help="which overlay to apply (without --dry-run)")
+    settings_flag(p, "--namespace", default_of=f"{DEPLOY}.namespace",
+                  help="Kubernetes namespace")
+    settings_flag(p, "--image-registry", default_of=f"{DEPLOY}.image_registry",
+                  help="registry prefix of function images")
+    settings_flag(p, "--image-tag", default_of=f"{DEPLOY}.image_tag",
+                  help="tag of function images")
+    settings_flag(p, "--bootstrap", default_of=f"{DEPLOY}.bootstrap",
+                  help="Kafka bootstrap servers on the cluster")
+    settings_flag(p, "--registry-url", default_of=f"{DEPLOY}.registry_url",
+                  help="schema registry URL on the cluster")
+    settings_flag(p, "--kafka-cluster", default_of=f"{DEPLOY}.kafka_cluster",
+                  help="Strimzi Kafka cluster name (KafkaTopic label)")
+    settings_flag(p, "--otlp-endpoint", default_of=f"{DEPLOY}.otlp_endpoint",
+                  help="OTLP endpoint functions export traces to")
+    p.add_argument("--no-code", action="store_true", help="do not copy code into the build "
+                   "contexts (how the checked-in infra/cluster is written)")
