@@ -92,7 +92,8 @@ def tracestore(edge: Edge) -> int:
         raise CommandFailed(str(exc)) from None
     receiver_settings = traces.ReceiverSettings(
         host=a.host or s.host, port=a.port if a.port is not None else s.ports.tracestore)
-    store = traces.TraceStore(Path(a.db) if a.db else traces.db_path(s.state_dir))
+    store = traces.TraceStore(Path(a.db) if a.db else traces.db_path(s.state_dir),
+                              policy=policy)
     try:
         receiver = traces.TraceReceiver(store, policy, receiver_settings)
     except OSError as exc:
@@ -104,7 +105,7 @@ def tracestore(edge: Edge) -> int:
     finally:
         store.close()
     print(f"stored {receiver.spans} spans from {receiver.requests} requests; "
-          f"{receiver.rejected} rejected; {receiver.pruned} traces deleted by retention")
+          f"{receiver.rejected} rejected; {store.deleted} traces deleted by retention")
     return 0
 
 

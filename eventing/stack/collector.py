@@ -33,7 +33,11 @@ def spec(settings: StackSettings) -> PartSpec:
         "--otlp-exporter-endpoint", settings.tracestore_url,  # rotel appends /v1/traces
         "--otlp-exporter-protocol", "http",
         "--otlp-exporter-compression", "none",  # loopback: gzip would only cost CPU
+        # A busy machine can hold a batch up for seconds; a retry after the default 5 s
+        # would send it twice (harmless: the store's writes are idempotent, but wasted).
+        "--otlp-exporter-request-timeout", "30s",
         "--batch-timeout", "10ms",
+        "--traces-batch-max-size", "200",  # bounds one write to the trace store (~200 KiB)
     ]
     return PartSpec(
         name=NAME,

@@ -53,20 +53,25 @@ STATUS_NAMES = {0: "unset", 1: "ok", 2: "error"}
 _TRACE_ID = re.compile(r"[0-9a-f]{32}\Z")
 SCHEMA_VERSION = 2  # PRAGMA user_version; a store of another version is emptied at start
 
+# Rows live in insertion order (rowid tables), not by random trace id: retention deletes
+# the oldest traces, and in insertion order those fill whole pages that SQLite then reuses;
+# keyed by trace id they would be spread thinly over every page, freeing none.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spans (
+    id INTEGER PRIMARY KEY,
     trace_id TEXT NOT NULL, span_id TEXT NOT NULL, parent_id TEXT, service TEXT,
     name TEXT, kind INTEGER, start_ns INTEGER, end_ns INTEGER, status_code INTEGER,
     status_message TEXT, attributes TEXT, events TEXT, function TEXT,
-    PRIMARY KEY (trace_id, span_id)) WITHOUT ROWID;
+    UNIQUE (trace_id, span_id));
 CREATE INDEX IF NOT EXISTS spans_by_function ON spans (function, trace_id)
     WHERE function IS NOT NULL;
 CREATE TABLE IF NOT EXISTS traces (
-    trace_id TEXT PRIMARY KEY, start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,
-    root TEXT, error INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+    id INTEGER PRIMARY KEY, trace_id TEXT NOT NULL UNIQUE, start_ns INTEGER NOT NULL,
+    end_ns INTEGER NOT NULL, root TEXT, error INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS traces_by_start ON traces (start_ns);
 CREATE TABLE IF NOT EXISTS refs (
-    ref TEXT NOT NULL, trace_id TEXT NOT NULL, PRIMARY KEY (ref, trace_id)) WITHOUT ROWID;
+    id INTEGER PRIMARY KEY, ref TEXT NOT NULL, trace_id TEXT NOT NULL,
+    UNIQUE (ref, trace_id));
 CREATE INDEX IF NOT EXISTS refs_by_trace ON refs (trace_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
@@ -251,6 +256,11 @@ class RetentionPolicy:
     every_s: float = 5.0  # how often the store checks (between checks it may grow by
     #                        what arrives in `every_s`: ~1 MiB at the example's rate)
 
+    @property
+    def max_wal_bytes(self) -> int:
+        """The write-ahead log's share of the bound (it counts toward the size)."""
+        return min(4 << 20, self.max_bytes // 16)
+
     def __post_init__(self) -> None:
         if self.max_age_s <= 0:
             raise ValueError(f"trace retention must be positive, got {self.max_age_s} s")
@@ -262,6 +272,7 @@ class RetentionPolicy:
 
 
 MIN_STORE_BYTES = 4 << 20
+ROW_OVERHEAD = 300  # bytes a span row costs beyond its JSON: ids, times, index entries
 HIGH_WATER = 0.9  # prune once the store is above this share of max_bytes ...
 LOW_WATER = 0.75  # ... down to this share, so a prune is not needed again seconds later
 
@@ -303,10 +314,17 @@ class TraceStore:
     """The SQLite span index. One writer process, many readers (WAL)."""
 
     def __init__(self, path: Path, *, ref_attributes: Sequence[str] = REF_ATTRIBUTES,
-                 readonly: bool = False, max_wal_bytes: int = 4 << 20) -> None:
+                 readonly: bool = False, policy: RetentionPolicy | None = None) -> None:
+        """`policy`: the size bound `add` makes room for before each write (retention by
+        age, and compaction, run from `prune`, which the owner calls on a timer)."""
         self.path = Path(path)
         self.ref_attributes = tuple(ref_attributes)
-        self._lock = threading.Lock()  # the receiver's threads share one connection
+        self.policy = policy
+        self.deleted = 0  # traces retention deleted since open (by age or size)
+        max_wal_bytes = policy.max_wal_bytes if policy else 4 << 20
+        # The receiver's threads share one connection: every use of it holds this lock
+        # (re-entrant: a write that makes room runs a retention pass inside it).
+        self._lock = threading.RLock()
         if readonly:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
             return
@@ -341,8 +359,9 @@ class TraceStore:
     # ---------------------------------------------------------------- writing
 
     def add(self, spans: Iterable[StoredSpan]) -> int:
-        """Insert (or replace) spans, their traces and references in one transaction.
-        Returns the number of spans."""
+        """Insert (or replace) spans, their traces and references in one transaction,
+        first deleting the oldest traces if the write would carry the store past its
+        bound. Returns the number of spans."""
         rows = []
         refs = set()
         traces: dict[str, list[Any]] = {}  # trace id -> [start, end, root, error]
@@ -361,20 +380,36 @@ class TraceStore:
                 t[2] = s.name
             if s.status == "error":
                 t[3] = 1
-        with self._lock, self.db:
+        with self._lock:
+            if self.policy is not None and rows:
+                # Room for the rows twice: once in the write-ahead log, once in the pages.
+                incoming = 2 * sum(ROW_OVERHEAD + len(r[10]) + len(r[11]) + len(r[4] or "")
+                                   for r in rows)
+                if self.size_bytes() + incoming > self.policy.max_bytes * HIGH_WATER:
+                    self.prune(self.policy, reserve=incoming)
+            self._insert(rows, traces, refs)
+        return len(rows)
+
+    def _insert(self, rows: list[tuple], traces: dict[str, list[Any]],
+                refs: set[tuple[str, str]]) -> None:
+        with self.db:
             self.db.executemany(
-                "INSERT OR REPLACE INTO spans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                "INSERT OR REPLACE INTO spans (trace_id, span_id, parent_id, service, name, "
+                "kind, start_ns, end_ns, status_code, status_message, attributes, events, "
+                "function) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
             self.db.executemany(
-                "INSERT INTO traces VALUES (?,?,?,?,?) ON CONFLICT (trace_id) DO UPDATE SET "
+                "INSERT INTO traces (trace_id, start_ns, end_ns, root, error) VALUES "
+                "(?,?,?,?,?) ON CONFLICT (trace_id) DO UPDATE SET "
                 "start_ns=min(start_ns, excluded.start_ns), end_ns=max(end_ns, excluded.end_ns),"
                 " root=coalesce(excluded.root, root), error=max(error, excluded.error)",
                 [(tid, *t) for tid, t in traces.items()])
-            self.db.executemany("INSERT OR IGNORE INTO refs VALUES (?,?)", sorted(refs))
-        return len(rows)
+            self.db.executemany("INSERT OR IGNORE INTO refs (ref, trace_id) VALUES (?,?)",
+                                sorted(refs))
 
     def set_meta(self, key: str, value: str) -> None:
         with self._lock, self.db:
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?,?)",
+                            (key, value))
 
     def meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -385,8 +420,9 @@ class TraceStore:
     def size_bytes(self) -> int:
         """What the bound counts: pages in use (not free pages, which SQLite reuses) plus
         the write-ahead log."""
-        page_count, free, page = (self.db.execute(f"PRAGMA {p}").fetchone()[0]
-                                  for p in ("page_count", "freelist_count", "page_size"))
+        with self._lock:
+            page_count, free, page = (self.db.execute(f"PRAGMA {p}").fetchone()[0]
+                                      for p in ("page_count", "freelist_count", "page_size"))
         wal = self.path.with_name(self.path.name + "-wal")
         return (page_count - free) * page + (wal.stat().st_size if wal.exists() else 0)
 
@@ -396,30 +432,39 @@ class TraceStore:
             self.path, self.path.with_name(self.path.name + "-wal"),
             self.path.with_name(self.path.name + "-shm")) if p.exists())
 
-    def prune(self, policy: RetentionPolicy, *, now_ns: int | None = None) -> PruneResult:
+    def prune(self, policy: RetentionPolicy, *, now_ns: int | None = None,
+              reserve: int = 0) -> PruneResult:
         """Delete traces that started before `max_age_s` ago, then the oldest traces while
-        the store is above its size (down to `LOW_WATER` of it). Whole traces go, with
-        their spans and references, in small transactions so readers and the receiver
-        are never held up for long."""
-        now_ns = time.time_ns() if now_ns is None else now_ns
+        the store (plus `reserve` bytes about to be written) is above its size, down to
+        `LOW_WATER` of it. Whole traces go, with their spans and references, in small
+        transactions so readers and the receiver are never held up for long."""
+        with self._lock:
+            return self._prune(policy, time.time_ns() if now_ns is None else now_ns, reserve)
+
+    def _prune(self, policy: RetentionPolicy, now_ns: int, reserve: int) -> PruneResult:
         result = PruneResult(bytes_before=self.size_bytes())
         cutoff = now_ns - int(policy.max_age_s * 1e9)
         while (n := self._delete_oldest(1000, before_ns=cutoff)):
             result.by_age += n
         self._checkpoint()
         for _ in range(20):  # each round deletes the share of traces that should free enough
-            used = self.size_bytes()
+            used = self.size_bytes() + reserve
             if used <= policy.max_bytes * HIGH_WATER and not result.by_size:
                 break
             if used <= policy.max_bytes * LOW_WATER:
                 break
-            count = self.db.execute("SELECT COUNT(*) FROM traces").fetchone()[0]
+            count = self.trace_count()
             if count == 0:
                 break
             share = (used - policy.max_bytes * LOW_WATER) / used
             result.by_size += self._delete_oldest(max(1, int(count * share) + 1))
             self._checkpoint()
         result.bytes_after = self.size_bytes()
+        self.deleted += result.traces
+        if result.traces:
+            log.info("retention: deleted %d traces by age, %d by size (%d bytes were due); "
+                     "store %d -> %d bytes", result.by_age, result.by_size, reserve,
+                     result.bytes_before, result.bytes_after)
         return result
 
     def compact_if_oversized(self, policy: RetentionPolicy) -> bool:
@@ -434,11 +479,12 @@ class TraceStore:
         return True
 
     def _delete_oldest(self, limit: int, *, before_ns: int | None = None) -> int:
-        where = "" if before_ns is None else "WHERE start_ns < ?"
+        # By size: the first written go first (their pages come free together).
+        where, order = ("", "id") if before_ns is None else ("WHERE start_ns < ?", "start_ns")
         params: tuple[int, ...] = (limit,) if before_ns is None else (before_ns, limit)
         with self._lock, self.db:
             ids = [r[0] for r in self.db.execute(
-                f"SELECT trace_id FROM traces {where} ORDER BY start_ns LIMIT ?", params)]
+                f"SELECT trace_id FROM traces {where} ORDER BY {order} LIMIT ?", params)]
             if not ids:
                 return 0
             doomed = [(t,) for t in ids]
@@ -587,7 +633,6 @@ class TraceReceiver:
         self.requests = 0
         self.spans = 0
         self.rejected = 0
-        self.pruned = 0
         self._slots = threading.BoundedSemaphore(settings.max_concurrent)
         self._server = ThreadingHTTPServer((settings.host, settings.port), self._handler())
         self._server.daemon_threads = True
@@ -688,12 +733,8 @@ class TraceReceiver:
             self._server.server_close()
 
     def prune(self) -> PruneResult:
-        result = self.store.prune(self.policy)
-        self.pruned += result.traces
-        if result.traces:
-            log.info("retention: deleted %d traces by age, %d by size; store %d -> %d bytes",
-                     result.by_age, result.by_size, result.bytes_before, result.bytes_after)
-        return result
+        """One timed retention pass (writes also make room for themselves: `add`)."""
+        return self.store.prune(self.policy)
 
 
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
