@@ -5,6 +5,7 @@ the real parts: spans exported to rotel reach the store and nothing goes to a br
 from __future__ import annotations
 
 import gzip
+import json
 import sqlite3
 import subprocess
 import threading
@@ -378,3 +379,37 @@ def test_spans_exported_to_rotel_reach_the_store_and_never_a_broker(tmp_path) ->
 
 def test_rotel_binary_is_there() -> None:
     assert Path(binaries.rotel()).exists()
+
+
+def test_sluice_trace_lists_what_a_search_matches(tmp_path) -> None:
+    from tests.helpers import sluice
+
+    db = tmp_path / "t.db"
+    store = traces.TraceStore(db)
+    now = time.time_ns()
+    ok = _trace(now - 5 * 10**9, function="enrich", ref="pay-ok")
+    bad = _trace(now - 2 * 10**9, err=True, function="score", ref="pay-bad")
+    old = _trace(now - 3 * HOUR_NS, err=True, function="score")
+    store.add(ok + bad + old)
+    store.close()
+
+    def run(*args: str, check: bool = True):
+        return sluice("trace", *args, "--db", str(db), state_dir=tmp_path / "s", offset=0,
+                      check=check)
+
+    listed = json.loads(run("--errors", "--json").stdout)
+    assert [t["trace_id"] for t in listed] == [bad[0].trace_id, old[0].trace_id]
+    listed = json.loads(run("--errors", "--since", "1h", "--json").stdout)
+    assert [t["trace_id"] for t in listed] == [bad[0].trace_id]
+    text = run("--function", "enrich").stdout
+    assert ok[0].trace_id in text and bad[0].trace_id not in text
+    assert len(text.splitlines()) == 2  # header and the one trace
+    # An id with a search: only that id's traces that match.
+    assert run("pay-ok", "--errors", check=False).returncode == 1
+    assert bad[0].trace_id in run("pay-bad", "--errors").stdout
+    miss = run("--min-duration", "1s", check=False)
+    assert miss.returncode == 1 and "no trace matches" in miss.stderr
+    bare = run(check=False)
+    assert bare.returncode == 2 and "--since, --errors, --function or --min-duration" in bare.stderr
+    wrong = run("--since", "soon", check=False)
+    assert wrong.returncode == 2 and "not a duration: 'soon'" in wrong.stderr
