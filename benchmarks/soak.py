@@ -112,7 +112,8 @@ def report(series: dict[str, Series], args: argparse.Namespace, elapsed_min: flo
                      "rss_first_mib": s.rss[0] / MiB, "rss_last_mib": s.rss[-1] / MiB,
                      "rss_slope_mib_min": s.slope(s.rss, args.warmup),
                      "disk_first_mib": s.disk[0] / MiB, "disk_last_mib": s.disk[-1] / MiB,
-                     "disk_slope_mib_min": s.slope(s.disk, args.warmup)})
+                     "disk_slope_mib_min": s.slope(s.disk, args.warmup),
+                     "series": {"minutes": s.t, "rss": s.rss, "disk": s.disk}})
 
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:+.2f}"

@@ -16,6 +16,7 @@ from eventing.stack.process import ProcessDir
 from eventing.stack.settings import Ports
 from functions.generate import EVENT_TYPE, reference
 from tests.helpers import sluice
+from tests.pipeline import consume_all
 
 pytestmark = pytest.mark.stack
 
@@ -43,11 +44,20 @@ def test_spans_reach_the_store_through_rotel_and_never_the_broker(pipeline) -> N
     assert all(t["start_ns"] > 0 and "validate" in t["functions"] for t in listed)
 
     # The collector has no broker to write to, and the broker holds only the pipeline's
-    # own topics (no traces topic, nothing else).
+    # own topics: the topology's, the registry's and the functions' state changelogs,
+    # none of them holding a span.
     collector = ProcessDir(pipeline.state_dir).record("collector")
     assert collector is not None
     assert pipeline.bootstrap not in collector.argv and "kafka" not in collector.argv
     assert pipeline.tracestore_url in collector.argv
     topics = set(AdminClient(admin_config(pipeline.bootstrap)).list_topics(timeout=10).topics)
     expected = topo.load(pipeline.topology_path).all_topics().keys() | {pipeline.schemas_topic}
-    assert topics - {"__consumer_offsets"} <= set(expected), sorted(topics - set(expected))
+    extra = topics - set(expected) - {"__consumer_offsets"}
+    assert all(t.endswith(".state") for t in extra), sorted(extra)
+    for topic in extra:
+        assert consume_all(pipeline.bootstrap, topic, 1, timeout=5, match=_looks_like_spans) == []
+
+
+def _looks_like_spans(msg) -> bool:
+    value = msg.value() or b""
+    return b"resourceSpans" in value or b"scopeSpans" in value or b"traceId" in value
