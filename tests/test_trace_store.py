@@ -413,3 +413,16 @@ def test_sluice_trace_lists_what_a_search_matches(tmp_path) -> None:
     assert bare.returncode == 2 and "--since, --errors, --function or --min-duration" in bare.stderr
     wrong = run("--since", "soon", check=False)
     assert wrong.returncode == 2 and "not a duration: 'soon'" in wrong.stderr
+
+
+def test_up_refuses_a_trace_store_bound_below_the_minimum_before_starting_anything(
+        tmp_path) -> None:
+    from tests.helpers import sluice
+
+    state = tmp_path / "state"
+    proc = sluice("up", "--trace-max-size", "1MiB", state_dir=state, offset=0, check=False)
+    assert proc.returncode == 2
+    assert "trace store size must be at least 4 MiB" in proc.stderr
+    assert not (state / "run").exists() and not (state / "logs").exists()
+    proc = sluice("up", "--trace-retention", "forever", state_dir=state, offset=0, check=False)
+    assert proc.returncode == 2 and "not a duration: 'forever'" in proc.stderr

@@ -15,6 +15,7 @@ from eventing.cli.edge import (
     settings_flag,
     size_arg,
 )
+from eventing.stack.settings import StackSettings
 
 STACK_SETTINGS = "eventing.stack.settings:StackSettings"
 
@@ -25,6 +26,7 @@ def up(edge: Edge) -> int:
     from eventing.stack.supervisor import Stack, StackError
 
     s = edge.settings
+    _check_trace_bounds(s)
     print(f"Starting the Sluice stack (state in {s.state_dir}, broker storage {s.broker_storage})")
     try:
         Stack(s).up()
@@ -40,6 +42,18 @@ def up(edge: Edge) -> int:
           f"http http://{s.host}:{s.ports.otlp_http}")
     print(f"  prometheus        {s.prometheus_url}")
     return 0
+
+
+def _check_trace_bounds(s: StackSettings) -> None:
+    """Refuse trace store bounds the store would refuse, before anything starts."""
+    from eventing.telemetry.traces import RetentionPolicy
+
+    given = {k: v for k, v in (("max_age_s", s.trace_retention_s),
+                               ("max_bytes", s.trace_max_bytes)) if v is not None}
+    try:
+        RetentionPolicy(**given)
+    except ValueError as exc:
+        raise CommandFailed(f"{exc} (--trace-retention / --trace-max-size)") from None
 
 
 def status(edge: Edge) -> int:

@@ -529,6 +529,8 @@ class TraceStore:
                function: str | None = None, min_duration_ms: float | None = None,
                trace_ids: Sequence[str] | None = None, limit: int = 20) -> list[TraceSummary]:
         """The newest traces matching every filter given (newest first, at most `limit`)."""
+        if trace_ids is not None and not trace_ids:
+            return []
         where, params = [], []
         if since_ns is not None:
             where.append("t.start_ns >= ?")
