@@ -1,10 +1,9 @@
 """Unit tests of eventing.telemetry.tracing and .traces: W3C rules, sampling, the hop
-helpers' parent links, OTLP export to a local HTTP endpoint, the SQLite store, rendering."""
+helpers' parent links, OTLP export to a local HTTP endpoint (the trace store: test_trace_store)."""
 
 from __future__ import annotations
 
 import http.server
-import sqlite3
 from pathlib import Path
 
 import orjson
@@ -242,40 +241,3 @@ def test_an_unreachable_collector_drops_spans_without_raising() -> None:
         assert t.dropped == 1
     finally:
         t.shutdown()
-
-
-# --------------------------------------------------------------------------- store
-
-
-def _stored(trace_id, span_id, parent, name, start, **attrs) -> traces.StoredSpan:
-    return traces.StoredSpan(trace_id, span_id, parent, "svc", name, "internal", start,
-                             start + 1_000_000, "error" if "err" in attrs else "unset",
-                             attrs.pop("err", ""), attrs)
-
-
-def test_store_indexes_by_trace_event_and_payment_id_and_renders_a_tree(tmp_path) -> None:
-    store = traces.TraceStore(tmp_path / "t.db")
-    tid = "a" * 32
-    store.add([
-        _stored(tid, "1" * 16, None, "POST /", 0, **{"cloudevents.event_id": "e1"}),
-        _stored(tid, "2" * 16, "1" * 16, "send payments.raw", 100,
-                **{"payment.id": "p1", "messaging.destination.name": "payments.raw",
-                   "messaging.kafka.destination.partition": 3,
-                   "messaging.kafka.message.offset": 7}),
-        _stored(tid, "3" * 16, "2" * 16, "process payments.raw", 200, err="boom"),
-    ], {("sluice.traces", 0): 5})
-    reader = traces.TraceStore(tmp_path / "t.db", readonly=True)  # another connection
-    for ref in (tid, "e1", "p1"):
-        assert list(reader.lookup(ref)) == [tid]
-    assert reader.lookup("nope") == {}
-    assert store.offsets("sluice.traces") == {0: 5}
-    text = traces.render(reader.lookup("p1"))
-    lines = text.splitlines()
-    assert "  send payments.raw" in lines[3] and "payments.raw[3]@7" in lines[3]
-    assert "    process payments.raw" in lines[4] and "! boom" in lines[5]
-    data = traces.as_json(reader.lookup("e1"))
-    assert [s["depth"] for s in data[0]["spans"]] == [0, 1, 2]
-    with pytest.raises(sqlite3.OperationalError):
-        reader.add([_stored(tid, "4" * 16, None, "x", 0)])  # read-only
-    reader.close()
-    store.close()

@@ -82,6 +82,8 @@ class Edge:
             gateway_token_file=getattr(a, "token_file", None)
             or os.environ.get(ENV_GATEWAY_TOKEN_FILE),
             trace_sampling=getattr(a, "trace_sampling", None),
+            trace_retention_s=getattr(a, "trace_retention", None),
+            trace_max_bytes=getattr(a, "trace_max_size", None),
         )
         if settings.settings_file.exists():
             # A state folder keeps the ports and broker storage it was first started
@@ -237,6 +239,26 @@ class HelpFormatter(argparse.HelpFormatter):
         if ref is None:
             return text
         return f"{text} (default {str(settings_default(ref)).replace('%', '%%')})"
+
+
+def duration_arg(text: str) -> float:
+    """An argparse type: `1h`, `30m`, `250ms` -> seconds, or the parser's usage error."""
+    from eventing.units import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def size_arg(text: str) -> int:
+    """An argparse type: `1GiB`, `200MB` -> bytes, or the parser's usage error."""
+    from eventing.units import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def tracing_flags(parser: argparse.ArgumentParser, service_name: str) -> None:

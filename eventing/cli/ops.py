@@ -7,7 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from eventing.cli.edge import CommandFailed, Edge, add_command, settings_flag
+from eventing.cli.edge import (
+    CommandFailed,
+    Edge,
+    add_command,
+    duration_arg,
+    settings_flag,
+    size_arg,
+)
+from eventing.stack.settings import StackSettings
 
 STACK_SETTINGS = "eventing.stack.settings:StackSettings"
 
@@ -18,6 +26,7 @@ def up(edge: Edge) -> int:
     from eventing.stack.supervisor import Stack, StackError
 
     s = edge.settings
+    _check_trace_bounds(s)
     print(f"Starting the Sluice stack (state in {s.state_dir}, broker storage {s.broker_storage})")
     try:
         Stack(s).up()
@@ -33,6 +42,18 @@ def up(edge: Edge) -> int:
           f"http http://{s.host}:{s.ports.otlp_http}")
     print(f"  prometheus        {s.prometheus_url}")
     return 0
+
+
+def _check_trace_bounds(s: StackSettings) -> None:
+    """Refuse trace store bounds the store would refuse, before anything starts."""
+    from eventing.telemetry.traces import RetentionPolicy
+
+    given = {k: v for k, v in (("max_age_s", s.trace_retention_s),
+                               ("max_bytes", s.trace_max_bytes)) if v is not None}
+    try:
+        RetentionPolicy(**given)
+    except ValueError as exc:
+        raise CommandFailed(f"{exc} (--trace-retention / --trace-max-size)") from None
 
 
 def status(edge: Edge) -> int:
@@ -94,16 +115,43 @@ def dashboards(edge: Edge) -> int:
 
 
 def trace(edge: Edge) -> int:
-    """The waterfall of every trace an event id, trace id or payment id names, from the
-    local trace store."""
+    """The waterfall of every trace an event id, trace id or payment id names; or, with
+    search flags and no id, the list of matching traces, newest first."""
     from eventing.telemetry import traces
 
     args = edge.args
     path = Path(args.db) if args.db else traces.db_path(edge.settings.state_dir)
+    searching = (args.errors or args.since is not None or args.function is not None
+                 or args.min_duration is not None)
+    if args.ref is None and not searching:
+        raise CommandFailed("name a trace (CloudEvent id, trace id or payment id) or search "
+                            "with --since, --errors, --function or --min-duration")
     if not path.exists() and not args.wait:
         raise CommandFailed(f"no trace store at {path}; is the stack up (`sluice up`)?")
+    if args.ref is None:
+        store = traces.TraceStore(path, readonly=True)
+        try:
+            found = store.search(**_search_filters(args), **edge.given("limit"))
+        finally:
+            store.close()
+        if args.json:
+            print(json.dumps(traces.summaries_as_json(found), indent=2))
+        elif found:
+            print(traces.render_list(found), end="")
+        if not found:
+            print("no trace matches", file=sys.stderr)
+            return 1
+        return 0
     found = traces.wait_for(path, args.ref, args.wait or 0.0,
                             **(edge.given(settle_s="settle") if args.wait else {"settle_s": 0.0}))
+    if found and searching:  # the named traces that also match the search
+        store = traces.TraceStore(path, readonly=True)
+        try:
+            keep = {t.trace_id for t in store.search(
+                **_search_filters(args), trace_ids=list(found), limit=len(found))}
+        finally:
+            store.close()
+        found = {t: spans for t, spans in found.items() if t in keep}
     if not found:
         print(f"no trace found for {args.ref!r} (event id, trace id or payment id)"
               + ("" if args.wait else "; spans take ~1 s to be indexed: try --wait 10"),
@@ -114,6 +162,15 @@ def trace(edge: Edge) -> int:
     else:
         print(traces.render(found), end="")
     return 0
+
+
+def _search_filters(args: argparse.Namespace) -> dict:
+    """`sluice trace`'s search flags as `TraceStore.search` keywords."""
+    import time
+
+    return {"since_ns": None if args.since is None else time.time_ns() - int(args.since * 1e9),
+            "errors": args.errors, "function": args.function,
+            "min_duration_ms": None if args.min_duration is None else args.min_duration * 1e3}
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -134,6 +191,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     settings_flag(p, "--trace-sampling", type=float,
                   default_of=f"{STACK_SETTINGS}.trace_sampling",
                   help="share of new traces the pipeline records, 0..1")
+    settings_flag(p, "--trace-retention", type=duration_arg, metavar="AGE",
+                  default_of="eventing.telemetry.traces:RetentionPolicy.max_age_s",
+                  help="the trace store deletes traces older than this (1h, 2d; seconds)")
+    settings_flag(p, "--trace-max-size", type=size_arg, metavar="SIZE",
+                  default_of="eventing.telemetry.traces:RetentionPolicy.max_bytes",
+                  help="the trace store deletes its oldest traces above this size "
+                       "(1GiB, 200MB; bytes)")
 
     p = add_command(sub, "status", status,
                     help="report each part: pid, endpoint, health, uptime")
@@ -156,12 +220,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="infra/grafana")
 
     p = add_command(sub, "trace", trace, help="show what happened to an event: the waterfall "
-                    "of its trace(s) by CloudEvent id, trace id or payment id")
-    p.add_argument("ref", help="CloudEvent id, trace id (32 hex) or payment id")
-    p.add_argument("--json", action="store_true", help="machine-readable spans")
+                    "of its trace(s) by CloudEvent id, trace id or payment id; or list the "
+                    "traces a search matches")
+    p.add_argument("ref", nargs="?", help="CloudEvent id, trace id (32 hex) or payment id "
+                   "(leave out to list the traces the search flags match)")
+    p.add_argument("--json", action="store_true", help="machine-readable spans or list")
     p.add_argument("--wait", type=float, default=0.0, metavar="S",
                    help="wait up to S seconds for the spans to arrive and settle")
     settings_flag(p, "--settle", type=float, metavar="S",
                   default_of="eventing.telemetry.traces:wait_for.settle_s",
                   help="with --wait: done once no new span arrived for S seconds")
+    p.add_argument("--errors", action="store_true", help="only traces with a failed span")
+    p.add_argument("--since", type=duration_arg, metavar="AGE",
+                   help="only traces that started within AGE (10m, 1h, 90s)")
+    p.add_argument("--function", metavar="NAME", help="only traces that ran this function")
+    p.add_argument("--min-duration", type=duration_arg, metavar="DUR",
+                   help="only traces at least this long, first span start to last span end "
+                        "(250ms, 1.5s)")
+    settings_flag(p, "--limit", type=int, default_of="eventing.telemetry.traces:"
+                  "TraceStore.search.limit", help="list at most N traces (newest first)")
     p.add_argument("--db", help="trace store file (default: the state folder's)")

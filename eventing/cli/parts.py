@@ -15,7 +15,9 @@ from eventing.cli.edge import (
     CommandFailed,
     Edge,
     add_command,
+    duration_arg,
     settings_flag,
+    size_arg,
     tracing_flags,
 )
 
@@ -23,6 +25,7 @@ GATEWAY = "eventing.ingest.gateway:GatewaySettings"
 REALTIME = "eventing.tables.realtime:RealtimeSettings"
 LAKE_SINK = "eventing.tables.lake:LakeSinkConfig"
 MAINTENANCE = "eventing.tables.maintenance:MaintenancePolicy"
+RETENTION = "eventing.telemetry.traces:RetentionPolicy"
 
 
 def registry(edge: Edge) -> int:
@@ -77,18 +80,32 @@ def gateway(edge: Edge) -> int:
 
 
 def tracestore(edge: Edge) -> int:
-    """Index the traces topic into SQLite until SIGINT/SIGTERM."""
+    """Receive OTLP traces into SQLite, keeping it within its bounds, until SIGINT/SIGTERM."""
     from eventing.telemetry import traces
 
     a, s = edge.args, edge.settings
     stop = edge.foreground("sluice-tracestore")
-    store = traces.TraceStore(Path(a.db) if a.db else traces.db_path(s.state_dir))
-    ingestor = traces.TraceIngestor(store, a.bootstrap or s.bootstrap, a.topic or s.traces_topic)
     try:
-        ingestor.run(stop)
+        policy = traces.RetentionPolicy(**edge.given(max_age_s="retention",
+                                                     max_bytes="max_size", every_s="every"))
+    except ValueError as exc:
+        raise CommandFailed(str(exc)) from None
+    receiver_settings = traces.ReceiverSettings(
+        host=a.host or s.host, port=a.port if a.port is not None else s.ports.tracestore)
+    store = traces.TraceStore(Path(a.db) if a.db else traces.db_path(s.state_dir),
+                              policy=policy)
+    try:
+        receiver = traces.TraceReceiver(store, policy, receiver_settings)
+    except OSError as exc:
+        store.close()
+        raise CommandFailed(f"cannot listen on {receiver_settings.host}:"
+                            f"{receiver_settings.port}: {exc}") from None
+    try:
+        receiver.run(stop)
     finally:
         store.close()
-    print(f"indexed {ingestor.spans} spans from {ingestor.records} records")
+    print(f"stored {receiver.spans} spans from {receiver.requests} requests; "
+          f"{receiver.rejected} rejected; {store.deleted} traces deleted by retention")
     return 0
 
 
@@ -181,11 +198,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                   help="log level")
     tracing_flags(p, "sluice-gateway")
 
-    p = add_command(sub, "tracestore", tracestore, help="index the traces topic into the "
-                    "local trace store (foreground; `sluice up` runs it)")
-    p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the local stack)")
-    p.add_argument("--topic", help="traces topic (default: the local stack's, sluice.traces)")
+    p = add_command(sub, "tracestore", tracestore, help="receive OTLP/HTTP traces into the "
+                    "local trace store, bounded by age and size (foreground; `sluice up` "
+                    "runs it)")
+    p.add_argument("--host", help="listen host (default: the local stack's)")
+    p.add_argument("--port", type=int, help="OTLP/HTTP port (default: the local stack's "
+                   "trace store port)")
     p.add_argument("--db", help="trace store file (default: the state folder's)")
+    settings_flag(p, "--retention", type=duration_arg, metavar="AGE",
+                  default_of=f"{RETENTION}.max_age_s",
+                  help="delete traces older than this (1h, 30m, 2d; seconds)")
+    settings_flag(p, "--max-size", type=size_arg, metavar="SIZE",
+                  default_of=f"{RETENTION}.max_bytes",
+                  help="delete the oldest traces above this size (1GiB, 200MB; bytes)")
+    settings_flag(p, "--every", type=duration_arg, metavar="AGE",
+                  default_of=f"{RETENTION}.every_s", help="how often retention runs (seconds)")
 
     sink = add_command(sub, "sink", _no_sink, help="run a table sink (foreground)")
     sinks = sink.add_subparsers(dest="sink", required=True)

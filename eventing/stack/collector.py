@@ -1,7 +1,9 @@
-"""rotel, the OTLP collector: receives spans on 4317/4318 and writes them to a topic.
+"""rotel, the OTLP collector: receives spans on 4317/4318 and exports them to the trace store.
 
-Spans land in Kafka so Sluice's own pipeline can carry its own traces; on a cluster the
-shipped OpenTelemetry Collector config sends them to Tempo instead.
+Spans go over OTLP/HTTP to the `tracestore` part, never through the broker: Tansu keeps
+every record of a topic until restart, so a traces topic grew broker memory by ~30 MiB/min
+at the example's rate. The collector stays the one address every process exports to (as
+on a cluster, where the shipped OpenTelemetry Collector config sends spans to Tempo).
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ def spec(settings: StackSettings) -> PartSpec:
         "--pid-file", str(run_dir / "rotel.pid"),
         "--log-file", str(run_dir / "rotel.log"),
         "--otlp-receiver-metrics-disabled", "--otlp-receiver-logs-disabled",
-        "--exporter", "kafka",
-        "--kafka-exporter-brokers", settings.bootstrap,
-        "--kafka-exporter-traces-topic", settings.traces_topic,
-        "--kafka-exporter-format", "json",
+        "--exporter", "otlp",
+        "--otlp-exporter-endpoint", settings.tracestore_url,  # rotel appends /v1/traces
+        "--otlp-exporter-protocol", "http",
+        "--otlp-exporter-compression", "none",  # loopback: gzip would only cost CPU
+        # A busy machine can hold a batch up for seconds; a retry after the default 5 s
+        # would send it twice (harmless: the store's writes are idempotent, but wasted).
+        "--otlp-exporter-request-timeout", "30s",
         "--batch-timeout", "10ms",
+        "--traces-batch-max-size", "200",  # bounds one write to the trace store (~200 KiB)
     ]
     return PartSpec(
         name=NAME,

@@ -33,6 +33,7 @@ class Ports:
     prometheus: int = 9090
     otlp_grpc: int = 4317
     otlp_http: int = 4318
+    tracestore: int = 4319  # the trace store's OTLP/HTTP receiver (the collector exports to it)
     # SeaweedFS internals: named explicitly, or `weed mini` binds defaults of its own.
     weed_master: int = 9333
     weed_master_grpc: int = 19333
@@ -89,7 +90,6 @@ class StackSettings:
     broker_bucket: str = "tansu"
     warehouse_bucket: str = "warehouse"
     schemas_topic: str = "_schemas"
-    traces_topic: str = "sluice.traces"
     region: str = "us-east-1"
     # Start the gateway and the topology's functions after the infrastructure.
     pipeline: bool = True
@@ -98,6 +98,9 @@ class StackSettings:
     gateway_token_file: Path | None = None
     # Root sampling ratio of the pipeline's traces (parent-based; see eventing.telemetry.tracing).
     trace_sampling: float = 1.0
+    # Trace store bounds; None leaves `eventing.telemetry.traces.RetentionPolicy`'s default.
+    trace_retention_s: float | None = None
+    trace_max_bytes: int | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -127,6 +130,11 @@ class StackSettings:
     def otlp_http_url(self) -> str:
         """Where the pipeline's processes export spans (the collector's OTLP/HTTP)."""
         return f"http://{self.host}:{self.ports.otlp_http}"
+
+    @property
+    def tracestore_url(self) -> str:
+        """The trace store's OTLP/HTTP receiver (the collector's exporter endpoint)."""
+        return f"http://{self.host}:{self.ports.tracestore}"
 
     @property
     def gateway_url(self) -> str:
@@ -178,11 +186,19 @@ class StackSettings:
         return replace(
             self,
             host=data.get("host", self.host),
-            ports=Ports(**data["ports"]),
+            ports=_saved_ports(data["ports"]),
             broker_storage=data.get("broker_storage", self.broker_storage),
             pipeline=self.pipeline if keep_pipeline else data.get("pipeline", self.pipeline),
             generator=self.generator if keep_pipeline else data.get("generator", self.generator),
         )
+
+
+def _saved_ports(saved: dict[str, int]) -> Ports:
+    """The saved layout; a port added since it was saved moves by the same offset."""
+    offset = saved.get("broker", Ports().broker) - Ports().broker
+    known = {f.name for f in fields(Ports)}
+    return Ports(**(Ports().shifted(offset).all() | {k: v for k, v in saved.items()
+                                                       if k in known}))
 
 
 def generator_path(topology_path: Path) -> Path:
@@ -210,6 +226,8 @@ def load_settings(
     generator_rate: float | None = None,
     gateway_token_file: str | os.PathLike[str] | None = None,
     trace_sampling: float | None = None,
+    trace_retention_s: float | None = None,
+    trace_max_bytes: int | None = None,
 ) -> StackSettings:
     """Build settings from explicit values; the CLI maps flags and env vars onto these.
 
@@ -225,6 +243,8 @@ def load_settings(
         pipeline=pipeline,
         generator=generator,
         gateway_token_file=Path(gateway_token_file).resolve() if gateway_token_file else None,
+        trace_retention_s=trace_retention_s,
+        trace_max_bytes=trace_max_bytes,
         **{k: v for k, v in optional.items() if v is not None},
     )
     if broker_storage:

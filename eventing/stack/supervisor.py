@@ -1,9 +1,10 @@
 """Compose the parts of the local stack: start in dependency order, report, stop.
 
 Order matters: the broker may keep its log in the object store, the registry keeps its
-log in the broker, the collector writes spans to the broker and the trace store reads
-them from there. `up` waits for each part's health check before starting the next one,
-so a failure names the part that failed rather than the first part that noticed.
+log in the broker, the trace store receives spans from the collector so it starts
+first (spans never pass through the broker). `up` waits for each part's health check
+before starting the next one, so a failure names the part that failed rather than the
+first part that noticed.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def core_parts(settings: StackSettings) -> list[SpecFactory]:
     parts.append(broker.spec)
     if settings.broker_storage != "s3":
         parts.append(objectstore.spec)
-    parts += [registry.spec, collector.spec, tracestore.spec, prometheus.spec, realtime.spec]
+    parts += [registry.spec, tracestore.spec, collector.spec, prometheus.spec, realtime.spec]
     if settings.pipeline:
         parts += [pipeline.gateway_spec, *pipeline.function_specs(settings), lakesink.spec]
         if settings.generator and pipeline.has_generator(settings):
@@ -122,7 +123,7 @@ class Stack:
                 )
             log(f"  {spec.name:<12} up   {spec.endpoint}")
             if spec.name == broker.NAME:
-                topics = {self.settings.schemas_topic: 1, self.settings.traces_topic: 4}
+                topics = {self.settings.schemas_topic: 1}
                 if self.settings.pipeline:
                     topics |= topo.load(self.settings.topology_path).all_topics()
                 ensure_topics(self.settings.bootstrap, topics)

@@ -1,43 +1,31 @@
-"""The trace store part: consumes the collector's `sluice.traces` topic into SQLite.
+"""The trace store part: the OTLP/HTTP endpoint the collector exports spans to, into SQLite.
 
-Started after the collector (which writes that topic) so `sluice trace` can find any
-event's spans by CloudEvent id, trace id or payment id. The index file lives in the
-state folder (`eventing.telemetry.traces.db_path`); the part has no port, so its health check is
-"the store has assigned the topic's partitions" (a row the process writes when ready).
+Started before the collector, so the collector's first batch has somewhere to go. It keeps
+spans off the broker (see `eventing.telemetry.traces` for why) and bounds itself by age
+and size (`sluice up --trace-retention/--trace-max-size`). The index file lives in the
+state folder (`eventing.telemetry.traces.db_path`); `sluice trace` reads it directly.
 """
 
 from __future__ import annotations
 
-import sqlite3
-
+from eventing.stack.health import http_status
 from eventing.stack.pipeline import _python_part
 from eventing.stack.process import PartSpec
 from eventing.stack.settings import StackSettings
-from eventing.telemetry.traces import TraceStore, db_path
+from eventing.telemetry.traces import db_path
 
 NAME = "tracestore"
 
 
-def _ready(settings: StackSettings) -> bool:
-    path = db_path(settings.state_dir)
-    if not path.exists():
-        return False
-    try:
-        store = TraceStore(path, readonly=True)
-    except sqlite3.Error:
-        return False
-    try:
-        return store.meta("ready") is not None
-    except sqlite3.Error:
-        return False
-    finally:
-        store.close()
-
-
 def spec(settings: StackSettings) -> PartSpec:
     path = db_path(settings.state_dir)
-    args = ["tracestore", "--bootstrap", settings.bootstrap, "--topic", settings.traces_topic,
+    url = settings.tracestore_url
+    args = ["tracestore", "--host", settings.host, "--port", str(settings.ports.tracestore),
             "--db", str(path)]
+    if settings.trace_retention_s is not None:
+        args += ["--retention", f"{settings.trace_retention_s}s"]
+    if settings.trace_max_bytes is not None:
+        args += ["--max-size", str(settings.trace_max_bytes)]
     return _python_part(settings, NAME, args,
-                        f"trace store {settings.traces_topic} -> {path.name} (sluice trace)",
-                        lambda: _ready(settings), [])
+                        f"trace store otlp http {url}/v1/traces -> {path.name} (sluice trace)",
+                        lambda: http_status(url + "/healthz") == 200, [settings.ports.tracestore])

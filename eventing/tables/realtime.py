@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 import uuid
@@ -49,6 +48,7 @@ from eventing.cloudevent import kafka as ce_kafka
 from eventing.serde import decode_row, subject_for
 from eventing.tables import query
 from eventing.telemetry import tracing
+from eventing.units import parse_duration  # noqa: F401 - callers import it from here
 
 if TYPE_CHECKING:
     import duckdb
@@ -59,15 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("sluice.realtime")
 
 LAKE_ALIAS = query.DEFAULT_NAMES.lake_alias
-
-
-def parse_duration(text: str) -> float:
-    """`1h`, `30m`, `90s`, `2d`, `500ms` or plain seconds -> seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", text)
-    if not match:
-        raise ValueError(f"not a duration: {text!r} (e.g. 1h, 30m, 90s)")
-    value, unit = float(match.group(1)), match.group(2) or "s"
-    return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 
 
 def table_for_topic(topic: str, suffix: str = query.DEFAULT_NAMES.realtime_suffix) -> str:
