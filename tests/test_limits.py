@@ -9,6 +9,7 @@ test_limits_stack.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import threading
@@ -198,3 +199,63 @@ def test_a_slow_request_that_completes_in_time_is_served(limited_server):
         sock.sendall(b"cd")
         sock.settimeout(5)
         assert sock.recv(1000).startswith(b"HTTP/1.1 200")
+
+
+# ------------------------------------------------------------------ registry
+
+
+@pytest.fixture
+def registry() -> Iterator[TestClient]:
+    from eventing.registry import MemoryLog, SchemaStore, create_app
+
+    with TestClient(create_app(SchemaStore(MemoryLog())), raise_server_exceptions=False) as c:
+        yield c
+
+
+REGISTRY_JSON = {"content-type": "application/vnd.schemaregistry.v1+json"}
+
+
+def test_registry_refuses_an_oversized_body_with_413(registry: TestClient):
+    from eventing.registry.app import MAX_BODY_BYTES
+
+    big = json.dumps({"schema": json.dumps({"type": "enum", "name": "E", "symbols": [
+        f"S{i}" for i in range(MAX_BODY_BYTES // 6)]})})
+    assert len(big) > MAX_BODY_BYTES
+    r = registry.post("/subjects/big-value/versions", content=big, headers=REGISTRY_JSON)
+    assert r.status_code == 413 and r.json()["error_code"] == 413
+    assert registry.get("/subjects").json() == []
+
+
+def test_registry_answers_422_for_a_deeply_nested_body(registry: TestClient):
+    deep_body = "[" * 5000 + "]" * 5000
+    r = registry.post("/subjects/deep-value/versions", content=deep_body, headers=REGISTRY_JSON)
+    assert r.status_code == 422 and r.json()["error_code"] == 42201
+
+
+def _nested_schema_text(depth: int) -> str:
+    """A record schema nested `depth` deep, written as text (json.dumps would recurse)."""
+    head = "".join(f'{{"type":"record","name":"R{i}","fields":[{{"name":"f","type":'
+                   for i in range(depth))
+    return head + '"string"' + "}]}" * depth
+
+
+def test_registry_1000_deep_schema_is_422_not_500(registry: TestClient):
+    body = '{"schema": ' + json.dumps(_nested_schema_text(1000)) + "}"
+    r = registry.post("/subjects/deep-value/versions", content=body, headers=REGISTRY_JSON)
+    assert r.status_code == 422 and r.json()["error_code"] == 42201, r.text
+
+
+@pytest.mark.parametrize("version", [" 1", "1 ", "+1", "١", "１", "0x1", "1_0", "2147483648"])
+def test_registry_version_parsing_is_strict(version: str):
+    from eventing.registry import RegistryError
+    from eventing.registry.store import parse_version
+
+    with pytest.raises(RegistryError) as exc:
+        parse_version(version)
+    assert exc.value.error_code == 42202
+
+
+def test_registry_version_parsing_accepts_the_valid_forms():
+    from eventing.registry.store import parse_version
+
+    assert [parse_version(v) for v in ("1", "42", "latest", "-1", 7)] == [1, 42, None, None, 7]

@@ -62,6 +62,9 @@ def gateway(edge: Edge) -> int:
             token = Path(a.token_file).read_text().strip() or None
         except OSError as exc:
             raise CommandFailed(f"cannot read the token file: {exc}") from None
+        if token is None:  # refuse to start rather than run without the token asked for
+            raise CommandFailed(f"the token file {a.token_file} is empty: put the bearer "
+                                "token in it, or leave --token-file out to run without one")
     settings = GatewaySettings.from_topology(
         topology,
         bootstrap=a.bootstrap or s.bootstrap,

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 BrokerStorage = Literal["memory", "s3"]
+# The environment variable that carries the gateway's bearer token to the parts that need it.
+ENV_GATEWAY_TOKEN = "SLUICE_GATEWAY_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,9 @@ class StackSettings:
     generator: bool = True
     generator_rate: float = 20.0
     gateway_token_file: Path | None = None
+    # The bearer token itself (env SLUICE_GATEWAY_TOKEN): handed to the gateway and the
+    # generator through their environment, never a flag or the settings file.
+    gateway_token: str | None = field(default=None, repr=False, compare=False)
     # Root sampling ratio of the pipeline's traces (parent-based; see eventing.telemetry.tracing).
     trace_sampling: float = 1.0
 
@@ -131,6 +136,11 @@ class StackSettings:
     @property
     def gateway_url(self) -> str:
         return f"http://{self.host}:{self.ports.gateway}"
+
+    @property
+    def gateway_requires_token(self) -> bool:
+        """Whether the gateway must refuse unauthenticated events (a token or token file)."""
+        return bool(self.gateway_token or self.gateway_token_file)
 
     @property
     def schemas_dir(self) -> Path:
@@ -209,6 +219,7 @@ def load_settings(
     generator: bool = True,
     generator_rate: float | None = None,
     gateway_token_file: str | os.PathLike[str] | None = None,
+    gateway_token: str | None = None,
     trace_sampling: float | None = None,
 ) -> StackSettings:
     """Build settings from explicit values; the CLI maps flags and env vars onto these.
@@ -225,6 +236,7 @@ def load_settings(
         pipeline=pipeline,
         generator=generator,
         gateway_token_file=Path(gateway_token_file).resolve() if gateway_token_file else None,
+        gateway_token=gateway_token or None,
         **{k: v for k, v in optional.items() if v is not None},
     )
     if broker_storage:
