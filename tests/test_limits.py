@@ -259,3 +259,73 @@ def test_registry_version_parsing_accepts_the_valid_forms():
     from eventing.registry.store import parse_version
 
     assert [parse_version(v) for v in ("1", "42", "latest", "-1", 7)] == [1, 42, None, None, 7]
+
+
+# ------------------------------------------------------------------ real-time server
+
+SQL_ESCAPES = [
+    "SELECT * FROM glob('s3://warehouse/**')",
+    "SELECT * FROM read_text('http://127.0.0.1:9/')",
+    "SELECT * FROM read_parquet('s3://tansu/**/*.parquet')",
+    "SELECT * FROM 's3://warehouse/x.parquet'",
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM query_table('payments_scored_rt')",
+    "SELECT * FROM duckdb_secrets()",
+    "SELECT current_setting('s3_secret_access_key')",
+    "SELECT * FROM information_schema.tables",
+    "SELECT (SELECT count(*) FROM read_blob('http://127.0.0.1:9/x'))",
+]
+
+
+@pytest.fixture
+def rt_table() -> Any:
+    from tests.test_realtime import table as make_table
+
+    return make_table.__wrapped__()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("engine", ["trino", "duckdb"])
+def test_sql_escapes_are_refused_over_http(rt_table: Any, engine: str):
+    from eventing.tables.realtime import create_app
+
+    with TestClient(create_app(rt_table)) as client:
+        for sql in SQL_ESCAPES:
+            r = client.post("/query", json={"sql": sql, "engine": engine})
+            assert r.status_code in (400, 422), (sql, r.text)
+            assert r.json()["error"] in ("refused", "invalid query"), (sql, r.text)
+        ok = client.post("/query", json={"sql": "SELECT count(*) AS n FROM payments_scored_rt "
+                                         "CROSS JOIN UNNEST([1, 2]) AS u(x)", "engine": engine})
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["rows"] == [[0]]
+
+
+def test_query_needs_json_content_type_and_the_token(rt_table: Any):
+    from eventing.tables.realtime import create_app
+
+    body = orjson.dumps({"sql": "SELECT 1 AS one"})
+    with TestClient(create_app(rt_table, token="q-t0ken")) as client:
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+            r = client.post("/query", content=body, headers={"content-type": ctype,
+                                                             "authorization": "Bearer q-t0ken"})
+            assert r.status_code == 415, ctype
+        r = client.post("/query", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+        r = client.post("/query", content=body, headers={"content-type": "application/json",
+                                                         "authorization": "Bearer nope"})
+        assert r.status_code == 401 and "q-t0ken" not in r.text
+        r = client.post("/query", content=body, headers={
+            "content-type": "application/json; charset=utf-8", "authorization": "Bearer q-t0ken"})
+        assert r.status_code == 200 and r.json()["rows"] == [[1]]
+
+
+def test_max_rows_is_bounded_and_a_cut_is_reported(rt_table: Any):
+    from eventing.tables.realtime import create_app
+
+    sql = "SELECT x FROM UNNEST(range(50)) AS t(x)"
+    with TestClient(create_app(rt_table)) as client:
+        for bad in (0, -1, "5", 10**9, 1.5):
+            r = client.post("/query", json={"sql": sql, "engine": "duckdb", "max_rows": bad})
+            assert r.status_code == 400, bad
+        r = client.post("/query", json={"sql": sql, "engine": "duckdb", "max_rows": 20})
+        assert r.status_code == 200
+        assert len(r.json()["rows"]) == 20 and r.json()["truncated"] is True

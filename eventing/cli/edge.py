@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from eventing.stack.settings import (
     ENV_GATEWAY_TOKEN,
+    ENV_QUERY_TOKEN,
     StackSettings,
     generator_path,
     load_settings,
@@ -86,6 +87,7 @@ class Edge:
             gateway_token_file=getattr(a, "token_file", None)
             or os.environ.get(ENV_GATEWAY_TOKEN_FILE),
             gateway_token=self.gateway_token(),
+            query_token=self.query_token(),
             trace_sampling=getattr(a, "trace_sampling", None),
         )
         if settings.settings_file.exists():
@@ -172,6 +174,11 @@ class Edge:
     def gateway_token() -> str | None:
         """The gateway's bearer token from the environment (never a flag: `ps` shows flags)."""
         return os.environ.get(ENV_GATEWAY_TOKEN) or None
+
+    @staticmethod
+    def query_token() -> str | None:
+        """The real-time server's query token from the environment (never a flag)."""
+        return os.environ.get(ENV_QUERY_TOKEN) or None
 
 
 def _interrupt(*_: object) -> None:

@@ -142,7 +142,7 @@ def realtime(edge: Edge) -> int:
     serve(RealtimeSettings(
         bootstrap=a.bootstrap or s.bootstrap, registry_url=a.registry or s.registry_url,
         host=a.host or s.host, port=a.port if a.port is not None else s.ports.realtime,
-        lake=None if a.no_lake else LakeConfig.from_settings(s),
+        lake=None if a.no_lake else LakeConfig.from_settings(s), token=edge.query_token(),
         **retention, **edge.given("topic", "time_field", "log_level")))
     return 0
 

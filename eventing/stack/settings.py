@@ -18,6 +18,7 @@ from typing import Literal
 BrokerStorage = Literal["memory", "s3"]
 # The environment variable that carries the gateway's bearer token to the parts that need it.
 ENV_GATEWAY_TOKEN = "SLUICE_GATEWAY_TOKEN"
+ENV_QUERY_TOKEN = "SLUICE_QUERY_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class StackSettings:
     # The bearer token itself (env SLUICE_GATEWAY_TOKEN): handed to the gateway and the
     # generator through their environment, never a flag or the settings file.
     gateway_token: str | None = field(default=None, repr=False, compare=False)
+    # The real-time server's query token (env SLUICE_QUERY_TOKEN), the same way.
+    query_token: str | None = field(default=None, repr=False, compare=False)
     # Root sampling ratio of the pipeline's traces (parent-based; see eventing.telemetry.tracing).
     trace_sampling: float = 1.0
 
@@ -220,6 +223,7 @@ def load_settings(
     generator_rate: float | None = None,
     gateway_token_file: str | os.PathLike[str] | None = None,
     gateway_token: str | None = None,
+    query_token: str | None = None,
     trace_sampling: float | None = None,
 ) -> StackSettings:
     """Build settings from explicit values; the CLI maps flags and env vars onto these.
@@ -237,6 +241,7 @@ def load_settings(
         generator=generator,
         gateway_token_file=Path(gateway_token_file).resolve() if gateway_token_file else None,
         gateway_token=gateway_token or None,
+        query_token=query_token or None,
         **{k: v for k, v in optional.items() if v is not None},
     )
     if broker_storage:
