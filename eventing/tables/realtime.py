@@ -167,7 +167,13 @@ class RealtimeTable:
         self.con.execute(f'CREATE TABLE "{self.name}" AS SELECT * FROM _rt_empty')
         self.con.unregister("_rt_empty")
         # Queries may read tables, nothing else (`query.guard` checks the SQL first); as a
-        # second wall: no local files, no http(s) URLs, no changed settings.
+        # second wall: no external access but the lake's bucket (other buckets, the
+        # broker's among them, are refused), no local files, no http(s) URLs, and no
+        # changed settings. Order matters: allowed_directories must be set first.
+        warehouse = settings.lake.warehouse.rstrip("/") + "/" if settings.lake else None
+        if warehouse:
+            self.con.execute("SET allowed_directories = [?]", [warehouse])
+        self.con.execute("SET enable_external_access = false")
         self.con.execute("SET disabled_filesystems = 'LocalFileSystem,HTTPFileSystem'")
         self.con.execute("SET lock_configuration = true")
         self.rows = 0
