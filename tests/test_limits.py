@@ -329,3 +329,43 @@ def test_max_rows_is_bounded_and_a_cut_is_reported(rt_table: Any):
         r = client.post("/query", json={"sql": sql, "engine": "duckdb", "max_rows": 20})
         assert r.status_code == 200
         assert len(r.json()["rows"]) == 20 and r.json()["truncated"] is True
+
+
+# ------------------------------------------------------------------ tokens from env
+
+
+def test_env_tokens_reach_the_parts_through_their_environment_only(tmp_path, monkeypatch):
+    from eventing.cli import build_parser
+    from eventing.cli.edge import Edge
+    from eventing.stack import pipeline, realtime
+
+    monkeypatch.setenv("SLUICE_GATEWAY_TOKEN", "gw-secret-1")
+    monkeypatch.setenv("SLUICE_QUERY_TOKEN", "q-secret-2")
+    args = build_parser().parse_args(["--state-dir", str(tmp_path), "up", "--no-generator"])
+    settings = Edge(args).settings
+    assert settings.gateway_requires_token
+    for spec, name, secret in [
+        (pipeline.gateway_spec(settings), "SLUICE_GATEWAY_TOKEN", "gw-secret-1"),
+        (pipeline.generator_spec(settings), "SLUICE_GATEWAY_TOKEN", "gw-secret-1"),
+        (realtime.spec(settings), "SLUICE_QUERY_TOKEN", "q-secret-2"),
+    ]:
+        assert spec.env[name] == secret
+        assert secret not in " ".join(spec.argv)
+    assert "secret" not in repr(settings)
+    settings.save()
+    assert "secret" not in settings.settings_file.read_text()
+    monkeypatch.delenv("SLUICE_GATEWAY_TOKEN")
+    plain = Edge(build_parser().parse_args(["--state-dir", str(tmp_path), "up"])).settings
+    assert not plain.gateway_requires_token
+    assert "SLUICE_GATEWAY_TOKEN" not in pipeline.gateway_spec(plain).env
+
+
+def test_gateway_refuses_to_start_with_an_empty_token_file(tmp_path, monkeypatch, capsys):
+    from eventing.cli import main
+
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    monkeypatch.setenv("SLUICE_GATEWAY_TOKEN_FILE", str(empty))
+    code = main(["--state-dir", str(tmp_path / "state"), "gateway", "--port", "1"])
+    assert code != 0
+    assert "is empty" in capsys.readouterr().err
