@@ -37,4 +37,7 @@ def spec(settings: StackSettings) -> PartSpec:
         endpoint=f"real-time table {url} (POST /query)",
         health=lambda: http_status(url + "/healthz") == 200,
         ports=[settings.ports.realtime],
+        # Loading DuckDB's extensions and ATTACHing the catalog took 15 s of a 2-core
+        # machine at load average 25 (measured): 30 s was too tight to start.
+        start_timeout=90.0,
     )
