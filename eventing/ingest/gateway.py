@@ -41,12 +41,13 @@ gateway answers 503 at once instead of queueing records it cannot deliver.
 Errors always have a JSON body `{"error": code, "reason": text, ...}` naming the
 attribute (`"attribute"`) or schema field (`"field"`) at fault:
 
-    400 malformed body or event, missing/invalid attribute,    413 body (plus `ce-*`
-        data nested deeper than the decoder allows                 headers) over
-    401 missing/wrong bearer token (when a token is set)           maxBodyBytes, a batch
-    415 unsupported content type                                   over max_batch_events,
-    422 schema violation, or an event type with no route          a record over the
-    431 headers over the server's limits (`eventing.serving`)     broker's message size
+    400 malformed body or event, missing/invalid attribute, data nested too deeply
+    401 missing/wrong bearer token (when a token is set)
+    413 body over maxBodyBytes (binary mode: `ce-*` headers count too), a batch over
+        `max_batch_events`, a record over the broker's message size
+    415 unsupported content type
+    422 schema violation, or an event type with no route
+    431 headers over the server's limits (`eventing.serving`)
     503 broker/registry down (the only answer worth retrying)
 
 Every 4xx is permanent: the same request gets the same answer, so it carries no
