@@ -369,3 +369,20 @@ def test_gateway_refuses_to_start_with_an_empty_token_file(tmp_path, monkeypatch
     code = main(["--state-dir", str(tmp_path / "state"), "gateway", "--port", "1"])
     assert code != 0
     assert "is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["delivery", "produce"])
+def test_broker_size_refusal_is_a_permanent_413_not_a_503(where: str):
+    from confluent_kafka import KafkaError, KafkaException
+
+    h = Harness(max_body_bytes=MIB)
+    with TestClient(h.app) as client:
+        assert h.producer is not None
+        if where == "delivery":
+            h.producer.error = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
+        else:
+            h.producer.raise_on_produce = KafkaException(
+                KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+        r = client.post("/", content=orjson.dumps(payment()), headers=binary_headers())
+    assert r.status_code == 413 and r.json()["error"] == "record_too_large"
+    assert "retry-after" not in r.headers

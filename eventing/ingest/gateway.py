@@ -190,10 +190,11 @@ def _binding_rejection(exc: ce_event.BindingError) -> Rejection:
 class Unavailable(Exception):
     """The broker did not acknowledge every record (or is known to be down)."""
 
-    def __init__(self, reason: str, acknowledged: int = 0) -> None:
+    def __init__(self, reason: str, acknowledged: int = 0, *, permanent: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.acknowledged = acknowledged
+        self.permanent = permanent  # a retry would fail the same way (record too large)
 
 
 # --------------------------------------------------------------------------- serde protocol
@@ -357,6 +358,9 @@ class DeliveryBridge:
                             wait = RoomWait(deadline, pause_s=0.005)
                         await asyncio.sleep(wait.pause(topic))  # kafka.QueueFull at the end
         except (BufferError, KafkaException) as exc:
+            if _too_large_for_kafka(exc):
+                raise Unavailable(f"a record is too large for the broker: {exc}",
+                                  pending.acknowledged, permanent=True) from None
             # Records already queued may still be written: the 503 tells the client to
             # retry, and consumers dedupe on the CloudEvent id.
             raise Unavailable(f"could not queue records for the broker: {exc}",
@@ -370,7 +374,17 @@ class DeliveryBridge:
                               pending.acknowledged) from None
         if pending.error is not None:
             raise Unavailable(f"the broker did not acknowledge the events: {pending.error}",
-                              pending.acknowledged)
+                              pending.acknowledged,
+                              permanent=_too_large_for_kafka(pending.error))
+
+
+def _too_large_for_kafka(err: Any) -> bool:
+    """Whether `err` (a KafkaError or KafkaException) says a record is over the size
+    limit: the same request would fail again, so it is not worth a retry."""
+    if isinstance(err, KafkaException) and err.args:
+        err = err.args[0]
+    code = err.code() if hasattr(err, "code") else None
+    return code == KafkaError.MSG_SIZE_TOO_LARGE
 
 
 def _is_all_brokers_down(err: Any) -> bool:
@@ -574,6 +588,12 @@ class Gateway:
                                        spans if any(spans) else None)
             except Unavailable as exc:
                 self.metrics.count_records(records, "failed")
+                if exc.permanent:
+                    raise Rejection(
+                        413, "record_too_large",
+                        f"{exc.reason}; {exc.acknowledged} of {len(records)} events were "
+                        "acknowledged. Send less data per event; retrying will not help.",
+                    ) from None
                 raise Rejection(
                     503, "broker_unavailable",
                     f"{exc.reason}; {exc.acknowledged} of {len(records)} events were "
