@@ -39,7 +39,8 @@ def structured(i: int = 1, **overrides: Any) -> dict[str, Any]:
 
 
 class Harness:
-    def __init__(self, token: str | None = None, max_body_bytes: int = 4096) -> None:
+    def __init__(self, token: str | None = None, max_body_bytes: int = 4096,
+                 **settings: Any) -> None:
         self.registry = FakeRegistryClient()
         self.registry.register(subject_for(TOPIC), SCHEMA, schema_id=7)
         self.serde = AvroSerde(client=self.registry)
@@ -47,7 +48,7 @@ class Harness:
         self.registry_up = True
         settings = GatewaySettings(bootstrap="unused:1", registry_url="http://unused",
                                    routes={TYPE: TOPIC}, max_body_bytes=max_body_bytes,
-                                   token=token)
+                                   token=token, **settings)
 
         def factory(error_cb: Any) -> FakeProducer:
             self.producer = FakeProducer(error_cb=error_cb, topics=(TOPIC,))

@@ -32,7 +32,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from eventing.stack.settings import StackSettings, generator_path, load_settings
+from eventing.stack.settings import (
+    ENV_GATEWAY_TOKEN,
+    ENV_QUERY_TOKEN,
+    StackSettings,
+    generator_path,
+    load_settings,
+)
 
 if TYPE_CHECKING:
     from eventing.topology import Topology
@@ -40,7 +46,6 @@ if TYPE_CHECKING:
 ENV_STATE_DIR = "SLUICE_STATE_DIR"
 ENV_PORT_OFFSET = "SLUICE_PORT_OFFSET"
 ENV_BROKER_STORAGE = "SLUICE_BROKER_STORAGE"
-ENV_GATEWAY_TOKEN = "SLUICE_GATEWAY_TOKEN"
 ENV_GATEWAY_TOKEN_FILE = "SLUICE_GATEWAY_TOKEN_FILE"
 LOG_FORMAT = "%(asctime)s %(name)s %(message)s"
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
@@ -81,6 +86,8 @@ class Edge:
             generator_rate=getattr(a, "generator_rate", None),
             gateway_token_file=getattr(a, "token_file", None)
             or os.environ.get(ENV_GATEWAY_TOKEN_FILE),
+            gateway_token=self.gateway_token(),
+            query_token=self.query_token(),
             trace_sampling=getattr(a, "trace_sampling", None),
             trace_retention_s=getattr(a, "trace_retention", None),
             trace_max_bytes=getattr(a, "trace_max_size", None),
@@ -169,6 +176,11 @@ class Edge:
     def gateway_token() -> str | None:
         """The gateway's bearer token from the environment (never a flag: `ps` shows flags)."""
         return os.environ.get(ENV_GATEWAY_TOKEN) or None
+
+    @staticmethod
+    def query_token() -> str | None:
+        """The real-time server's query token from the environment (never a flag)."""
+        return os.environ.get(ENV_QUERY_TOKEN) or None
 
 
 def _interrupt(*_: object) -> None:

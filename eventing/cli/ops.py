@@ -33,6 +33,15 @@ def up(edge: Edge) -> int:
     except (StackError, IncompatibleSchema, MissingBinary) as exc:
         raise CommandFailed(f"{exc}\nParts already started keep running; `sluice down` "
                             "stops them.", 1) from None
+    if s.pipeline and s.gateway_requires_token:
+        from eventing.stack.pipeline import gateway_refuses_anonymous
+
+        # A gateway left running from an `up` without the token would fail open.
+        if not gateway_refuses_anonymous(s):
+            raise CommandFailed(
+                f"the gateway at {s.gateway_url} accepts events without a token, but a "
+                "token is configured (SLUICE_GATEWAY_TOKEN or --token-file): it was started "
+                "without one. Run `sluice down`, then `sluice up` again with the token.", 1)
     print("\nReady:")
     print(f"  kafka bootstrap   {s.bootstrap}")
     print(f"  schema registry   {s.registry_url}")

@@ -60,11 +60,15 @@ def gateway(edge: Edge) -> int:
     a, s = edge.args, edge.settings
     topology = edge.topology()
     token = edge.gateway_token()
-    if a.token_file:
+    token_file = a.token_file or s.gateway_token_file  # flag, then SLUICE_GATEWAY_TOKEN_FILE
+    if token_file:
         try:
-            token = Path(a.token_file).read_text().strip() or None
+            token = Path(token_file).read_text().strip() or None
         except OSError as exc:
             raise CommandFailed(f"cannot read the token file: {exc}") from None
+        if token is None:  # refuse to start rather than run without the token asked for
+            raise CommandFailed(f"the token file {token_file} is empty: put the bearer "
+                                "token in it, or leave --token-file out to run without one")
     settings = GatewaySettings.from_topology(
         topology,
         bootstrap=a.bootstrap or s.bootstrap,
@@ -156,7 +160,7 @@ def realtime(edge: Edge) -> int:
     serve(RealtimeSettings(
         bootstrap=a.bootstrap or s.bootstrap, registry_url=a.registry or s.registry_url,
         host=a.host or s.host, port=a.port if a.port is not None else s.ports.realtime,
-        lake=None if a.no_lake else LakeConfig.from_settings(s),
+        lake=None if a.no_lake else LakeConfig.from_settings(s), token=edge.query_token(),
         **retention, **edge.given("topic", "time_field", "log_level")))
     return 0
 

@@ -73,13 +73,21 @@ def query(edge: Edge) -> int:
 
     a = edge.args
     server = a.server or edge.settings.realtime_url
+    cut: list[int] = []
     try:
         print(run(a.sql, server_url=server, trino_url=a.trino, explain=a.explain,
-                  **edge.given(fmt="format", timeout_s="timeout")))
+                  token=edge.query_token(), on_truncated=cut.append,
+                  **edge.given(fmt="format", timeout_s="timeout", max_rows="max_rows")))
     except TranslationError as exc:
         raise CommandFailed(str(exc)) from None
     except QueryFailed as exc:
         raise CommandFailed(str(exc), 1) from None
+    if cut:
+        # Never a silent cut: the rows above are only the first ones (exit 3).
+        print(f"warning: the answer was cut at {cut[0]} rows; add a LIMIT or a narrower "
+              "WHERE, or ask for more with --max-rows (up to the server's limit, "
+              "100000 by default)", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -153,7 +161,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "http(s)://[user@]host:port[/catalog/schema] instead")
     p.add_argument("--explain", action="store_true",
                    help="print the SQL that would run (DuckDB, or Trino with --trino)")
-    p.add_argument("--server", help="real-time server URL (default: the local stack's)")
+    p.add_argument("--server", help="real-time server URL (default: the local stack's; "
+                   "bearer token from env SLUICE_QUERY_TOKEN)")
+    settings_flag(p, "--max-rows", type=int,
+                  default_of="eventing.tables.realtime:RealtimeSettings.max_rows",
+                  help="most rows to fetch; a cut answer is reported on stderr, exit 3")
     settings_flag(p, "--timeout", type=float, default_of="eventing.tables.query:run.timeout_s",
                   help="seconds to wait for answers")
 

@@ -145,7 +145,11 @@ def from_object(
                 raise BindingError("must be a non-empty string", attribute="datacontenttype")
             if is_json_content_type(content_type):
                 if not keep_json:
-                    data = orjson.dumps(data)
+                    try:
+                        data = orjson.dumps(data)
+                    except TypeError:  # orjson writes at most 254 levels of nesting
+                        raise BindingError("nested too deeply (JSON data may nest at most "
+                                           "254 levels)", attribute="data") from None
                 if content_type is None:
                     attrs["datacontenttype"] = "application/json"
             elif type(data) is str:

@@ -41,9 +41,19 @@ gateway answers 503 at once instead of queueing records it cannot deliver.
 Errors always have a JSON body `{"error": code, "reason": text, ...}` naming the
 attribute (`"attribute"`) or schema field (`"field"`) at fault:
 
-    400 malformed body or event, missing/invalid attribute     413 body over maxBodyBytes
-    401 missing/wrong bearer token (when a token is set)       415 unsupported content type
-    422 schema violation, or an event type with no route       503 broker/registry down
+    400 malformed body or event, missing/invalid attribute, data nested too deeply
+    401 missing/wrong bearer token (when a token is set)
+    413 body over maxBodyBytes (binary mode: `ce-*` headers count too), a batch over
+        `max_batch_events`, a record over the broker's message size
+    415 unsupported content type
+    422 schema violation, or an event type with no route
+    431 headers over the server's limits (`eventing.serving`)
+    503 broker/registry down (the only answer worth retrying)
+
+Every 4xx is permanent: the same request gets the same answer, so it carries no
+`Retry-After`. A batch answer lists at most `max_errors_listed` bad events (and says how
+many it left out), so a large bad batch gets a short answer. A client that disconnects
+before the answer is counted under code 499 and not logged as an error.
 
 Schema lookups: the serde caches a subject's latest schema for `subject_ttl_s`; a request
 that needs a topic whose cached schema is missing or about to go stale is validated on a
@@ -73,16 +83,18 @@ from confluent_kafka import KafkaError, KafkaException
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from eventing import serving
 from eventing.cloudevent import event as ce_event
 from eventing.cloudevent import http as ce_http
 from eventing.cloudevent import json as ce_json
 from eventing.cloudevent import kafka as ce_kafka
 from eventing.kafka import RoomWait
 from eventing.serde import SchemaNotFound, SchemaViolation, subject_for
+from eventing.serving import ServerLimits
 from eventing.telemetry import tracing
 
 log = logging.getLogger("sluice.gateway")
@@ -93,6 +105,8 @@ ACCEPTED_CONTENT_TYPES = (
     "application/json with ce-* headers (binary)"
 )
 Record = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]
+# What librdkafka adds to a record's key, value and headers when it checks the size.
+RECORD_OVERHEAD_BYTES = 512
 
 
 # --------------------------------------------------------------------------- settings
@@ -114,6 +128,12 @@ class GatewaySettings:
     retry_after_s: int = 2
     producer_overrides: Mapping[str, Any] = field(default_factory=dict)
     log_level: str = "info"
+    # A 1 MB body holds ~350k `{}`: events per batch and errors per answer are capped.
+    max_batch_events: int = 10_000
+    max_errors_listed: int = 100
+    # librdkafka's default `message.max.bytes`; a bigger record can never be written.
+    max_record_bytes: int = 1_000_000
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
     @classmethod
     def from_topology(cls, topology: Any, **kwargs: Any) -> GatewaySettings:
@@ -170,10 +190,11 @@ def _binding_rejection(exc: ce_event.BindingError) -> Rejection:
 class Unavailable(Exception):
     """The broker did not acknowledge every record (or is known to be down)."""
 
-    def __init__(self, reason: str, acknowledged: int = 0) -> None:
+    def __init__(self, reason: str, acknowledged: int = 0, *, permanent: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.acknowledged = acknowledged
+        self.permanent = permanent  # a retry would fail the same way (record too large)
 
 
 # --------------------------------------------------------------------------- serde protocol
@@ -337,6 +358,9 @@ class DeliveryBridge:
                             wait = RoomWait(deadline, pause_s=0.005)
                         await asyncio.sleep(wait.pause(topic))  # kafka.QueueFull at the end
         except (BufferError, KafkaException) as exc:
+            if _too_large_for_kafka(exc):
+                raise Unavailable(f"a record is too large for the broker: {exc}",
+                                  pending.acknowledged, permanent=True) from None
             # Records already queued may still be written: the 503 tells the client to
             # retry, and consumers dedupe on the CloudEvent id.
             raise Unavailable(f"could not queue records for the broker: {exc}",
@@ -350,7 +374,17 @@ class DeliveryBridge:
                               pending.acknowledged) from None
         if pending.error is not None:
             raise Unavailable(f"the broker did not acknowledge the events: {pending.error}",
-                              pending.acknowledged)
+                              pending.acknowledged,
+                              permanent=_too_large_for_kafka(pending.error))
+
+
+def _too_large_for_kafka(err: Any) -> bool:
+    """Whether `err` (a KafkaError or KafkaException) says a record is over the size
+    limit: the same request would fail again, so it is not worth a retry."""
+    if isinstance(err, KafkaException) and err.args:
+        err = err.args[0]
+    code = err.code() if hasattr(err, "code") else None
+    return code == KafkaError.MSG_SIZE_TOO_LARGE
 
 
 def _is_all_brokers_down(err: Any) -> bool:
@@ -544,7 +578,8 @@ class Gateway:
             self._authorize(request)
             mode = ce_http.mode(request.headers)
             self._check_content_type(mode, request)
-            body = await self._read_body(request)
+            body = await self._read_body(request, _ce_header_bytes(request)
+                                         if mode == "binary" else 0)
             records, ids = await self._validate(mode, request, body, started_ns, spans)
             self.metrics.batch_size.observe(len(records))
             assert self.bridge is not None
@@ -553,6 +588,12 @@ class Gateway:
                                        spans if any(spans) else None)
             except Unavailable as exc:
                 self.metrics.count_records(records, "failed")
+                if exc.permanent:
+                    raise Rejection(
+                        413, "record_too_large",
+                        f"{exc.reason}; {exc.acknowledged} of {len(records)} events were "
+                        "acknowledged. Send less data per event; retrying will not help.",
+                    ) from None
                 raise Rejection(
                     503, "broker_unavailable",
                     f"{exc.reason}; {exc.acknowledged} of {len(records)} events were "
@@ -566,6 +607,12 @@ class Gateway:
         except Rejection as rej:
             status = rej.status
             return rej.response()
+        except ClientDisconnect:
+            status = 499  # the client left mid-request: nothing to answer, nothing to log
+            return Response(status_code=499)
+        except RecursionError:
+            status = 400
+            return _too_deep().response()
         except Exception:
             log.exception("unexpected error handling a request")
             return json_response({"error": "internal", "reason": "internal error; see the "
@@ -608,8 +655,12 @@ class Gateway:
                                     "application/json"]},
             )
 
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.settings.max_body_bytes
+    async def _read_body(self, request: Request, header_bytes: int = 0) -> bytes:
+        """The body, refused (413) once it and `header_bytes` (the `ce-*` headers of a
+        binary event, which become Kafka headers) pass maxBodyBytes."""
+        limit = self.settings.max_body_bytes - header_bytes
+        if limit < 0:
+            raise self._too_large(f"{header_bytes} bytes of ce-* headers")
         declared = request.headers.get("content-length")
         if declared is not None:
             try:
@@ -632,7 +683,8 @@ class Gateway:
         limit = self.settings.max_body_bytes
         return Rejection(413, "body_too_large",
                          f"request body too large ({what}); the limit is {limit} bytes "
-                         "(maxBodyBytes): split the batch", extra={"limit": limit})
+                         "(maxBodyBytes), ce-* headers included: split the batch",
+                         extra={"limit": limit})
 
     # ---------------------------------------------------------------- validation
 
@@ -669,7 +721,8 @@ class Gateway:
             self.metrics.count("", "rejected", total - len(events))
             if mode != "batch":
                 raise bad[0][1]
-            raise _batch_rejection(sorted(errors + bad, key=lambda e: e[0]), total)
+            raise _batch_rejection(sorted(errors + bad, key=lambda e: e[0]), total,
+                                   self.settings.max_errors_listed)
         return records, [e._get_attributes()["id"] for e in events]
 
     def _parse_batch(
@@ -680,6 +733,12 @@ class Gateway:
             items = ce_http.batch_items(body)
         except ce_event.BindingError as exc:
             raise Rejection(400, "malformed_batch", exc.reason) from None
+        cap = self.settings.max_batch_events
+        if len(items) > cap:
+            self.metrics.count("", "rejected", len(items))
+            raise Rejection(413, "too_many_events",
+                            f"the batch holds {len(items)} events; the limit is {cap} per "
+                            "request: split the batch", extra={"limit": cap})
         events: list[Any] = []
         positions: list[int] = []
         errors: list[tuple[int, Rejection]] = []
@@ -691,6 +750,8 @@ class Gateway:
                 events.append(from_object(item, keep_json=True))
             except ce_event.BindingError as exc:
                 errors.append((i, _binding_rejection(exc)))
+            except RecursionError:
+                errors.append((i, _too_deep()))
             else:
                 positions.append(i)
         return events, positions, errors, len(items)
@@ -744,6 +805,8 @@ class Gateway:
                             f"data does not match the schema of topic {topic!r}: {exc}",
                             field=exc.path or None,
                             extra={"problem": exc.problem, "subject": subject_for(topic)}) from None
+        except RecursionError:
+            raise _too_deep() from None
         except SchemaNotFound:
             raise Rejection(500, "no_schema",
                             f"topic {topic!r} has no schema registered (subject "
@@ -756,6 +819,15 @@ class Gateway:
         attrs["datacontenttype"] = AVRO_CONTENT_TYPE
         event.data = value
         key, value, headers = ce_kafka.to_binary(event, validate=False)
+        size = (len(key or b"") + len(value or b"")
+                + sum(len(k) + len(v) for k, v in headers) + RECORD_OVERHEAD_BYTES)
+        if size > self.settings.max_record_bytes:
+            _finish_server_spans([traced], 413)
+            raise Rejection(413, "record_too_large",
+                            f"the event's Kafka record would be {size} bytes (data, key and "
+                            f"ce-* headers); the broker takes at most "
+                            f"{self.settings.max_record_bytes}: send less data or fewer "
+                            "extension attributes", extra={"limit": self.settings.max_record_bytes})
         return (topic, key, value, headers), traced
 
     def _mark_fresh(self, topics: Iterable[str | None]) -> None:
@@ -789,16 +861,33 @@ def _finish_server_spans(spans: list[Any], status: int) -> None:
         server.finish()
 
 
-def _batch_rejection(errors: list[tuple[int, Rejection]], total: int) -> Rejection:
-    """One answer listing every bad event of a batch: 422 if all are schema/route problems."""
-    status = 422 if all(rej.status == 422 for _, rej in errors) else 400
+def _batch_rejection(errors: list[tuple[int, Rejection]], total: int,
+                     max_listed: int = 100) -> Rejection:
+    """One answer listing the bad events of a batch (the first `max_listed`, so the
+    answer stays short): 422 if all are schema/route problems, 413 if all are too large."""
+    statuses = {rej.status for _, rej in errors}
+    status = statuses.pop() if len(statuses) == 1 and statuses <= {413, 422} else 400
     first_index, first = errors[0]
+    listed = errors[:max_listed]
+    extra: dict[str, Any] = {"events": [{"index": i, **rej.body()} for i, rej in listed]}
+    if len(errors) > len(listed):
+        extra["events_not_listed"] = len(errors) - len(listed)
     return Rejection(
         status, "invalid_batch",
         f"{len(errors)} of {total} events are invalid; none was written (batches are "
         f"all-or-nothing). First: event[{first_index}]: {first.reason}",
-        extra={"events": [{"index": i, **rej.body()} for i, rej in errors]},
+        extra=extra,
     )
+
+
+def _too_deep() -> Rejection:
+    return Rejection(400, "invalid_data", "the event's data is nested too deeply to decode; "
+                     "flatten it", attribute="data")
+
+
+def _ce_header_bytes(request: Request) -> int:
+    """Bytes of the request's `ce-*` headers (each becomes a Kafka header)."""
+    return sum(len(k) + len(v) for k, v in request.headers.raw if k[:3].lower() == b"ce-")
 
 
 # --------------------------------------------------------------------------- entry points
@@ -810,14 +899,8 @@ def create_app(settings: GatewaySettings, **kwargs: Any) -> Starlette:
 
 
 def serve(settings: GatewaySettings) -> None:
-    """Run the gateway in the foreground until SIGINT/SIGTERM (uvicorn, uvloop, httptools)."""
-    import uvicorn
-
+    """Run the gateway in the foreground until SIGINT/SIGTERM (`eventing.serving`)."""
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, loop="uvloop",
-        http="httptools", lifespan="on", access_log=False, log_level=settings.log_level,
-        timeout_graceful_shutdown=10, server_header=False,
-    )
-    uvicorn.Server(config).run()
+    serving.serve(create_app(settings), host=settings.host, port=settings.port,
+                  limits=settings.limits, log_level=settings.log_level)

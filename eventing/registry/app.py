@@ -7,6 +7,10 @@ behaviour is tested through `starlette.testclient.TestClient` with a `MemoryLog`
 
 Store calls run in the thread pool: a write waits for the broker's acknowledgement and must
 not stall the event loop.
+
+Bounds: a request body over `MAX_BODY_BYTES` is answered 413 (a schema is stored as one
+record of the `_schemas` topic, which the broker caps near 1 MB), and a body or schema
+nested deeper than Python's parsers recurse is an invalid schema (422, 42201), not a 500.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ ACCEPTED_BODY_TYPES = frozenset({
     "application/vnd.schemaregistry.v1+json", "application/vnd.schemaregistry+json",
     "application/json", "application/octet-stream",
 })
+MAX_BODY_BYTES = 900_000  # below the broker's 1,000,000-byte record, envelope included
 # Stands for "/" inside one path segment (a subject sent as `a%2Fb`) while routing.
 _SLASH = "\ue000"
 
@@ -50,7 +55,10 @@ def create_app(store: SchemaStore) -> ASGIApp:
     """The registry ASGI app serving `store`."""
 
     async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await run_in_threadpool(fn, *args, **kwargs)
+        try:
+            return await run_in_threadpool(fn, *args, **kwargs)
+        except RecursionError:
+            raise errors.invalid_schema("nested too deeply to parse") from None
 
     async def root(_: Request) -> Response:
         return RegistryResponse({})
@@ -296,16 +304,33 @@ async def _body(request: Request) -> dict[str, Any]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype and ctype not in ACCEPTED_BODY_TYPES:
         raise RegistryError(415, 415, f"HTTP 415 Unsupported Media Type: {ctype}")
-    raw = await request.body()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _too_large()
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw.strip():
         return {}
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise errors.invalid_schema("request body nested too deeply to parse") from None
     except ValueError as exc:
         raise RegistryError(400, 400, f"Unexpected character in request body: {exc}") from exc
     if not isinstance(body, dict):
         raise RegistryError(422, 422, "request body must be a JSON object")
     return body
+
+
+def _too_large() -> RegistryError:
+    return RegistryError(413, 413, f"request body over {MAX_BODY_BYTES} bytes: a schema is "
+                         "stored as one Kafka record; split it with schema references")
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:

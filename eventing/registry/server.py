@@ -22,12 +22,12 @@ def open_store(bootstrap: str, topic: str = "_schemas", timeout: float = 30.0) -
 
 def run(host: str, port: int, bootstrap: str, topic: str = "_schemas") -> None:
     """Serve the registry on host:port (blocking) with its log in `topic` on `bootstrap`."""
-    import uvicorn
+    from eventing import serving
 
     store = open_store(bootstrap, topic)
     log.info("schema registry replayed %s; serving on %s:%d", topic, host, port)
     try:
-        uvicorn.run(create_app(store), host=host, port=port, log_level="warning",
-                    access_log=False)
+        serving.serve(create_app(store), host=host, port=port, log_level="warning",
+                      lifespan="auto")
     finally:
         store.close()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -259,14 +260,21 @@ def parse_references(raw: Any) -> tuple[Reference, ...]:
     return tuple(refs)
 
 
+_VERSION = re.compile(r"-?[0-9]{1,10}")
+
+
 def parse_version(raw: str | int) -> int | None:
-    """`latest`/-1 → None (latest); 1..2^31-1 → int; anything else → 42202."""
+    """`latest`/-1 → None (latest); 1..2^31-1 → int; anything else → 42202.
+
+    Strict: ASCII digits only, no spaces, no `+` (Python's `int()` takes " 1" and "١").
+    """
     if isinstance(raw, str) and raw.lower() == "latest":
         return None
-    try:
-        number = int(raw)
-    except (TypeError, ValueError):
-        raise errors.invalid_version(raw) from None
+    if isinstance(raw, bool) or not isinstance(raw, int | str):
+        raise errors.invalid_version(raw)
+    if isinstance(raw, str) and not _VERSION.fullmatch(raw):
+        raise errors.invalid_version(raw)
+    number = int(raw)
     if number == -1:
         return None
     if not 1 <= number <= MAX_VERSION:

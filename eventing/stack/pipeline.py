@@ -14,18 +14,19 @@ from eventing import topology as topo
 from eventing.stack import binaries
 from eventing.stack.health import http_status
 from eventing.stack.process import PartSpec
-from eventing.stack.settings import StackSettings
+from eventing.stack.settings import ENV_GATEWAY_TOKEN, StackSettings
 
 GATEWAY = "gateway"
 
 
 def _python_part(settings: StackSettings, name: str, args: list[str], endpoint: str,
-                 health: Callable[[], bool], ports: list[int]) -> PartSpec:
+                 health: Callable[[], bool], ports: list[int],
+                 env: dict[str, str] | None = None) -> PartSpec:
     return PartSpec(
         name=name,
         argv=[sys.executable, "-m", "eventing.cli", *args],
         env=binaries.base_env() | {"PYTHONPATH": str(settings.project_dir),
-                                   "PYTHONUNBUFFERED": "1"},
+                                   "PYTHONUNBUFFERED": "1"} | (env or {}),
         cwd=settings.project_dir,
         endpoint=endpoint,
         health=health,
@@ -39,6 +40,26 @@ def tracing_args(settings: StackSettings, service_name: str) -> list[str]:
             "--trace-sampling", repr(settings.trace_sampling)]
 
 
+def token_env(settings: StackSettings) -> dict[str, str]:
+    """The gateway token for a child's environment (a flag would show in `ps`)."""
+    return {ENV_GATEWAY_TOKEN: settings.gateway_token} if settings.gateway_token else {}
+
+
+def gateway_healthy(settings: StackSettings) -> bool:
+    """Ready, and refusing unauthenticated events when a token is configured: a gateway
+    that would accept them is not a healthy part of this stack (it fails open)."""
+    if http_status(settings.gateway_url + "/readyz") != 200:
+        return False
+    return not settings.gateway_requires_token or gateway_refuses_anonymous(settings)
+
+
+def gateway_refuses_anonymous(settings: StackSettings) -> bool:
+    """Whether `POST /` without a token is answered 401 (nothing is written: the
+    token is checked before the body is read)."""
+    return http_status(settings.gateway_url + "/", method="POST", content=b"{}",
+                       headers={"content-type": "application/cloudevents+json"}) == 401
+
+
 def gateway_spec(settings: StackSettings) -> PartSpec:
     args = ["gateway", "--host", settings.host, "--port", str(settings.ports.gateway),
             "--bootstrap", settings.bootstrap, "--registry", settings.registry_url,
@@ -47,9 +68,10 @@ def gateway_spec(settings: StackSettings) -> PartSpec:
     if settings.gateway_token_file:
         args += ["--token-file", str(settings.gateway_token_file)]
     return _python_part(
-        settings, GATEWAY, args, f"ingest gateway {settings.gateway_url}",
-        lambda: http_status(settings.gateway_url + "/readyz") == 200,
-        [settings.ports.gateway],
+        settings, GATEWAY, args, f"ingest gateway {settings.gateway_url}"
+        + ("  (bearer token required)" if settings.gateway_requires_token else ""),
+        lambda: gateway_healthy(settings),
+        [settings.ports.gateway], env=token_env(settings),
     )
 
 
@@ -96,5 +118,5 @@ def generator_spec(settings: StackSettings) -> PartSpec:
         settings, "generator", args,
         f"traffic generator ({settings.generator_rate:g} payments/s, fraud ids in {truth.name})",
         lambda: True,
-        [],
+        [], env=token_env(settings),
     )

@@ -1,14 +1,22 @@
-"""Prometheus 2.42 (Debian package) scraping every Sluice process of the stack."""
+"""Prometheus 2.42 (Debian package) scraping every Sluice process of the stack.
+
+Started without `--web.enable-lifecycle` and `--web.enable-remote-write-receiver`: with
+them any local program could stop Prometheus (`POST /-/quit`) or write made-up series
+into it (`POST /api/v1/write`). A changed scrape config is loaded on SIGHUP instead,
+sent to the pid `sluice up` recorded (and only while its start time still matches).
+"""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import yaml
 
 from eventing.stack import binaries
 from eventing.stack.health import http_status
-from eventing.stack.process import PartSpec
+from eventing.stack.process import PartSpec, ProcessDir, is_alive
 from eventing.stack.settings import StackSettings
 
 NAME = "prometheus"
@@ -57,9 +65,11 @@ def write_config(settings: StackSettings) -> Path:
 
 
 def reload(settings: StackSettings) -> None:
-    """Rewrite the scrape config for the parts now running and tell Prometheus."""
+    """Rewrite the scrape config for the parts now running and tell Prometheus (SIGHUP)."""
     write_config(settings)
-    http_status(settings.prometheus_url + "/-/reload", method="POST", timeout=5.0)
+    record = ProcessDir(settings.state_dir).record(NAME)
+    if record is not None and is_alive(record):
+        os.kill(record.pid, signal.SIGHUP)
 
 
 def spec(settings: StackSettings) -> PartSpec:
@@ -73,8 +83,6 @@ def spec(settings: StackSettings) -> PartSpec:
             f"--config.file={config}",
             f"--storage.tsdb.path={tsdb}",
             f"--web.listen-address={settings.host}:{settings.ports.prometheus}",
-            "--web.enable-lifecycle",
-            "--web.enable-remote-write-receiver",
         ],
         env=binaries.base_env(),
         cwd=tsdb.parent,

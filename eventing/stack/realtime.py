@@ -13,7 +13,7 @@ from eventing.stack import binaries
 from eventing.stack.health import http_status
 from eventing.stack.pipeline import tracing_args
 from eventing.stack.process import PartSpec
-from eventing.stack.settings import StackSettings
+from eventing.stack.settings import ENV_QUERY_TOKEN, StackSettings
 
 NAME = "realtime"
 TOPIC = "payments.scored"
@@ -31,9 +31,13 @@ def spec(settings: StackSettings) -> PartSpec:
         name=NAME,
         argv=argv,
         env=binaries.base_env() | {"PYTHONPATH": str(settings.project_dir),
-                                   "PYTHONUNBUFFERED": "1"},
+                                   "PYTHONUNBUFFERED": "1"}
+        | ({ENV_QUERY_TOKEN: settings.query_token} if settings.query_token else {}),
         cwd=settings.project_dir,
         endpoint=f"real-time table {url} (POST /query)",
         health=lambda: http_status(url + "/healthz") == 200,
         ports=[settings.ports.realtime],
+        # Loading DuckDB's extensions and ATTACHing the catalog took 15 s of a 2-core
+        # machine at load average 25 (measured): 30 s was too tight to start.
+        start_timeout=90.0,
     )

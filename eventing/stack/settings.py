@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Literal
 
 BrokerStorage = Literal["memory", "s3"]
+# The environment variable that carries the gateway's bearer token to the parts that need it.
+ENV_GATEWAY_TOKEN = "SLUICE_GATEWAY_TOKEN"
+ENV_QUERY_TOKEN = "SLUICE_QUERY_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,11 @@ class StackSettings:
     generator: bool = True
     generator_rate: float = 20.0
     gateway_token_file: Path | None = None
+    # The bearer token itself (env SLUICE_GATEWAY_TOKEN): handed to the gateway and the
+    # generator through their environment, never a flag or the settings file.
+    gateway_token: str | None = field(default=None, repr=False, compare=False)
+    # The real-time server's query token (env SLUICE_QUERY_TOKEN), the same way.
+    query_token: str | None = field(default=None, repr=False, compare=False)
     # Root sampling ratio of the pipeline's traces (parent-based; see eventing.telemetry.tracing).
     trace_sampling: float = 1.0
     # Trace store bounds; None leaves `eventing.telemetry.traces.RetentionPolicy`'s default.
@@ -139,6 +147,11 @@ class StackSettings:
     @property
     def gateway_url(self) -> str:
         return f"http://{self.host}:{self.ports.gateway}"
+
+    @property
+    def gateway_requires_token(self) -> bool:
+        """Whether the gateway must refuse unauthenticated events (a token or token file)."""
+        return bool(self.gateway_token or self.gateway_token_file)
 
     @property
     def schemas_dir(self) -> Path:
@@ -225,6 +238,8 @@ def load_settings(
     generator: bool = True,
     generator_rate: float | None = None,
     gateway_token_file: str | os.PathLike[str] | None = None,
+    gateway_token: str | None = None,
+    query_token: str | None = None,
     trace_sampling: float | None = None,
     trace_retention_s: float | None = None,
     trace_max_bytes: int | None = None,
@@ -245,6 +260,8 @@ def load_settings(
         gateway_token_file=Path(gateway_token_file).resolve() if gateway_token_file else None,
         trace_retention_s=trace_retention_s,
         trace_max_bytes=trace_max_bytes,
+        gateway_token=gateway_token or None,
+        query_token=query_token or None,
         **{k: v for k, v in optional.items() if v is not None},
     )
     if broker_storage:

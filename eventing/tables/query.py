@@ -271,6 +271,69 @@ def _refuse_unfaithful(tree: exp.Expression) -> None:
             _check_iso8601(node)
 
 
+# --------------------------------------------------------------------------- reach
+
+# DuckDB functions that read files, URLs or the engine's own state, or run SQL given as a
+# string: a query naming one could read what no declared table holds (every S3 object the
+# server's key can list, any http URL) or escape this check.
+_READERS = re.compile(
+    r"^(read_\w*|\w*_scan|glob|query|query_table|parquet_\w*|iceberg_\w*|delta_\w*|"
+    r"sniff_csv|duckdb_\w*|pragma_\w*|which_secret|getenv|load_\w*|"
+    r"current_setting|getvariable)$", re.IGNORECASE)
+
+TablePredicate = Callable[[str, str, str], bool]
+_PLAIN_NAME = re.compile(r"[\w$-]+")
+# Table functions that make rows out of nothing but their arguments.
+_GENERATORS = frozenset({"GENERATE_SERIES", "RANGE", "UNNEST", "EXPLODE"})
+
+
+def guard(sql: str, reachable: TablePredicate, dialect: str = "duckdb") -> None:
+    """Refuse SQL that could read anything but the declared tables.
+
+    `reachable(catalog, db, name)` (empty strings where the SQL leaves a part out) says
+    whether a named table may be read; CTE names are always fine. Refused: table
+    functions (`glob('s3://warehouse/**')`, `read_parquet(...)`, `query_table(...)`),
+    file or URL names used as tables (`FROM 's3://...'`), and functions that read files,
+    URLs, secrets or settings wherever they appear. Runs on the SQL that will execute, so
+    a query sent as DuckDB SQL is checked the same as translated Trino SQL; the server's
+    DuckDB settings (no local files, no http, locked configuration) are a second wall.
+    """
+    tree = parse(sql, dialect=dialect)
+    ctes = _cte_names(tree)
+    for node in tree.walk():
+        if isinstance(node, exp.Table):
+            this = node.this
+            if not isinstance(this, exp.Identifier):
+                name = _function_name(this)
+                if isinstance(this, exp.Values | exp.Subquery) or name.upper() in _GENERATORS:
+                    continue
+                raise Refused(f"table function {name.lower()}()", "only the declared tables can "
+                              "be read here", "name a table: `sluice query` lists them")
+            catalog, db, name = node.catalog, node.db, node.name
+            if not catalog and not db and name in ctes:
+                continue
+            # A name with `/`, `:` or `.` could be a file or URL to DuckDB's replacement
+            # scans (even under a catalog that is not there): never a table name.
+            if not _PLAIN_NAME.fullmatch(name) or not reachable(catalog, db, name):
+                written = ".".join(p for p in (catalog, db, name) if p)
+                raise Refused(f"table {written}", "not a declared table (files, URLs and "
+                              "system tables cannot be read)",
+                              "name a lake or real-time table")
+        elif isinstance(node, exp.Func):
+            name = _function_name(node)
+            if _READERS.match(name):
+                raise Refused(f"{name.lower()}()", "reads files, URLs or engine state, "
+                              "which queries here may not", "query the tables instead")
+
+
+def _function_name(node: exp.Expression) -> str:
+    if isinstance(node, exp.Anonymous):
+        return str(node.name)
+    if isinstance(node, exp.Func):
+        return node.sql_name()
+    return node.key
+
+
 _ISO_OFFSET = re.compile(r"(?:[+-]\d{2}(?::?\d{2})?|\[[^\]]+\])$")
 _UTC_OFFSET = re.compile(r"(?:Z|[+-]00(?::?00)?)$", re.IGNORECASE)
 
@@ -480,11 +543,14 @@ def _cell(value: Any) -> str:
 
 def run(sql: str, *, server_url: str | None = None, trino_url: str | None = None,
         fmt: str = "table", explain: bool = False, timeout_s: float = 60.0,
-        connect: Any = None) -> str:
+        connect: Any = None, token: str | None = None, max_rows: int | None = None,
+        on_truncated: Callable[[int], None] | None = None) -> str:
     """Run Trino SQL and return the formatted answer (or, with `explain`, the SQL that
     would run). Locally it goes to the real-time server at `server_url` (which knows the
-    tables' columns and translates); with `trino_url` to Trino through its DB-API client
-    (`connect` replaces `trino.dbapi.connect`, for tests)."""
+    tables' columns and translates; `token` is its bearer token, `max_rows` how many rows
+    to ask for); with `trino_url` to Trino through its DB-API client (`connect` replaces
+    `trino.dbapi.connect`, for tests). When the server cut the answer, `on_truncated`
+    gets the number of rows kept: csv and json carry no marker of their own."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
     if trino_url:
@@ -494,16 +560,22 @@ def run(sql: str, *, server_url: str | None = None, trino_url: str | None = None
     if not server_url:
         raise ValueError("give the real-time server's URL or a Trino URL")
     if explain:
-        return explain_server(sql, server_url, timeout_s=timeout_s)
-    return format_result(query_server(sql, server_url, timeout_s=timeout_s), fmt)
+        return explain_server(sql, server_url, timeout_s=timeout_s, token=token)
+    result = query_server(sql, server_url, timeout_s=timeout_s, token=token,
+                          max_rows=max_rows)
+    if result.truncated and on_truncated is not None:
+        on_truncated(len(result.rows))
+    return format_result(result, fmt)
 
 
-def _post(server_url: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+def _post(server_url: str, body: dict[str, Any], timeout_s: float,
+          token: str | None = None) -> dict[str, Any]:
     import httpx
 
     url = server_url.rstrip("/") + "/query"
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
-        response = httpx.post(url, json=body, timeout=timeout_s)
+        response = httpx.post(url, json=body, timeout=timeout_s, headers=headers)
     except httpx.HTTPError as exc:
         raise QueryFailed(f"the real-time server at {server_url} did not answer: {exc} "
                           "(is the stack up? `sluice status`)") from None
@@ -520,18 +592,23 @@ def _post(server_url: str, body: dict[str, Any], timeout_s: float) -> dict[str, 
     return data
 
 
-def query_server(sql: str, server_url: str, *, timeout_s: float = 60.0) -> Result:
+def query_server(sql: str, server_url: str, *, timeout_s: float = 60.0,
+                 token: str | None = None, max_rows: int | None = None) -> Result:
     """POST Trino SQL to the real-time server; it translates and runs it on DuckDB."""
-    data = _post(server_url, {"sql": sql, "engine": "trino"}, timeout_s)
+    body: dict[str, Any] = {"sql": sql, "engine": "trino"}
+    if max_rows is not None:
+        body["max_rows"] = max_rows
+    data = _post(server_url, body, timeout_s, token)
     return Result(columns=data["columns"], types=data.get("types", []), rows=data["rows"],
                   timing_ms=data.get("timing_ms", {}), sql=data.get("duckdb_sql", ""),
                   truncated=data.get("truncated", False))
 
 
-def explain_server(sql: str, server_url: str, *, timeout_s: float = 60.0) -> str:
+def explain_server(sql: str, server_url: str, *, timeout_s: float = 60.0,
+                   token: str | None = None) -> str:
     """The DuckDB SQL the server would run for `sql` (translated with its schema)."""
     return _post(server_url, {"sql": sql, "engine": "trino", "explain": True},
-                 timeout_s)["duckdb_sql"]
+                 timeout_s, token)["duckdb_sql"]
 
 
 def trino_params(url: str) -> dict[str, Any]:

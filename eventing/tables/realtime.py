@@ -23,9 +23,16 @@ in-memory table and answers SQL over HTTP:
   cursor (DuckDB connections to one database; MVCC keeps them apart). Settings are set
   globally and then locked, and the local file system is disabled, so a query can only
   read the tables.
-- **HTTP.** `POST /query` `{"sql": ..., "engine": "trino"|"duckdb", "explain": bool}`
-  (Trino SQL is translated by `eventing.tables.query` with the live columns), `/healthz`,
-  `/metrics`. Binds 127.0.0.1 by default.
+- **HTTP.** `POST /query` `{"sql": ..., "engine": "trino"|"duckdb", "explain": bool,
+  "max_rows": n}` (Trino SQL is translated by `eventing.tables.query` with the live
+  columns), `/healthz`, `/metrics`. Binds 127.0.0.1 by default, under the limits of
+  `eventing.serving`.
+- **Who may ask what.** `POST /query` needs `Content-Type: application/json` (415
+  otherwise: an HTML form or a `no-cors` fetch from a web page cannot send that without
+  a CORS preflight, which this server never grants) and, when a token is set (env
+  `SLUICE_QUERY_TOKEN`), `Authorization: Bearer <token>` (401). The SQL may read the
+  lake's tables and this server's real-time table only (`query.guard`: no table
+  functions, files, URLs or system tables), and at most `max_rows_limit` rows come back.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -46,6 +53,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from eventing.cloudevent import event as ce_event
 from eventing.cloudevent import kafka as ce_kafka
 from eventing.serde import decode_row, subject_for
+from eventing.serving import ServerLimits
 from eventing.tables import query
 from eventing.telemetry import tracing
 from eventing.units import parse_duration  # noqa: F401 - callers import it from here
@@ -85,8 +93,11 @@ class RealtimeSettings:
     sweep_s: float = 10.0
     dedupe_window_s: float = 300.0  # 0 = keep replayed events (see eventing.tables.dedupe)
     query_timeout_s: float = 60.0
-    max_rows: int = 10_000
+    max_rows: int = 10_000  # rows an answer holds unless the request asks for more
+    max_rows_limit: int = 100_000  # the most a request may ask for (answers are in memory)
     log_level: str = "info"
+    token: str | None = field(default=None, repr=False)  # never in logs or tracebacks
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
 
 class Metrics:
@@ -146,8 +157,15 @@ class RealtimeTable:
         self.con.register("_rt_empty", empty)
         self.con.execute(f'CREATE TABLE "{self.name}" AS SELECT * FROM _rt_empty')
         self.con.unregister("_rt_empty")
-        # Queries may read tables, nothing else: no local files, no changed settings.
-        self.con.execute("SET disabled_filesystems = 'LocalFileSystem'")
+        # Queries may read tables, nothing else (`query.guard` checks the SQL first); as a
+        # second wall: no external access but the lake's bucket (other buckets, the
+        # broker's among them, are refused), no local files, no http(s) URLs, and no
+        # changed settings. Order matters: allowed_directories must be set first.
+        warehouse = settings.lake.warehouse.rstrip("/") + "/" if settings.lake else None
+        if warehouse:
+            self.con.execute("SET allowed_directories = [?]", [warehouse])
+        self.con.execute("SET enable_external_access = false")
+        self.con.execute("SET disabled_filesystems = 'LocalFileSystem,HTTPFileSystem'")
         self.con.execute("SET lock_configuration = true")
         self.rows = 0
         self._write = self.con.cursor()  # ingest's own connection
@@ -291,7 +309,7 @@ class RealtimeTable:
         if engine == "trino":
             duck_sql = self._translate(sql)
         elif engine == "duckdb":
-            query.parse(sql, dialect="duckdb")  # one read-only query
+            query.guard(sql, self.reachable)  # one read-only query of declared tables
             duck_sql = sql
         else:
             raise query.TranslationError(f"engine must be trino or duckdb, not {engine!r}")
@@ -323,10 +341,20 @@ class RealtimeTable:
         if hit and time.monotonic() - hit[0] < self.columns_ttl_s:
             return hit[1]
         duck_sql = query.translate(sql, schema=self.columns)
+        query.guard(duck_sql, self.reachable)  # cached only once it passed
         if len(self._translations) >= 512:
             self._translations.clear()
         self._translations[sql] = (time.monotonic(), duck_sql)
         return duck_sql
+
+    def reachable(self, catalog: str, db: str, name: str) -> bool:
+        """Whether user SQL may read this table: the lake catalog's tables and this
+        server's real-time table, nothing else (`query.guard`)."""
+        if catalog == LAKE_ALIAS:
+            return bool(db) and db.lower() not in ("information_schema", "pg_catalog")
+        realtime_catalog, realtime_db = query.DEFAULT_NAMES.realtime_db.split(".")
+        return name == self.name and (catalog, db) in {
+            (realtime_catalog, realtime_db), ("", realtime_db), ("", "")}
 
     def _execute(self, sql: str, limit: int) -> tuple[list[str], list[str], list[Any]]:
         cur = self.con.cursor()
@@ -511,25 +539,64 @@ def _json(body: Any, status: int = 200) -> Any:
     return Response(payload, status, media_type="application/json")
 
 
-def create_app(table: RealtimeTable, ingest: Ingest | None = None) -> Any:
-    """The server's ASGI app; starts and stops `ingest` with the app's lifespan."""
+def _refusal(request: Any, token: bytes | None) -> Any:
+    """The answer to a `POST /query` that may not run (content type, token), or None."""
+    import hmac
+
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        return _json({"error": "unsupported content type", "message": "send the query as "
+                      "JSON with Content-Type: application/json"}, 415)
+    if token is None:
+        return None
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8", "replace"), token):
+        response = _json({"error": "unauthorized", "message": "this server needs "
+                          "'Authorization: Bearer <token>' (env SLUICE_QUERY_TOKEN)"}, 401)
+        response.headers["WWW-Authenticate"] = 'Bearer realm="sluice"'
+        return response
+    return None
+
+
+def _max_rows(value: Any, limit: int) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or not 1 <= value <= limit:
+        raise ValueError(f"max_rows must be an integer from 1 to {limit}")
+    return value
+
+
+def create_app(table: RealtimeTable, ingest: Ingest | None = None,
+               token: str | None = None) -> Any:
+    """The server's ASGI app; starts and stops `ingest` with the app's lifespan.
+    With `token`, `POST /query` needs it as a bearer token."""
     import contextlib
 
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import Response
     from starlette.routing import Route
 
     metrics = table.metrics
+    secret = token.encode() if token else None
 
     async def run_query(request: Request) -> Response:
         started = time.perf_counter()
+        refusal = _refusal(request, secret)
+        if refusal is not None:
+            return refusal
         try:
-            body = orjson.loads(await request.body())
+            raw = await request.body()
+        except ClientDisconnect:
+            return Response(status_code=499)  # the client left: nothing to answer or log
+        try:
+            body = orjson.loads(raw)
             sql = body["sql"]
             if not isinstance(sql, str):
                 raise TypeError("sql must be a string")
+            max_rows = _max_rows(body.get("max_rows"), table.settings.max_rows_limit)
         except (ValueError, KeyError, TypeError) as exc:
             return _json({"error": "bad request", "message": "send JSON {\"sql\": \"...\", "
                           f"\"engine\": \"trino\"|\"duckdb\"}}: {exc}"}, 400)
@@ -537,7 +604,7 @@ def create_app(table: RealtimeTable, ingest: Ingest | None = None) -> Any:
         try:
             result = await run_in_threadpool(
                 table.query, sql, engine=body.get("engine", "trino"),
-                explain=bool(body.get("explain")), max_rows=body.get("max_rows"))
+                explain=bool(body.get("explain")), max_rows=max_rows)
             return _json(result)
         except query.Refused as exc:
             outcome = "refused"
@@ -606,13 +673,10 @@ def build(settings: RealtimeSettings) -> tuple[RealtimeTable, Ingest]:
 
 def serve(settings: RealtimeSettings) -> None:
     """Run the server in the foreground until SIGINT/SIGTERM."""
-    import uvicorn
+    from eventing import serving
 
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     table, ingest = build(settings)
-    config = uvicorn.Config(
-        create_app(table, ingest), host=settings.host, port=settings.port, loop="uvloop",
-        http="httptools", lifespan="on", access_log=False, log_level=settings.log_level,
-        timeout_graceful_shutdown=10, server_header=False)
-    uvicorn.Server(config).run()
+    serving.serve(create_app(table, ingest, settings.token), host=settings.host,
+                  port=settings.port, limits=settings.limits, log_level=settings.log_level)
