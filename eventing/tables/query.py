@@ -219,7 +219,7 @@ def _misspelt_keyword(sql: str, *, always: bool = False) -> str | None:
     stripped = sql.lstrip()
     first = (re.split(r"[\s(;]", stripped, maxsplit=1) or [""])[0]
     upper = first.upper()
-    if not upper or upper in _STATEMENTS:
+    if not upper or upper in _STATEMENTS or not _is_plain_word(first):
         return None
     near = difflib.get_close_matches(upper, _STATEMENTS, n=1)
     if not near and not always:
@@ -229,6 +229,17 @@ def _misspelt_keyword(sql: str, *, always: bool = False) -> str | None:
     col = offset - (sql.rfind("\n", 0, offset) + 1) + 1
     return (f"line {line}, column {col}: {first!r} does not start a SQL statement"
             + (f"; did you mean {near[0]}?" if near else "; a query starts with SELECT or WITH"))
+
+
+def _is_plain_word(word: str) -> bool:
+    """True for a word SQL does not know as a keyword (`SELEC`), false for `DROP`."""
+    from sqlglot.tokens import TokenType
+
+    try:
+        tokens = sqlglot.Dialect.get_or_raise("trino").tokenize(word)
+    except Exception:  # noqa: BLE001 - not even a token: leave it to the parser
+        return False
+    return bool(tokens) and tokens[0].token_type == TokenType.VAR
 
 
 def _trino_column_names(tree: exp.Expression) -> None:
