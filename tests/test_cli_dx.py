@@ -48,7 +48,8 @@ def run(*args: str, where: tuple[Path, int], cwd: Path = ROOT, stdin: str | None
 # --------------------------------------------------------------------------- help
 
 
-def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+def _commands(parser: argparse.ArgumentParser, prefix: str = ""
+              ) -> dict[str, argparse.ArgumentParser]:
     found = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
