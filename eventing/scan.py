@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,14 +61,19 @@ def partitions(consumer: Consumer, topics: Sequence[str], timeout: float = 10.0
 def read(bootstrap: str, topics: Sequence[str], *, since_ms: int | None = None,
          until_ms: int | None = None, from_beginning: bool = True, follow: bool = False,
          serde: Any = None, stop: threading.Event | None = None, idle_s: float = 1.0,
-         timeout_s: float | None = None) -> Iterator[Seen]:
+         timeout_s: float | None = None,
+         on_ready: Callable[[], None] | None = None) -> Iterator[Seen]:
     """Records of `topics` in arrival order per partition.
 
-    Starts at `since_ms` (record time, via the broker's time index), else the beginning
+    Starts at `since_ms` (record time: the broker's time index gives where to start
+    reading, records before `since_ms` are then skipped, since Tansu's index answers the
+    first offset whatever the time), else the beginning
     (or, with `from_beginning=False`, the end: only new records). Without `follow` it
     stops once every partition was read to its end (see the module docstring); records
     after `until_ms` are skipped. With `follow` it runs until `stop` is set or
-    `timeout_s` passes.
+    `timeout_s` passes. `on_ready()` is called once the start offsets are fixed: a
+    record produced after it is read (the end is taken as offsets now, not resolved
+    lazily at the first fetch).
     """
     consumer = Consumer(consumer_config(bootstrap, f"sluice-scan-{uuid.uuid4().hex}"))
     try:
@@ -83,21 +88,27 @@ def read(bootstrap: str, topics: Sequence[str], *, since_ms: int | None = None,
             start = OFFSET_BEGINNING if from_beginning else OFFSET_END
             assigned = [TopicPartition(tp.topic, tp.partition, start) for tp in assigned]
         ends = {}
+        fixed = []
         for tp in assigned:
             low, high = consumer.get_watermark_offsets(
                 TopicPartition(tp.topic, tp.partition), timeout=10)
             start = tp.offset if tp.offset >= 0 else (low if tp.offset == OFFSET_BEGINNING
                                                       else high)
             ends[(tp.topic, tp.partition)] = (max(start, low), high)
-        consumer.assign(assigned)
-        yield from _consume(consumer, ends, until_ms, follow, serde, stop, idle_s, timeout_s)
+            fixed.append(TopicPartition(tp.topic, tp.partition, max(start, low)))
+        consumer.assign(fixed)
+        if on_ready is not None:
+            on_ready()
+        yield from _consume(consumer, ends, since_ms, until_ms, follow, serde, stop, idle_s,
+                            timeout_s)
     finally:
         consumer.close()
 
 
 def _consume(consumer: Consumer, ends: dict[tuple[str, int], tuple[int, int]],
-             until_ms: int | None, follow: bool, serde: Any, stop: threading.Event | None,
-             idle_s: float, timeout_s: float | None) -> Iterator[Seen]:
+             since_ms: int | None, until_ms: int | None, follow: bool, serde: Any,
+             stop: threading.Event | None, idle_s: float, timeout_s: float | None
+             ) -> Iterator[Seen]:
     pending = {k for k, (start, high) in ends.items() if high > start}
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last_record = time.monotonic()
@@ -122,8 +133,9 @@ def _consume(consumer: Consumer, ends: dict[tuple[str, int], tuple[int, int]],
                 pending.discard(where)
             ts_type, ts = msg.timestamp()
             ts = ts if ts_type else None
-            if until_ms is not None and ts is not None and ts > until_ms:
-                continue
+            if ts is not None and ((until_ms is not None and ts > until_ms)
+                                   or (since_ms is not None and ts < since_ms)):
+                continue  # the broker's time index is a lower bound (Tansu: offset 0)
             yield decode(msg, serde)
 
 

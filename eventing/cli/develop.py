@@ -248,7 +248,10 @@ def tail(edge: Edge) -> int:
     try:
         for seen in scan.read(_bootstrap(edge), a.topic, from_beginning=a.from_beginning,
                               follow=a.limit is None or a.limit > 0, serde=serde,
-                              timeout_s=a.timeout):
+                              timeout_s=a.timeout, on_ready=lambda: output.note(
+                                  f"(reading {', '.join(a.topic)}"
+                                  + ("" if a.from_beginning else ": new events only")
+                                  + "; Ctrl-C stops)")):
             attrs = seen.attributes()
             if not keep(attrs, seen.data):
                 continue

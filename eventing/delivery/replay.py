@@ -11,10 +11,12 @@ again, with the same derived ids (`<input id>/<function>/<n>` for returned dicts
 consumers that dedupe on the CloudEvent `id` (the lake sink, the real-time table) keep
 each row once; keyed state (`store`) sees the events a second time.
 
-Partitions are assigned directly at the offsets of `since` (the broker's time index);
-a partition is done when a record at or past its end (the offset of `until`, or a record
-newer than `until`) arrives, or, for a range that reaches the log's end, when it was
-read to the reported end and nothing new came for `idle_s`.
+Partitions are assigned directly at the offsets the broker's time index gives for
+`since`, and records are then chosen by their own time: Tansu's index answers the first
+offset whatever the time (measured), so it is only where reading starts. Records older
+than `since` are skipped; a partition is done at its first record at or after `until`
+(record times follow the order records were written in), or, once read to the reported
+end, when nothing new came for `idle_s` (the reported end can be short on Tansu).
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ class BoundedConsumer:
     """A consumer that hands out only the records of the replay range (others paused)."""
 
     def __init__(self, consumer: Consumer, bounds: dict[tuple[str, int], Bound],
-                 until_ms: int | None) -> None:
+                 since_ms: int, until_ms: int | None) -> None:
         self._consumer = consumer
         self.bounds = bounds
+        self.since_ms = since_ms
         self.until_ms = until_ms
         self.last_record = time.monotonic()
         self.delivered = 0
@@ -69,6 +72,8 @@ class BoundedConsumer:
                 self.until_ms is not None and ts_type and ts >= self.until_ms)
             if past:
                 self._finish(where, bound)
+                continue
+            if ts_type and ts < self.since_ms:
                 continue
             if bound.end is None and msg.offset() >= bound.high - 1:
                 bound.high = msg.offset() + 1
@@ -109,17 +114,14 @@ def replay(function: Function, topic: str, build: Callable[..., Dispatcher], *,
     meta = real.list_topics(topic, timeout=10).topics[topic]
     parts = sorted(meta.partitions)
     starts = real.offsets_for_times([TopicPartition(topic, p, since_ms) for p in parts], 10)
-    ends = (real.offsets_for_times([TopicPartition(topic, p, until_ms) for p in parts], 10)
-            if until_ms is not None else [None] * len(parts))
     bounds: dict[tuple[str, int], Bound] = {}
     assign = []
-    for p, start_tp, end_tp in zip(parts, starts, ends, strict=True):
+    for p, start_tp in zip(parts, starts, strict=True):
         low, high = real.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
         start = start_tp.offset if start_tp.offset >= 0 else high
-        end = end_tp.offset if end_tp is not None and end_tp.offset >= 0 else None
-        bounds[(topic, p)] = Bound(max(start, low), end, high)
+        bounds[(topic, p)] = Bound(max(start, low), None, high)
         assign.append(TopicPartition(topic, p, max(start, low)))
-    bounded = BoundedConsumer(real, bounds, until_ms)
+    bounded = BoundedConsumer(real, bounds, since_ms, until_ms)
     dispatcher.consumer = bounded  # type: ignore[assignment]
     if dispatcher._on_assign_hook is not None:
         dispatcher._on_assign_hook()  # keyed state restored before the first event

@@ -144,6 +144,10 @@ def check(registry_url: str, path: Path) -> Check:
     except ValueError as exc:
         return Check(str(path), subject, "-", False, [f"not valid JSON: {exc}"])
     lvl = level(registry_url, subject)
+    status, _ = _get(registry_url, f"/subjects/{subject}/versions")
+    if status == 404:
+        return Check(str(path), subject, lvl, True, ["new subject: nothing to be "
+                                                     "compatible with"])
     url = (registry_url.rstrip("/") +
            f"/compatibility/subjects/{subject}/versions/latest?verbose=true")
     try:

@@ -36,4 +36,7 @@ def spec(settings: StackSettings) -> PartSpec:
         endpoint=f"real-time table {url} (POST /query)",
         health=lambda: http_status(url + "/healthz") == 200,
         ports=[settings.ports.realtime],
+        # Importing DuckDB and pyiceberg and attaching the lake took over 30 s on the
+        # shared 2-core machine under a load average of 24 (measured 2026-11-30).
+        start_timeout=90.0,
     )

@@ -597,6 +597,8 @@ def _post(server_url: str, body: dict[str, Any], timeout_s: float) -> dict[str, 
         if data.get("error") == "refused":
             raise Refused(data.get("construct", "query"), data.get("reason", ""),
                           data.get("hint", ""))
+        if data.get("error") == "invalid query":  # the user's SQL, not the server, is wrong
+            raise TranslationError(data.get("message") or "invalid query")
         raise QueryFailed(data.get("message") or data.get("error") or str(data))
     return data
 
