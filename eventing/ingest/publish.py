@@ -72,9 +72,11 @@ class Publisher:
         headers = {"authorization": f"Bearer {token}"} if token else {}
         # A short connect timeout: a gateway that does not accept a connection within
         # CONNECT_TIMEOUT_S is reported, not waited on for the whole request timeout.
+        # Loading the CA bundle costs ~0.3 s idle (2.8 s measured under load) and a
+        # plain-HTTP gateway never uses it.
         self._client = client or httpx.Client(
             timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S)),
-            headers=headers)
+            headers=headers, verify=self.url.startswith("https:"))
         self._answered = False
         self._own_client = client is None
 
