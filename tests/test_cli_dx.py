@@ -404,3 +404,24 @@ def test_filter_and_time_parsing() -> None:
     assert parse_time("1764522000000") == 1764522000000
     with pytest.raises(CommandFailed, match="ISO 8601"):
         parse_time("yesterday")
+
+
+def test_progress_is_a_rich_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from eventing.ingest.publish import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    plain = output.progress(10)
+    assert isinstance(plain, Progress)
+    plain(10, final=True)
+    assert ANSI not in sys.stderr.getvalue() and "10/10 events" in sys.stderr.getvalue()
+    monkeypatch.setattr(sys, "stderr", Tty())
+    bar = output.progress(10)
+    bar(5)
+    bar(10, final=True)
+    assert isinstance(bar, output.RichProgress) and "10/10" in sys.stderr.getvalue()

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
 
@@ -148,3 +149,41 @@ def records(items: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: str
 def note(message: str) -> None:
     """A message for the person at the terminal (stderr), never mixed into data."""
     print(message, file=sys.stderr)
+
+
+class RichProgress:
+    """A rich progress bar on a terminal's stderr, the same call as `publish.Progress`:
+    `progress(done)` after each batch, `progress(done, final=True)` at the end."""
+
+    def __init__(self, total: int, what: str = "events") -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                             console=Console(file=sys.stderr), transient=False)
+        self._task = self._bar.add_task(what, total=total or None, rate="")
+        self._started = time.monotonic()
+        self._bar.start()
+
+    def __call__(self, done: int, *, final: bool = False) -> None:
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        self._bar.update(self._task, completed=done, rate=f"{done / elapsed:,.0f} ev/s")
+        if final:
+            self._bar.stop()
+
+
+def progress(total: int, what: str = "events") -> Any:
+    """A progress display for `total` items on stderr: rich on a terminal, else the
+    plain one-line counter (`eventing.ingest.publish.Progress`)."""
+    if is_terminal(sys.stderr):
+        return RichProgress(total, what)
+    from eventing.ingest.publish import Progress
+
+    return Progress(total, sys.stderr)

@@ -12,7 +12,8 @@ DEPLOY = "eventing.deploy:DeploySettings"
 
 
 def publish(edge: Edge) -> int:
-    from eventing.ingest.publish import GatewayError, Progress, Publisher, one_event, read_jsonl
+    from eventing.cli import output
+    from eventing.ingest.publish import GatewayError, Publisher, one_event, read_jsonl
 
     a = edge.args
     url = a.gateway or edge.settings.gateway_url
@@ -28,7 +29,7 @@ def publish(edge: Edge) -> int:
             event = one_event(a.type, a.source, a.data, a.id, a.key)
         with Publisher(url, token) as publisher:
             if a.file:
-                progress = Progress(total, sys.stderr)
+                progress = output.progress(total)
                 sent = publisher.send_many(events, progress=progress, **edge.given("batch_size"))
                 progress(sent, final=True)
                 print(f"published {sent} events to {url}")
@@ -65,7 +66,8 @@ def _token(path: str | None) -> str | None:
 
 def generate(edge: Edge) -> int:
     """Publish the topology's example traffic (its `generate.py`) through the gateway."""
-    from eventing.ingest.publish import GatewayError, Progress, Publisher
+    from eventing.cli import output
+    from eventing.ingest.publish import GatewayError, Publisher
 
     a, s = edge.args, edge.settings
     traffic = edge.generator()
@@ -74,7 +76,7 @@ def generate(edge: Edge) -> int:
         token = s.gateway_token_file.read_text().strip()
     edge.interrupt_on_sigterm()  # `sluice down` stops the generator cleanly
     total = int(a.rate * a.duration) if a.duration else 0
-    progress = Progress(total, sys.stderr) if total and not a.quiet else None
+    progress = output.progress(total, "payments") if total and not a.quiet else None
     try:
         with Publisher(a.gateway or s.gateway_url, token) as pub:
             sent, fraud = traffic.run(pub, rate=a.rate, duration=a.duration,
