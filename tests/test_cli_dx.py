@@ -425,3 +425,12 @@ def test_progress_is_a_rich_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPat
     bar(5)
     bar(10, final=True)
     assert isinstance(bar, output.RichProgress) and "10/10" in sys.stderr.getvalue()
+
+
+def test_top_as_data_names_an_unreachable_prometheus(nowhere) -> None:
+    from eventing.stack.settings import Ports
+
+    proc = run("top", "-o", "json", where=nowhere)
+    assert proc.returncode == 1
+    assert f"127.0.0.1:{Ports().shifted(nowhere[1]).prometheus}" in proc.stderr
+    assert "Traceback" not in proc.stderr

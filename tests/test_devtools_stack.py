@@ -252,3 +252,12 @@ def test_query_output_as_trino_renders_it(stack) -> None:
     typo = cli(stack, "query", "SELEC 1")
     assert typo.returncode == 2 and "did you mean SELECT?" in typo.stderr
     assert "\x1b[" not in typo.stderr
+
+
+def test_top_once_as_data(stack) -> None:
+    proc = cli(stack, "top", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    snap = json.loads(proc.stdout)
+    assert set(snap) == {"functions", "gateway"}
+    csv_out = cli(stack, "top", "-o", "csv").stdout.splitlines()
+    assert csv_out[0] == "function,rate,p99,lag,dead,retries,total"

@@ -114,6 +114,22 @@ def logs(edge: Edge) -> int:
 def top(edge: Edge) -> int:
     from eventing.telemetry import top as live
 
+    url = edge.args.prometheus or edge.settings.prometheus_url
+    if edge.args.output != "table":  # data for a script: one snapshot
+        try:
+            snap = live.snapshot(url)
+        except live.PrometheusUnavailable as exc:
+            raise CommandFailed(str(exc), 1) from None
+        except Exception as exc:  # noqa: BLE001 - httpx errors: name the URL
+            raise CommandFailed(f"Prometheus at {url} did not answer: {exc}", 1) from None
+        if edge.args.output == "json":
+            print(json.dumps(snap, indent=2))
+        else:
+            keys = ["rate", "p99", "lag", "dead", "retries", "total"]
+            output.emit(["function", *keys], [[fn, *[r.get(k) for k in keys]]
+                                              for fn, r in sorted(snap["functions"].items())],
+                        "csv")
+        return 0
     try:
         live.run(edge.args.prometheus or edge.settings.prometheus_url, sys.stdout,
                  once=edge.args.once, terminal=output.is_terminal(),
@@ -200,10 +216,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="print the last N lines first (0 = all; default 50)")
 
     p = add_command(sub, "top", top, help="live per-function rate, p99, lag, dead letters",
-                    example="sluice top\nsluice top --once")
+                    example="sluice top\nsluice top --once -o json")
     settings_flag(p, "--interval", type=float,
                   default_of="eventing.telemetry.top:run.interval", help="seconds")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    output.output_flag(p)  # json/csv: one snapshot, as data
     p.add_argument("--prometheus", help="Prometheus URL (default: the local stack's)")
 
     p = add_command(sub, "dashboards", dashboards, help="write the Grafana dashboards (JSON)",
