@@ -434,3 +434,19 @@ def test_top_as_data_names_an_unreachable_prometheus(nowhere) -> None:
     assert proc.returncode == 1
     assert f"127.0.0.1:{Ports().shifted(nowhere[1]).prometheus}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_trace_waterfall_time_bars() -> None:
+    from eventing.telemetry import traces
+
+    assert traces.time_bar(0, 100, 100, width=10) == "█" * 10
+    assert traces.time_bar(50, 10, 100, width=10) == "     █    "
+    assert traces.time_bar(99, 0.01, 100, width=10) == "         █"  # never invisible
+    spans = [traces.StoredSpan("t" * 32, "a", None, "gw", "receive", "server", 0, 10_000_000,
+                               "ok", ""),
+             traces.StoredSpan("t" * 32, "b", "a", "fn", "process", "consumer", 5_000_000,
+                               10_000_000, "unset", "")]
+    plain = traces.render({"t" * 32: spans})
+    barred = traces.render({"t" * 32: spans}, bars=True)
+    assert "█" not in plain and "TIME" not in plain
+    assert "TIME" in barred and "█" * 24 in barred and " " * 12 + "█" * 12 in barred

@@ -172,7 +172,7 @@ def trace(edge: Edge) -> int:
                  for sp in t["spans"]]
         output.emit(TRACE_COLUMNS, [[sp.get(c) for c in TRACE_COLUMNS] for sp in spans], "csv")
     else:
-        print(traces.render(found), end="")
+        print(traces.render(found, bars=output.is_terminal()), end="")
     return 0
 
 
