@@ -491,6 +491,29 @@ def test_dead_letter_adds_knative_extensions_in_the_original_mode(mode):
     assert ce_event.json_data(back) == {"a": 1}
 
 
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_dead_letter_origin_round_trips_to_the_original_event(mode):
+    event = ce_event.make_event({"specversion": "1.0", "id": "1", "source": "/s", "type": "t",
+                                 "partitionkey": "k", "datacontenttype": "application/json"},
+                                b'{"a": 1}')
+    encode = ce_kafka.to_binary if mode == "binary" else ce_kafka.to_structured
+    key, value, headers = encode(event)
+    consumed = ce_kafka.from_record(key, value, headers, **KW)
+    _, dl_value, dl_headers = ce_kafka.to_dead_letter(
+        consumed, headers, destination="inprocess://fn", code=422, message="Reject: no",
+        origin=("in.topic", 3, 42, 4, "fn"))
+    letter = ce_kafka.from_record(None, dl_value, dl_headers, **KW)
+    original, info = ce_kafka.from_dead_letter(letter)
+    assert info == {"knativeerrordest": "inprocess://fn", "knativeerrorcode": "422",
+                    "knativeerrordata": "Reject: no", "sluiceerrortopic": "in.topic",
+                    "sluiceerrorpartition": "3", "sluiceerroroffset": "42",
+                    "sluiceerrorattempts": "4", "sluiceerrorfunction": "fn"}
+    attrs = original._get_attributes()
+    assert not any(n.startswith(("knativeerror", "sluiceerror")) for n in attrs)
+    assert attrs["id"] == "1" and attrs["partitionkey"] == "k"
+    assert ce_event.json_data(original) == {"a": 1}
+
+
 def test_header_reads_take_attributes_without_decoding_the_record():
     _, _, headers = ce_kafka.to_binary(_traced_input())
     traceparent = _traced_input()["traceparent"].encode()

@@ -362,8 +362,8 @@ def test_publisher_retries_503(gw):
 def test_cli_helpers(tmp_path):
     f = tmp_path / "e.jsonl"
     f.write_text(json.dumps({"type": TYPE}) + "\n\n" + json.dumps({"type": TYPE}) + "\n")
-    count, events = read_jsonl(str(f))
-    assert count == 2 and len(list(events)) == 2
+    count, events, lines = read_jsonl(str(f))
+    assert count == 2 and len(list(events)) == 2 and lines == [1, 3]
     f.write_text(json.dumps({"type": TYPE}) + "\n{broken\n")
     with pytest.raises(ValueError, match=":2: not valid JSON"):
         read_jsonl(str(f))

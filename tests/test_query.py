@@ -153,7 +153,9 @@ def test_schema_may_be_a_lookup_asked_only_for_tables_read() -> None:
     ("INSERT INTO payments_scored_rt (payment_id) VALUES ('x')", "only queries"),
     ("DELETE FROM payments_scored_rt", "only queries"),
     ("SELECT 1; SELECT 2", "one statement"),
-    ("SELEC 1 FROM", "does not parse"),
+    ("SELEC 1 FROM", r"line 1, column 1: 'SELEC' does not start a SQL statement; did you "
+                     "mean SELECT\\?"),
+    ("SELECT a FROM t WHERE", "does not parse as trino SQL at line 1, column 17"),
     ("SELECT * FROM hive.default.payments", "unknown catalog 'hive'"),
 ])
 def test_rejects_what_cannot_run(sql: str, message: str) -> None:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 ENV_STATE_DIR = "SLUICE_STATE_DIR"
 ENV_PORT_OFFSET = "SLUICE_PORT_OFFSET"
+ENV_PROJECT_DIR = "SLUICE_PROJECT_DIR"
 ENV_BROKER_STORAGE = "SLUICE_BROKER_STORAGE"
 ENV_GATEWAY_TOKEN_FILE = "SLUICE_GATEWAY_TOKEN_FILE"
 LOG_FORMAT = "%(asctime)s %(name)s %(message)s"
@@ -79,6 +80,7 @@ class Edge:
         storage = getattr(a, "storage", None)
         settings = load_settings(
             state_dir=a.state_dir or os.environ.get(ENV_STATE_DIR),
+            project_dir=self.project_dir,
             port_offset=offset,
             broker_storage=storage or os.environ.get(ENV_BROKER_STORAGE),
             pipeline=not getattr(a, "no_pipeline", False),
@@ -100,6 +102,21 @@ class Edge:
             if storage:
                 settings = dataclasses.replace(settings, broker_storage=storage)
         return settings
+
+    @cached_property
+    def project_dir(self) -> Path | None:
+        """The project: `--project`, else env SLUICE_PROJECT_DIR, else the current folder
+        when it holds `functions/topology.yaml` (a project made by `sluice new project`),
+        else None (Sluice's own checkout, the example)."""
+        given = getattr(self.args, "project", None) or os.environ.get(ENV_PROJECT_DIR)
+        if given:
+            path = Path(given)
+            if not (path / "functions" / "topology.yaml").exists():
+                raise CommandFailed(f"{path} is not a Sluice project: no functions/"
+                                    "topology.yaml (`sluice new project DIR` makes one)")
+            return path
+        cwd = Path.cwd()
+        return cwd if (cwd / "functions" / "topology.yaml").exists() else None
 
     def given(self, *names: str, **renamed: str) -> dict[str, Any]:
         """The flags the user gave, as settings keywords (`field=flag dest` to rename).
@@ -203,14 +220,25 @@ def location_flags(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
                         help=f"state folder (default ./.state, env {ENV_STATE_DIR})")
     parser.add_argument("--port-offset", type=int, default=default,
                         help=f"shift every default port by N (env {ENV_PORT_OFFSET})")
+    parser.add_argument("--project", default=default, metavar="DIR",
+                        help="the project (its functions/topology.yaml and schemas/; default: "
+                             f"the current folder if it is one, env {ENV_PROJECT_DIR})")
 
 
-def add_command(sub: argparse._SubParsersAction, name: str, run: Command, *,
-                help: str) -> argparse.ArgumentParser:
-    """A `sluice <name>` command taking the location flags, run with an `Edge`."""
-    parser = sub.add_parser(name, help=help, formatter_class=HelpFormatter)
+def add_command(sub: argparse._SubParsersAction, name: str, run: Command | None, *,
+                help: str, example: str) -> argparse.ArgumentParser:
+    """A `sluice <name>` command taking the location flags, run with an `Edge`.
+
+    `help` is its one-line description (the command list of `sluice --help` shows it)
+    and `example` one or more command lines its own `--help` ends with.
+    """
+    parser = sub.add_parser(name, description=help, formatter_class=HelpFormatter,
+                            epilog="example:\n" + "\n".join(
+                                f"  {line}" for line in example.strip().splitlines()))
+    parser.summary = help  # type: ignore[attr-defined]
     location_flags(parser, suppress=True)
-    parser.set_defaults(run=run)
+    if run is not None:
+        parser.set_defaults(run=run)
     return parser
 
 
@@ -242,8 +270,9 @@ def settings_default(ref: str) -> Any:
     return inspect.signature(owner).parameters[name].default
 
 
-class HelpFormatter(argparse.HelpFormatter):
-    """Shows a settings flag's default, read from its dataclass only when help is shown."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a settings flag's default, read from its dataclass only when help is shown;
+    keeps the line breaks of descriptions and examples."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""

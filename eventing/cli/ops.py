@@ -1,4 +1,4 @@
-"""Commands that operate the local stack: up, status, down, schemas, top, trace, dashboards."""
+"""Commands that operate the local stack: up, status, down, logs, top, trace, dashboards."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from eventing.cli import output
 from eventing.cli.edge import (
     CommandFailed,
     Edge,
@@ -18,6 +19,8 @@ from eventing.cli.edge import (
 from eventing.stack.settings import StackSettings
 
 STACK_SETTINGS = "eventing.stack.settings:StackSettings"
+TRACE_COLUMNS = ["trace_id", "span_id", "parent_id", "depth", "service", "name",
+                 "start_offset_ms", "duration_ms", "status"]
 
 
 def up(edge: Edge) -> int:
@@ -66,18 +69,35 @@ def _check_trace_bounds(s: StackSettings) -> None:
 
 
 def status(edge: Edge) -> int:
+    """Each part's pid, health, uptime and endpoint. Reads the state folder only: a folder
+    that does not exist is reported, never created (no credentials appear as a side effect)."""
+    state_dir = edge.settings.state_dir
+    if not state_dir.exists():
+        output.note(f"no stack here: the state folder {state_dir} does not exist "
+                    "(start one with `sluice up`, or pass --state-dir)")
+        if _fmt(edge) == "json":
+            print("[]")
+        return 3
     from eventing.stack.supervisor import Stack
 
     parts = Stack(edge.settings).status()
-    if edge.args.json:
-        print(json.dumps([p.as_dict() for p in parts], indent=2))
+    fmt = _fmt(edge)
+    if fmt == "json":
+        output.records([p.as_dict() for p in parts], [], "json")
     else:
-        print(f"{'PART':<12} {'PID':>8}  {'HEALTH':<9} {'UPTIME':>8}  ENDPOINT")
+        rows = []
         for p in parts:
             health = "healthy" if p.healthy else ("unhealthy" if p.running else "stopped")
             uptime = f"{p.uptime_s:.0f}s" if p.uptime_s is not None else "-"
-            print(f"{p.name:<12} {p.pid or '-':>8}  {health:<9} {uptime:>8}  {p.endpoint}")
+            rows.append([p.name, p.pid or "-", health, uptime, p.endpoint])
+        output.emit(["PART", "PID", "HEALTH", "UPTIME", "ENDPOINT"], rows, fmt,
+                    numeric=[False, True, False, True, False])
     return 0 if all(p.healthy for p in parts) else 3
+
+
+def _fmt(edge: Edge) -> str:
+    """`-o`, with the older `--json` meaning `-o json`."""
+    return "json" if getattr(edge.args, "json", False) else edge.args.output
 
 
 def down(edge: Edge) -> int:
@@ -90,24 +110,60 @@ def down(edge: Edge) -> int:
     return 0
 
 
-def schemas(edge: Edge) -> int:
-    from eventing.registry.files import IncompatibleSchema, register_all
+def logs(edge: Edge) -> int:
+    """A part's log from the state folder; `-f` keeps printing what it appends."""
+    import time
 
-    s = edge.settings
-    try:
-        for r in register_all(edge.args.registry or s.registry_url, s.schemas_dir):
-            print(f"{r.subject} -> id {r.schema_id}  ({r.path.name})")
-    except IncompatibleSchema as exc:
-        raise CommandFailed(str(exc), 1) from None
-    return 0
+    from eventing.stack.process import ProcessDir
+
+    procs = ProcessDir(edge.settings.state_dir)
+    path = procs.log_path(edge.args.part)
+    if not path.exists():
+        known = sorted(p.stem for p in procs.log_dir.glob("*.log")) if procs.log_dir.exists() \
+            else []
+        raise CommandFailed(f"no log for part {edge.args.part!r} at {path}; "
+                            + (f"parts with logs: {', '.join(known)}" if known
+                               else "is the stack up? (`sluice up`)"))
+    lines = edge.args.lines
+    with path.open("rb") as fh:
+        tail = fh.readlines()[-lines:] if lines else fh.readlines()
+        sys.stdout.write(b"".join(tail).decode("utf-8", "replace"))
+        sys.stdout.flush()
+        if not edge.args.follow:
+            return 0
+        edge.interrupt_on_sigterm()
+        while True:
+            chunk = fh.read()
+            if chunk:
+                sys.stdout.write(chunk.decode("utf-8", "replace"))
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
 
 
 def top(edge: Edge) -> int:
     from eventing.telemetry import top as live
 
+    url = edge.args.prometheus or edge.settings.prometheus_url
+    if edge.args.output != "table":  # data for a script: one snapshot
+        try:
+            snap = live.snapshot(url)
+        except live.PrometheusUnavailable as exc:
+            raise CommandFailed(str(exc), 1) from None
+        except Exception as exc:  # noqa: BLE001 - httpx errors: name the URL
+            raise CommandFailed(f"Prometheus at {url} did not answer: {exc}", 1) from None
+        if edge.args.output == "json":
+            print(json.dumps(snap, indent=2))
+        else:
+            keys = ["rate", "p99", "lag", "dead", "retries", "total"]
+            output.emit(["function", *keys], [[fn, *[r.get(k) for k in keys]]
+                                              for fn, r in sorted(snap["functions"].items())],
+                        "csv")
+        return 0
     try:
         live.run(edge.args.prometheus or edge.settings.prometheus_url, sys.stdout,
-                 once=edge.args.once, **edge.given("interval"))
+                 once=edge.args.once, terminal=output.is_terminal(),
+                 **edge.given("interval"))
     except live.PrometheusUnavailable as exc:
         raise CommandFailed(str(exc), 1) from None
     except KeyboardInterrupt:
@@ -166,10 +222,14 @@ def trace(edge: Edge) -> int:
               + ("" if args.wait else "; spans take ~1 s to be indexed: try --wait 10"),
               file=sys.stderr)
         return 1
-    if args.json:
+    if _fmt(edge) == "json":
         print(json.dumps(traces.as_json(found), indent=2))
+    elif args.output == "csv":
+        spans = [{"trace_id": t["trace_id"], **sp} for t in traces.as_json(found)
+                 for sp in t["spans"]]
+        output.emit(TRACE_COLUMNS, [[sp.get(c) for c in TRACE_COLUMNS] for sp in spans], "csv")
     else:
-        print(traces.render(found), end="")
+        print(traces.render(found, bars=output.is_terminal()), end="")
     return 0
 
 
@@ -183,7 +243,8 @@ def _search_filters(args: argparse.Namespace) -> dict:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "up", up, help="start the local stack and wait until it is healthy")
+    p = add_command(sub, "up", up, help="start the local stack and wait until it is healthy",
+                    example="sluice up\nsluice up --no-generator --rate 100")
     p.add_argument("--storage", choices=["s3", "memory"], default=None,
                    help="broker storage: memory (default) is fast and forgets on restart; "
                         "s3 keeps topics in the object store across restarts, but "
@@ -209,31 +270,45 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        "(1GiB, 200MB; bytes)")
 
     p = add_command(sub, "status", status,
-                    help="report each part: pid, endpoint, health, uptime")
-    p.add_argument("--json", action="store_true")
+                    help="report each part: pid, endpoint, health, uptime (exit 3 if one "
+                         "is not healthy)",
+                    example="sluice status\nsluice status -o json | jq '.[].name'")
+    output.output_flag(p)
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # = -o json
 
-    p = add_command(sub, "down", down, help="stop what `sluice up` started")
+    p = add_command(sub, "down", down, help="stop what `sluice up` started",
+                    example="sluice down\nsluice down --purge")
     p.add_argument("--purge", action="store_true", help="also delete the state folder")
 
-    p = add_command(sub, "schemas", schemas,
-                    help="register every schemas/*.avsc with the registry")
-    p.add_argument("--registry", help="registry URL (default: the local stack's)")
+    p = add_command(sub, "logs", logs, help="print a part's log (-f: keep following it)",
+                    example="sluice logs gateway\nsluice logs fn-score -f")
+    p.add_argument("part", help="part name as `sluice status` lists it (gateway, fn-<name>, "
+                   "broker ...)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("-n", "--lines", type=int, default=50,
+                   help="print the last N lines first (0 = all; default 50)")
 
-    p = add_command(sub, "top", top, help="live per-function rate, p99, lag, dead letters")
+    p = add_command(sub, "top", top, help="live per-function rate, p99, lag, dead letters",
+                    example="sluice top\nsluice top --once -o json")
     settings_flag(p, "--interval", type=float,
                   default_of="eventing.telemetry.top:run.interval", help="seconds")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    output.output_flag(p)  # json/csv: one snapshot, as data
     p.add_argument("--prometheus", help="Prometheus URL (default: the local stack's)")
 
-    p = add_command(sub, "dashboards", dashboards, help="write the Grafana dashboards (JSON)")
-    p.add_argument("--out", default="infra/grafana")
+    p = add_command(sub, "dashboards", dashboards, help="write the Grafana dashboards (JSON)",
+                    example="sluice dashboards --out infra/grafana")
+    p.add_argument("--out", default="infra/grafana", help="folder (default infra/grafana)")
 
     p = add_command(sub, "trace", trace, help="show what happened to an event: the waterfall "
                     "of its trace(s) by CloudEvent id, trace id or payment id; or list the "
-                    "traces a search matches")
+                    "traces a search matches",
+                    example="sluice trace pay-11-000000042\nsluice trace pay-11-000000042 "
+                            "-o json --wait 10\nsluice trace --errors --since 10m")
     p.add_argument("ref", nargs="?", help="CloudEvent id, trace id (32 hex) or payment id "
                    "(leave out to list the traces the search flags match)")
-    p.add_argument("--json", action="store_true", help="machine-readable spans or list")
+    output.output_flag(p)
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # = -o json
     p.add_argument("--wait", type=float, default=0.0, metavar="S",
                    help="wait up to S seconds for the spans to arrive and settle")
     settings_flag(p, "--settle", type=float, metavar="S",

@@ -172,14 +172,16 @@ def _kafka_flags(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "registry", registry,
-                    help="run the embedded schema registry (foreground)")
+                    help="run the embedded schema registry (foreground)",
+                    example="sluice registry --port 8081")
     p.add_argument("--host", help="listen host (default: the local stack's)")
     p.add_argument("--port", type=int, help="port (default: the local stack's registry port)")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the local stack)")
     p.add_argument("--topic", help="the registry's log topic (default: the local stack's, "
                    "_schemas)")
 
-    p = add_command(sub, "run", run, help="run the topology's functions (foreground)")
+    p = add_command(sub, "run", run, help="run the topology's functions (foreground)",
+                    example="sluice run --topology functions/topology.yaml --function enrich")
     p.add_argument("--topology", help="topology file (default functions/topology.yaml)")
     p.add_argument("--function", action="append", help="only this function (repeatable)")
     _kafka_flags(p)
@@ -188,7 +190,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tracing_flags(p, "sluice-<function>")
 
     p = add_command(sub, "gateway", gateway,
-                    help="run the CloudEvents ingest gateway (foreground)")
+                    help="run the CloudEvents ingest gateway (foreground)",
+                    example="sluice gateway --port 8080 --token-file ~/.sluice-token")
     p.add_argument("--host", help="listen host (default: the local stack's)")
     p.add_argument("--port", type=int, help="port (default: the local stack's gateway port)")
     _kafka_flags(p)
@@ -204,7 +207,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = add_command(sub, "tracestore", tracestore, help="receive OTLP/HTTP traces into the "
                     "local trace store, bounded by age and size (foreground; `sluice up` "
-                    "runs it)")
+                    "runs it)",
+                    example="sluice tracestore --db /tmp/traces.db --max-size 200MB")
     p.add_argument("--host", help="listen host (default: the local stack's)")
     p.add_argument("--port", type=int, help="OTLP/HTTP port (default: the local stack's "
                    "trace store port)")
@@ -218,10 +222,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     settings_flag(p, "--every", type=duration_arg, metavar="AGE",
                   default_of=f"{RETENTION}.every_s", help="how often retention runs (seconds)")
 
-    sink = add_command(sub, "sink", _no_sink, help="run a table sink (foreground)")
+    sink = add_command(sub, "sink", _no_sink, help="run a table sink (foreground)",
+                    example="sluice sink lake --topic payments.scored")
     sinks = sink.add_subparsers(dest="sink", required=True)
     p = add_command(sinks, "lake", sink_lake,
-                    help="append a topic to an Iceberg table, exactly once")
+                    help="append a topic to an Iceberg table, exactly once",
+                    example="sluice sink lake --topic payments.scored --batch-size 5000")
     tracing_flags(p, "sluice-lake-sink")
     p.add_argument("--topic", required=True)
     p.add_argument("--table", help="table name (default: the topic, dots -> underscores)")
@@ -257,7 +263,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-host", help="metrics listen host (default: the local stack's)")
 
     p = add_command(sub, "realtime", realtime,
-                    help="run the real-time table server (foreground)")
+                    help="run the real-time table server (foreground)",
+                    example="sluice realtime --topic payments.scored --retention 1h")
     tracing_flags(p, "sluice-realtime")
     p.add_argument("--host", help="listen host (default: the local stack's)")
     p.add_argument("--port", type=int, help="port (default: the local stack's realtime port)")

@@ -12,37 +12,62 @@ DEPLOY = "eventing.deploy:DeploySettings"
 
 
 def publish(edge: Edge) -> int:
-    from eventing.ingest.publish import GatewayError, Progress, Publisher, one_event, read_jsonl
+    from eventing.cli import output
+    from eventing.ingest.publish import GatewayError, Publisher, one_event, read_jsonl
 
     a = edge.args
     url = a.gateway or edge.settings.gateway_url
+    token = _token(a.token_file) or edge.gateway_token()
+    lines: list[int] = []
     try:
-        with Publisher(url, edge.gateway_token()) as publisher:
+        if a.file:
+            total, events, lines = read_jsonl(a.file)
+        elif not a.type or a.data is None:
+            raise CommandFailed("give --file FILE, or --type TYPE and --data JSON "
+                                "(and --source)")
+        else:
+            event = one_event(a.type, a.source, a.data, a.id, a.key)
+        with Publisher(url, token) as publisher:
             if a.file:
-                total, events = read_jsonl(a.file)
-                progress = Progress(total, sys.stderr)
+                progress = output.progress(total)
                 sent = publisher.send_many(events, progress=progress, **edge.given("batch_size"))
                 progress(sent, final=True)
                 print(f"published {sent} events to {url}")
             else:
-                if not a.type or a.data is None:
-                    raise CommandFailed("give --file, or --type and --data (and --source)")
-                print(publisher.send(one_event(a.type, a.source, a.data, a.id, a.key)))
+                print(publisher.send(event))
     except ValueError as exc:
         raise CommandFailed(str(exc)) from None
     except GatewayError as exc:
-        print(f"\nerror: gateway answered {exc.status or 'nothing'} ({exc.error}): "
-              f"{exc.reason}", file=sys.stderr)
+        if exc.status is None:
+            raise CommandFailed(exc.reason, 1) from None
+        print(f"\nerror: gateway answered {exc.status} ({exc.error}): {exc.reason}",
+              file=sys.stderr)
         for bad in exc.events[:20]:
-            print(f"  event {bad['index']} (0-based, blank lines skipped): {bad.get('reason')}",
-                  file=sys.stderr)
+            index = bad["index"]
+            where = (f"{a.file}:{lines[index]}" if 0 <= index < len(lines)
+                     else f"event {index}")
+            print(f"  {where}: {bad.get('reason')}", file=sys.stderr)
         return 1
     return 0
 
 
+def _token(path: str | None) -> str | None:
+    """The bearer token in `path` (a file, so the token never shows in `ps` or history)."""
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise CommandFailed(f"cannot read the token file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise CommandFailed(f"the token file {path} is empty")
+    return token
+
+
 def generate(edge: Edge) -> int:
     """Publish the topology's example traffic (its `generate.py`) through the gateway."""
-    from eventing.ingest.publish import GatewayError, Progress, Publisher
+    from eventing.cli import output
+    from eventing.ingest.publish import GatewayError, Publisher
 
     a, s = edge.args, edge.settings
     traffic = edge.generator()
@@ -51,7 +76,7 @@ def generate(edge: Edge) -> int:
         token = s.gateway_token_file.read_text().strip()
     edge.interrupt_on_sigterm()  # `sluice down` stops the generator cleanly
     total = int(a.rate * a.duration) if a.duration else 0
-    progress = Progress(total, sys.stderr) if total and not a.quiet else None
+    progress = output.progress(total, "payments") if total and not a.quiet else None
     try:
         with Publisher(a.gateway or s.gateway_url, token) as pub:
             sent, fraud = traffic.run(pub, rate=a.rate, duration=a.duration,
@@ -69,26 +94,56 @@ def generate(edge: Edge) -> int:
 
 def query(edge: Edge) -> int:
     """Trino SQL to the real-time server (DuckDB) or to a Trino cluster."""
+    import time
+
+    from eventing.cli import output
     from eventing.tables.query import QueryFailed, TranslationError, run
 
     a = edge.args
+    sql = _sql(a)
     server = a.server or edge.settings.realtime_url
+    fmt = a.format or a.output
+    started = time.perf_counter()
     cut: list[int] = []
     try:
-        print(run(a.sql, server_url=server, trino_url=a.trino, explain=a.explain,
-                  token=edge.query_token(), on_truncated=cut.append,
-                  **edge.given(fmt="format", timeout_s="timeout", max_rows="max_rows")))
+        text = run(sql, server_url=server, trino_url=a.trino, explain=a.explain, fmt=fmt,
+                   token=edge.query_token(), on_truncated=cut.append,
+                   **edge.given(timeout_s="timeout", max_rows="max_rows"))
     except TranslationError as exc:
         raise CommandFailed(str(exc)) from None
     except QueryFailed as exc:
         raise CommandFailed(str(exc), 1) from None
+    print(text)
+    if not a.explain:
+        output.note(f"elapsed {time.perf_counter() - started:.3f} s")
     if cut:
         # Never a silent cut: the rows above are only the first ones (exit 3).
-        print(f"warning: the answer was cut at {cut[0]} rows; add a LIMIT or a narrower "
-              "WHERE, or ask for more with --max-rows (up to the server's limit, "
-              "100000 by default)", file=sys.stderr)
+        output.note(f"warning: the answer was cut at {cut[0]} rows; add a LIMIT or a "
+                    "narrower WHERE, or ask for more with --max-rows (up to the server's "
+                    "limit, 100000 by default)")
         return 3
     return 0
+
+
+def _sql(a: argparse.Namespace) -> str:
+    """The SQL: the argument, `-f FILE`, or stdin (`-` or nothing, when piped)."""
+    if a.file:
+        if a.sql not in (None, "-"):
+            raise CommandFailed("give the SQL as an argument or with -f FILE, not both")
+        try:
+            sql = Path(a.file).read_text()
+        except OSError as exc:
+            raise CommandFailed(f"cannot read {a.file}: {exc.strerror or exc}") from None
+    elif a.sql in (None, "-"):
+        if a.sql is None and sys.stdin.isatty():
+            raise CommandFailed('give SQL: sluice query "SELECT ...", -f FILE, or pipe it in')
+        sql = sys.stdin.read()
+    else:
+        sql = a.sql
+    sql = sql.strip().rstrip(";").strip()
+    if not sql:
+        raise CommandFailed("the SQL is empty")
+    return sql
 
 
 def deploy(edge: Edge) -> int:
@@ -122,8 +177,12 @@ def deploy(edge: Edge) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "publish", publish, help="publish CloudEvents to the gateway "
-                    "(bearer token from env SLUICE_GATEWAY_TOKEN)")
+    from eventing.cli.output import output_flag
+
+    p = add_command(sub, "publish", publish, help="publish CloudEvents to the gateway",
+                    example="sluice publish --type com.sluice.payment.created --key card-1 "
+                            "--data '{\"payment_id\": \"p-1\", ...}'\n"
+                            "sluice publish --file events.jsonl --token-file ~/.sluice-token")
     p.add_argument("--type", help="event type (routes it to a topic)")
     p.add_argument("--source", help="event source (default /sluice/publish)")
     p.add_argument("--data", help="event data as JSON text")
@@ -135,9 +194,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                   default_of="eventing.ingest.publish:Publisher.send_many.batch_size",
                   help="events per request (--file)")
     p.add_argument("--gateway", help="gateway URL (default: the local stack's)")
+    p.add_argument("--token-file", help="file holding the gateway's bearer token (default: "
+                   "env SLUICE_GATEWAY_TOKEN)")
 
     p = add_command(sub, "generate", generate, help="publish the topology's example traffic "
-                    "(its generate.py: realistic payments with injected fraud)")
+                    "(its generate.py: realistic payments with injected fraud)",
+                    example="sluice generate --rate 200 --duration 30")
     p.add_argument("--rate", type=float, default=50.0, help="payments per second")
     p.add_argument("--duration", type=float, default=60.0, help="seconds (0 = forever)")
     p.add_argument("--seed", type=int, help="random seed (default: the generator's)")
@@ -152,11 +214,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "(default functions/topology.yaml)")
 
     p = add_command(sub, "query", query, help="run Trino SQL: locally on the real-time server "
-                    "(translated to DuckDB), or on Trino with --trino")
-    p.add_argument("sql", help="one Trino SQL query; tables: payments_scored (lake), "
+                    "(translated to DuckDB), or on Trino with --trino",
+                    example='sluice query "SELECT decision, count(*) FROM payments_scored_rt '
+                            'GROUP BY 1"\nsluice query -f report.sql -o csv > report.csv\n'
+                            'echo "SELECT 1" | sluice query')
+    p.add_argument("sql", nargs="?", help="one Trino SQL query (`-` or left out: read stdin); "
+                   "tables: those the topology declares, e.g. payments_scored (lake), "
                    "payments_scored_rt (real-time)")
-    settings_flag(p, "--format", choices=["table", "csv", "json"],
-                  default_of="eventing.tables.query:run.fmt", help="output format")
+    p.add_argument("-f", "--file", help="read the SQL from this file")
+    output_flag(p)
+    p.add_argument("--format", choices=["table", "csv", "json"], default=None,
+                   help=argparse.SUPPRESS)  # the older name of -o
     p.add_argument("--trino", metavar="URL", help="run on Trino at "
                    "http(s)://[user@]host:port[/catalog/schema] instead")
     p.add_argument("--explain", action="store_true",
@@ -170,7 +238,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                   help="seconds to wait for answers")
 
     p = add_command(sub, "deploy", deploy, help="write Knative/Kubernetes manifests for the "
-                    "topology and apply them with kubectl (--dry-run: only write them)")
+                    "topology and apply them with kubectl (--dry-run: only write them)",
+                    example="sluice deploy --dry-run --out deploy/ --image-registry "
+                            "ghcr.io/acme")
     p.add_argument("--dry-run", action="store_true", help="write the files, apply nothing")
     p.add_argument("--out", help="folder to write into (default: a new temporary folder)")
     p.add_argument("--topology", help="topology file (default functions/topology.yaml)")

@@ -150,8 +150,17 @@ def to_binary_derived(in_attrs: Mapping[str, Any], event_id: str, source: bytes,
     return key, value, headers
 
 
+# Where a dead letter came from, beside Knative's three: what `sluice deadletters` shows
+# and where `redrive` puts the event back. Removed again by `from_dead_letter`.
+DEAD_LETTER_ORIGIN = ("sluiceerrortopic", "sluiceerrorpartition", "sluiceerroroffset",
+                      "sluiceerrorattempts", "sluiceerrorfunction")
+DEAD_LETTER_EXTENSIONS = ("knativeerrordest", "knativeerrorcode", "knativeerrordata",
+                          *DEAD_LETTER_ORIGIN)
+
+
 def to_dead_letter(event: CloudEvent, original_headers: Iterable[tuple[str, bytes | None]] | None,
-                   *, destination: str, code: int, message: str) -> Record:
+                   *, destination: str, code: int, message: str,
+                   origin: tuple[str, int, int, int, str] | None = None) -> Record:
     """The dead-letter record of a consumed record's `event`, as a KafkaSource writes it.
 
     Adds Knative's extensions to the event (`knativeerrordest` = `destination`,
@@ -159,11 +168,16 @@ def to_dead_letter(event: CloudEvent, original_headers: Iterable[tuple[str, byte
     and encodes it in the original record's content mode: structured when its
     `content-type` was `application/cloudevents...`, binary otherwise. The key is the
     event's `partitionkey` (the caller keeps the original key when there was one).
+    `origin` = (topic, partition, offset, attempts, function) adds the `sluiceerror*`
+    extensions, so the dead letter can be shown and redriven to where it came from.
     """
     attrs = event._get_attributes()
     attrs["knativeerrordest"] = destination
     attrs["knativeerrorcode"] = str(code)
     attrs["knativeerrordata"] = base64.b64encode(message.encode()[:ERROR_DATA_MAX]).decode()
+    if origin is not None:
+        for name, value in zip(DEAD_LETTER_ORIGIN, origin, strict=True):
+            attrs[name] = str(value)
     structured = any(
         k.lower() == "content-type" and v and v.lower().startswith(b"application/cloudevents")
         for k, v in original_headers or ()
@@ -171,6 +185,20 @@ def to_dead_letter(event: CloudEvent, original_headers: Iterable[tuple[str, byte
     if structured:
         return to_structured(event, validate=False)
     return to_binary(event, validate=False)
+
+
+def from_dead_letter(event: CloudEvent) -> tuple[CloudEvent, dict[str, str]]:
+    """The original event of a dead letter, and the dead-letter extensions it carried
+    (`knativeerrordata` decoded from Base64): the inverse of `to_dead_letter`."""
+    attrs = dict(event._get_attributes())
+    info = {name: str(attrs.pop(name)) for name in DEAD_LETTER_EXTENSIONS if name in attrs}
+    if "knativeerrordata" in info:
+        try:
+            info["knativeerrordata"] = base64.b64decode(info["knativeerrordata"]).decode(
+                "utf-8", "replace")
+        except ValueError:
+            pass
+    return make_event(attrs, event.data), info
 
 
 # --------------------------------------------------------------------------- header reads

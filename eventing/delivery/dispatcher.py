@@ -262,7 +262,7 @@ class Dispatcher:
             span.set("sluice.delivery.outcome", "dead_letter")
             span.fail(failure.message[:1024], f"http.{failure.code}")
             span.finish()
-        self._dead_letter(msg, failure)
+        self._dead_letter(msg, failure, attempts)
         lane.attempts.pop(offset, None)
         lane.due.pop(offset, None)
         return True
@@ -314,7 +314,7 @@ class Dispatcher:
         if err is not None:
             self.checkpoint.delivery_failed(f"{msg.topic()}: {err}")
 
-    def _dead_letter(self, msg: Message, failure: Failure) -> None:
+    def _dead_letter(self, msg: Message, failure: Failure, attempts: int = 1) -> None:
         event = record_event(msg, self.function.name)
         dl_span = self.tracer.dead_letter(
             failure.span, event._get_attributes(), event, self.delivery.dead_letter_sink, msg,
@@ -322,7 +322,8 @@ class Dispatcher:
         ) if self.tracer.enabled else None
         key, value, out_headers = ce_kafka.to_dead_letter(
             event, msg.headers(), destination=self.invoker.destination, code=failure.code,
-            message=failure.message)
+            message=failure.message,
+            origin=(msg.topic(), msg.partition(), msg.offset(), attempts, self.function.name))
         produce(self.producer, self.delivery.dead_letter_sink, value, msg.key() or key,
                 headers=out_headers)  # waits out a full queue; kafka.QueueFull past 30 s
         if dl_span is not None:

@@ -58,6 +58,7 @@ Schema = Mapping[str, Mapping[str, str]]
 Columns = Callable[[str], Mapping[str, str] | None]
 
 FORMATS = ("table", "csv", "json")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class TranslationError(ValueError):
@@ -142,14 +143,12 @@ def parse(sql: str, dialect: str = "trino") -> exp.Expression:
     try:
         statements = [s for s in sqlglot.parse(sql, read=dialect) if s is not None]
     except sqlglot.errors.ParseError as exc:
-        raise TranslationError(f"does not parse as {dialect} SQL: {exc}") from None
+        raise TranslationError(parse_error_message(sql, exc, dialect)) from None
     if len(statements) != 1:
         raise TranslationError(f"expected one statement, got {len(statements)}")
     tree = statements[0]
     if not isinstance(tree, exp.Query | exp.Values):
-        kind = tree.key.upper() if not isinstance(tree, exp.Command) else str(tree.this).upper()
-        raise TranslationError(f"only queries can run here (got {kind}): the engines are "
-                               "read-only")
+        raise TranslationError(_not_a_query(sql, tree))
     return tree
 
 
@@ -175,7 +174,86 @@ def translate(sql: str, *, schema: Schema | Columns | None = None,
         known = {t: cols for t in tables if (cols := lookup(t))}
         _check_divisions(tree, _duckdb_schema(known, names))
     tree = _rewrite(tree)
+    _trino_column_names(tree)
     return tree.sql(dialect="duckdb")
+
+
+# Statement keywords a misspelt first word is compared with.
+_STATEMENTS = ("SELECT", "WITH", "VALUES", "SHOW", "EXPLAIN", "DESCRIBE", "TABLE")
+
+
+def parse_error_message(sql: str, exc: sqlglot.errors.ParseError, dialect: str = "trino") -> str:
+    """sqlglot's parse error as a person reads it: line, column, the offending token and
+    a caret under it, without the terminal escape codes sqlglot puts around the token."""
+    typo = _misspelt_keyword(sql)
+    if typo:
+        return typo
+    errors = getattr(exc, "errors", None) or []
+    if not errors:
+        return f"does not parse as {dialect} SQL: {_ANSI.sub('', str(exc))}"
+    first = errors[0]
+    line, col = int(first.get("line") or 1), int(first.get("col") or 1)
+    token = _ANSI.sub("", str(first.get("highlight") or ""))
+    text = sql.splitlines()[line - 1] if sql.splitlines() else ""
+    start = max(col - len(token), 0)
+    what = str(first.get("description") or "syntax error").split(" for <class")[0]
+    return (f"does not parse as {dialect} SQL at line {line}, column {start + 1}: {what}"
+            + (f" near {token!r}" if token else "") + f"\n  {text}\n  {' ' * start}^")
+
+
+def _not_a_query(sql: str, tree: exp.Expression) -> str:
+    """Why a parsed statement cannot run: a misspelt keyword, or a statement that writes."""
+    if not isinstance(tree, exp.Command | exp.DDL | exp.DML):
+        typo = _misspelt_keyword(sql, always=True)
+        if typo:
+            return typo
+    kind = tree.key.upper() if not isinstance(tree, exp.Command) else str(tree.this).upper()
+    return f"only queries can run here (got {kind}): the engines are read-only"
+
+
+def _misspelt_keyword(sql: str, *, always: bool = False) -> str | None:
+    """'SELEC' at line 1, column 1 is not a statement: say so, with the likely keyword
+    (only when one is close, unless `always`)."""
+    import difflib
+
+    stripped = sql.lstrip()
+    first = (re.split(r"[\s(;]", stripped, maxsplit=1) or [""])[0]
+    upper = first.upper()
+    if not upper or upper in _STATEMENTS or not _is_plain_word(first):
+        return None
+    near = difflib.get_close_matches(upper, _STATEMENTS, n=1)
+    if not near and not always:
+        return None
+    offset = len(sql) - len(stripped)
+    line = sql.count("\n", 0, offset) + 1
+    col = offset - (sql.rfind("\n", 0, offset) + 1) + 1
+    return (f"line {line}, column {col}: {first!r} does not start a SQL statement"
+            + (f"; did you mean {near[0]}?" if near else "; a query starts with SELECT or WITH"))
+
+
+def _is_plain_word(word: str) -> bool:
+    """True for a word SQL does not know as a keyword (`SELEC`), false for `DROP`."""
+    from sqlglot.tokens import TokenType
+
+    try:
+        tokens = sqlglot.Dialect.get_or_raise("trino").tokenize(word)
+    except Exception:  # noqa: BLE001 - not even a token: leave it to the parser
+        return False
+    return bool(tokens) and tokens[0].token_type == TokenType.VAR
+
+
+def _trino_column_names(tree: exp.Expression) -> None:
+    """Name unnamed result columns as Trino does: `_col<position>` (0-based), so a local
+    answer has the columns a cluster's Trino would give (`count(*)` is `_col0`, not
+    DuckDB's `count_star()`). Column references keep their names; aliases stay."""
+    while isinstance(tree, exp.SetOperation):
+        tree = tree.this
+    if not isinstance(tree, exp.Select):
+        return
+    for i, node in enumerate(list(tree.expressions)):
+        if isinstance(node, exp.Alias | exp.Column | exp.Star | exp.Dot):
+            continue
+        node.replace(exp.alias_(node.copy(), f"_col{i}"))
 
 
 def _referenced(tree: exp.Expression, names: TableNames) -> set[str]:
@@ -500,7 +578,8 @@ def format_result(result: Result, fmt: str = "table") -> str:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(result.columns)
-        writer.writerows([["" if v is None else v for v in row] for row in result.rows])
+        writer.writerows([["" if v is None else _cell(v) if isinstance(v, bool) else v
+                           for v in row] for row in result.rows])
         return buf.getvalue().rstrip("\n")
     if fmt != "table":
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
@@ -533,6 +612,8 @@ _NUMERIC = {"TINYINT", "SMALLINT", "INTEGER", "INT", "BIGINT", "HUGEINT", "UBIGI
 def _cell(value: Any) -> str:
     if value is None:
         return "NULL"
+    if isinstance(value, bool):  # Trino's rendering, not Python's True/False
+        return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)
     return str(value)
@@ -588,6 +669,8 @@ def _post(server_url: str, body: dict[str, Any], timeout_s: float,
         if data.get("error") == "refused":
             raise Refused(data.get("construct", "query"), data.get("reason", ""),
                           data.get("hint", ""))
+        if data.get("error") == "invalid query":  # the user's SQL, not the server, is wrong
+            raise TranslationError(data.get("message") or "invalid query")
         raise QueryFailed(data.get("message") or data.get("error") or str(data))
     return data
 

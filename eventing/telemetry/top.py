@@ -83,13 +83,17 @@ def render(snap: dict) -> str:
 
 
 def run(prometheus_url: str, out: TextIO, *, interval: float = 2.0, once: bool = False,
-        clock: Callable[[], str] = lambda: time.strftime("%H:%M:%S")) -> None:
+        clock: Callable[[], str] = lambda: time.strftime("%H:%M:%S"),
+        terminal: bool = True) -> None:
+    """Print snapshots every `interval` s; on a `terminal` each replaces the last (escape
+    codes clear the screen), otherwise they follow one another as plain text."""
+    clear = "\x1b[H\x1b[2J" if terminal else "\n"
     with httpx.Client(timeout=5.0) as client:
         while True:
             text = render(snapshot(prometheus_url, client))
             if once:
                 out.write(text + "\n")
                 return
-            out.write("\x1b[H\x1b[2J" + f"sluice top  {clock()}  (Ctrl-C quits)\n\n" + text + "\n")
+            out.write(clear + f"sluice top  {clock()}  (Ctrl-C quits)\n\n" + text + "\n")
             out.flush()
             time.sleep(interval)

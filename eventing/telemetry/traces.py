@@ -804,8 +804,23 @@ def key_attributes(span: StoredSpan) -> str:
     return " ".join(parts)
 
 
-def render(traces: Mapping[str, list[StoredSpan]]) -> str:
-    """The human waterfall: one line per span, indented under its parent."""
+BAR_WIDTH = 24
+
+
+def time_bar(start_ms: float, duration_ms: float, total_ms: float,
+             width: int = BAR_WIDTH) -> str:
+    """Where a span sits in its trace, as a bar of `width` cells (at least one marked)."""
+    if total_ms <= 0:
+        return "█" + " " * (width - 1)
+    first = min(width - 1, int(start_ms / total_ms * width))
+    cells = max(1, round(duration_ms / total_ms * width))
+    cells = min(cells, width - first)
+    return " " * first + "█" * cells + " " * (width - first - cells)
+
+
+def render(traces: Mapping[str, list[StoredSpan]], *, bars: bool = False) -> str:
+    """The human waterfall: one line per span, indented under its parent; with `bars`
+    (on a terminal) a time bar shows where each span sits in the trace."""
     lines: list[str] = []
     for trace_id, spans in traces.items():
         if not spans:
@@ -815,18 +830,22 @@ def render(traces: Mapping[str, list[StoredSpan]]) -> str:
         services = sorted({s.service for s in spans})
         lines.append(f"trace {trace_id}  {len(spans)} spans  {total:.1f} ms  "
                      f"services: {', '.join(services)}")
-        lines.append(f"  {'START ms':>9} {'DUR ms':>8}  {'STATUS':<6} {'SERVICE':<16} "
-                     "OPERATION")
+        lines.append(f"  {'START ms':>9} {'DUR ms':>8}  "
+                     + (f"{'TIME':<{BAR_WIDTH}}  " if bars else "")
+                     + f"{'STATUS':<6} {'SERVICE':<16} OPERATION")
         ids = {s.span_id for s in spans}
         for depth, s in _tree(spans):
             op = "  " * depth + s.name
             missing = (f"  (parent {s.parent_id} not stored)"
                        if s.parent_id and s.parent_id not in ids else "")
-            lines.append(f"  {(s.start_ns - t0) / 1e6:>9.2f} {s.duration_ms:>8.2f}  "
+            bar = (time_bar((s.start_ns - t0) / 1e6, s.duration_ms, total) + "  "
+                   if bars else "")
+            lines.append(f"  {(s.start_ns - t0) / 1e6:>9.2f} {s.duration_ms:>8.2f}  {bar}"
                          f"{s.status if s.status != 'unset' else 'ok':<6} {s.service:<16} "
                          f"{op:<40} {key_attributes(s)}{missing}".rstrip())
             for err in s.errors():
-                lines.append(f"  {'':>9} {'':>8}  {'':<6} {'':<16} {'  ' * depth}  "
+                pad = " " * (BAR_WIDTH + 2) if bars else ""
+                lines.append(f"  {'':>9} {'':>8}  {pad}{'':<6} {'':<16} {'  ' * depth}  "
                              f"! {err[:300]}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
