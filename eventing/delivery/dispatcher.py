@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -94,9 +95,14 @@ class Dispatcher:
         self.delivery = function.delivery
         self.ordered = function.delivery.ordering == "ordered"
         # One producer for outputs and dead letters. Only failed deliveries call back, so
-        # the hot path pays nothing per record for knowing whether outputs are durable.
+        # the hot path pays nothing per record for knowing whether outputs are durable;
+        # except when tracing, where a dead letter's span needs its record's own partition
+        # and offset from the delivery report (a callback per record is small next to the
+        # spans themselves).
+        traced = tracing.get_tracer().enabled
         self.producer = Producer(producer_config(
-            bootstrap, **{"delivery.report.only.error": True, "on_delivery": self._on_delivery}
+            bootstrap, **{"delivery.report.only.error": not traced,
+                          "on_delivery": self._on_delivery}
         ))
         self.invoker = invoker_factory(self.producer)
         self.tracer: tracing.Tracer = getattr(self.invoker, "tracer", None) or tracing.get_tracer()
@@ -323,10 +329,18 @@ class Dispatcher:
         key, value, out_headers = ce_kafka.to_dead_letter(
             event, msg.headers(), destination=self.invoker.destination, code=failure.code,
             message=failure.message)
-        produce(self.producer, self.delivery.dead_letter_sink, value, msg.key() or key,
-                headers=out_headers)  # waits out a full queue; kafka.QueueFull past 30 s
+        extra: dict[str, Any] = {}
         if dl_span is not None:
-            dl_span.finish()
+            def on_delivery(err: Any, dead: Any, span: Any = dl_span) -> None:
+                self._on_delivery(err, dead)
+                if err is None:
+                    span.delivered(dead)  # the dead letter's own partition and offset
+                else:
+                    span.fail(str(err), "kafka")
+                span.finish()
+            extra["on_delivery"] = on_delivery
+        produce(self.producer, self.delivery.dead_letter_sink, value, msg.key() or key,
+                headers=out_headers, **extra)  # waits out a full queue; QueueFull past 30 s
         self.stats.dead_lettered += 1
         log.warning("%s: dead-lettered %s[%d]@%d after %s: %s", self.function.name,
                     msg.topic(), msg.partition(), msg.offset(), failure.code,
