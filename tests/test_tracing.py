@@ -440,3 +440,89 @@ def test_store_indexes_by_trace_event_and_payment_id_and_renders_a_tree(tmp_path
         reader.add([_stored(tid, "4" * 16, None, "x", 0)])  # read-only
     reader.close()
     store.close()
+
+
+# --------------------------------------------------------------------------- exemplars
+
+
+def test_gateway_latency_histogram_carries_trace_id_exemplars(rec) -> None:
+    import orjson
+    from starlette.testclient import TestClient
+
+    from tests.test_gateway import TYPE, Harness, payment
+
+    h = Harness()
+    h.gateway.tracer = rec.tracer
+    with TestClient(h.app) as client:
+        r = client.post("/", content=orjson.dumps(payment()), headers={
+            "ce-specversion": "1.0", "ce-id": "b1", "ce-source": "/t", "ce-type": TYPE,
+            "content-type": "application/json", "traceparent": TP})
+        assert r.status_code == 202
+        om = client.get("/metrics", headers={
+            "accept": "application/openmetrics-text; version=1.0.0"})
+        plain = client.get("/metrics")
+    assert om.headers["content-type"].startswith("application/openmetrics-text")
+    lines = [ln for ln in om.text.splitlines()
+             if ln.startswith("sluice_gateway_request_duration_seconds_bucket") and "#" in ln]
+    assert lines and f'trace_id="{TRACE}"' in lines[0]
+    assert "trace_id" not in plain.text  # the classic text format has no exemplars
+
+
+def test_dispatcher_latency_buckets_carry_the_records_trace() -> None:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.openmetrics.exposition import generate_latest
+
+    from eventing.delivery.dispatcher import Stats
+    from eventing.telemetry.metrics import DispatcherCollector
+
+    stats = Stats()
+    stats.delivery_latency.observe(0.04, 3, tracing.record_exemplar(_msg()))
+    stats.delivery_latency.observe(0.2, 1, tracing.record_exemplar(_msg(TP[:-2] + "00")))
+
+    class D:
+        lanes: dict = {}
+
+        def __init__(self) -> None:
+            self.stats = stats
+
+        def lag(self) -> dict:
+            return {}
+
+    registry = CollectorRegistry()
+    registry.register(DispatcherCollector({"validate": D()}))
+    text = generate_latest(registry).decode()
+    bucket = next(ln for ln in text.splitlines()
+                  if ln.startswith('sluice_function_delivery_latency_seconds_bucket{function='
+                                   '"validate",le="0.05"}'))
+    assert f'trace_id="{TRACE}"' in bucket and bucket.split(" # ")[0].endswith(" 3.0")
+    unsampled = next(ln for ln in text.splitlines() if 'le="0.25"' in ln
+                     and ln.startswith("sluice_function_delivery_latency_seconds_bucket"))
+    assert "#" not in unsampled  # an unsampled record links nowhere
+
+
+def test_the_cli_edge_configures_tracing_from_flags_over_otel_variables(monkeypatch) -> None:
+    import argparse
+
+    from eventing.cli.edge import Edge
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.2")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+    args = argparse.Namespace(otlp_endpoint=None, otlp_protocol=None, service_name=None,
+                              trace_sampling=0.5, function="score",
+                              topology="functions/topology.yaml")
+    try:
+        Edge(args).tracing("sluice-score")
+        t = tracing.get_tracer()
+        assert t.enabled and t.settings.endpoint == "http://127.0.0.1:9"
+        assert t.settings.sampling == 0.5  # the flag wins over OTEL_TRACES_SAMPLER_ARG
+        resource = t.provider.resource.attributes
+        assert resource["service.name"] == "sluice-score"
+        assert resource["sluice.function"] == "score"
+        assert resource["sluice.topology"] == "functions/topology.yaml"
+        assert resource["deployment.environment"] == "test"
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")
+        with pytest.raises(SystemExit, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
+            Edge(args).tracing("sluice-score")
+    finally:
+        tracing.configure(tracing.TracingSettings())

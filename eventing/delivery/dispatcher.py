@@ -45,18 +45,26 @@ BATCH_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 5000)
 class Histogram:
     """Bucket counts for Prometheus, observed per lane and batch, not per record."""
 
-    __slots__ = ("bounds", "counts", "sum", "count")
+    __slots__ = ("bounds", "counts", "sum", "count", "exemplars")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
         self.count = 0
+        # Per bucket, the latest (labels, value, unix time) of a traced observation: an
+        # OpenMetrics exemplar, so a slow bucket in Prometheus leads to a trace.
+        self.exemplars: list[tuple[dict[str, str], float, float] | None] = \
+            [None] * (len(bounds) + 1)
 
-    def observe(self, value: float, weight: int = 1) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += weight
+    def observe(self, value: float, weight: int = 1,
+                exemplar: dict[str, str] | None = None) -> None:
+        i = bisect.bisect_left(self.bounds, value)
+        self.counts[i] += weight
         self.sum += value * weight
         self.count += weight
+        if exemplar is not None:
+            self.exemplars[i] = (exemplar, value, time.time())
 
 
 @dataclass
@@ -184,10 +192,13 @@ class Dispatcher:
             return
         now_ms = time.time() * 1000
         per_lane = max(1, done // max(1, len(work)))
+        traced = self.tracer.enabled
         for lane in work:
             ts_type, ts = lane[-1].timestamp()
             if ts_type and ts > 0:
-                self.stats.delivery_latency.observe(max(0.0, (now_ms - ts) / 1000), per_lane)
+                self.stats.delivery_latency.observe(
+                    max(0.0, (now_ms - ts) / 1000), per_lane,
+                    tracing.record_exemplar(lane[-1]) if traced else None)
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Records behind per owned partition: broker end minus our next offset, plus what

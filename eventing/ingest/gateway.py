@@ -73,7 +73,7 @@ import httpx
 import orjson
 from confluent_kafka import KafkaError, KafkaException
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -384,11 +384,14 @@ class GatewayMetrics:
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
         self._children: dict[tuple[str, Any], Any] = {}
 
-    def observe(self, mode: str, status: int, seconds: float) -> None:
+    def observe(self, mode: str, status: int, seconds: float,
+                exemplar: dict[str, str] | None = None) -> None:
+        """One request's latency; `exemplar` (the trace of one of its events, when sampled)
+        is shown to OpenMetrics scrapers, so a slow bucket leads to a trace."""
         child = self._children.get((mode, status))
         if child is None:
             child = self._children[(mode, status)] = self.duration.labels(mode, str(status))
-        child.observe(seconds)
+        child.observe(seconds, exemplar)
 
     def count(self, topic: str, outcome: str, n: int = 1) -> None:
         child = self._children.get((topic, outcome))
@@ -531,9 +534,11 @@ class Gateway:
         headers = {} if ready else {"Retry-After": str(self.settings.retry_after_s)}
         return json_response({"ready": ready, "checks": checks}, 200 if ready else 503, headers)
 
-    async def metrics_endpoint(self, _request: Request) -> Response:
-        return Response(generate_latest(self.metrics.registry), 200,
-                        media_type=CONTENT_TYPE_LATEST)
+    async def metrics_endpoint(self, request: Request) -> Response:
+        # OpenMetrics when the scraper asks for it (Prometheus with exemplar storage):
+        # only that format carries the latency histogram's trace-id exemplars.
+        encoder, content_type = choose_encoder(request.headers.get("accept"))
+        return Response(encoder(self.metrics.registry), 200, media_type=content_type)
 
     # ---------------------------------------------------------------- ingest
 
@@ -575,7 +580,8 @@ class Gateway:
             return json_response({"error": "internal", "reason": "internal error; see the "
                                   "gateway log"}, 500)
         finally:
-            self.metrics.observe(mode, status, time.perf_counter() - started)
+            self.metrics.observe(mode, status, time.perf_counter() - started,
+                                 _exemplar(spans))
             if any(spans):
                 _finish_server_spans(spans, status)
 
@@ -794,6 +800,14 @@ def _http_trace_context(request: Request) -> tuple[Any, str | None] | None:
         return None
     return parent, tracecontext.parse_tracestate(
         request.headers.getlist(tracecontext.HTTP_TRACESTATE))
+
+
+def _exemplar(spans: list[Any]) -> dict[str, str] | None:
+    """The trace of the request's first traced event, as histogram exemplar labels."""
+    for traced in spans:
+        if traced is not None:
+            return tracing.exemplar(traced[0])
+    return None
 
 
 def _finish_server_spans(spans: list[Any], status: int) -> None:

@@ -74,6 +74,7 @@ def spec(settings: StackSettings) -> PartSpec:
             f"--storage.tsdb.path={tsdb}",
             f"--web.listen-address={settings.host}:{settings.ports.prometheus}",
             "--web.enable-lifecycle",
+            "--enable-feature=exemplar-storage",  # latency buckets link to traces
             "--web.enable-remote-write-receiver",
         ],
         env=binaries.base_env(),

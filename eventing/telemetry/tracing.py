@@ -184,7 +184,7 @@ SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on",
             "parentbased_always_off", "parentbased_traceidratio")
 
 
-def settings_from_env(env: Mapping[str, str], service_name: str, **given: Any,
+def settings_from_env(env: Mapping[str, str], default_service: str, **given: Any,
                       ) -> TracingSettings:
     """`TracingSettings` from the standard OpenTelemetry variables; `given` (flags) win.
 
@@ -195,7 +195,7 @@ def settings_from_env(env: Mapping[str, str], service_name: str, **given: Any,
     def get(name: str) -> str | None:
         return env.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or env.get(f"OTEL_EXPORTER_OTLP_{name}")
 
-    values: dict[str, Any] = {"service_name": env.get("OTEL_SERVICE_NAME") or service_name}
+    values: dict[str, Any] = {"service_name": env.get("OTEL_SERVICE_NAME") or default_service}
     if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         values["traces_endpoint"] = env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
     if env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
@@ -803,6 +803,14 @@ def exemplar(span: Span | None) -> dict[str, str] | None:
     if span is None:
         return None
     return {"trace_id": span.trace_id, "span_id": span.span_id}
+
+
+def record_exemplar(msg: Any) -> dict[str, str] | None:
+    """Exemplar labels for an observation about a Kafka record: its trace, when sampled."""
+    ctx = w3c.parse_traceparent(ce_kafka.header_value(msg.headers(), w3c.TRACEPARENT))
+    if ctx is None or not ctx.sampled:
+        return None
+    return {"trace_id": ctx.trace_id, "span_id": ctx.span_id}
 
 
 # --------------------------------------------------------------------------- the API's globals
