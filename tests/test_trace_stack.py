@@ -239,7 +239,7 @@ def test_a_publishers_w3c_traceparent_http_header_is_continued(pipeline) -> None
     eid = f"tracehttp-{uuid.uuid4().hex[:8]}"
     trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     _post_binary(pipeline, eid, "card-00002", {
-        "traceparent": f" 00-{trace_id}-{parent}-03 ", "tracestate": "vendor=abc"})
+        "traceparent": f"00-{trace_id}-{parent}-03", "tracestate": "vendor=abc"})
     traces = _trace(pipeline, eid, min_services=4)
     assert [t["trace_id"] for t in traces] == [trace_id]
     (server,) = _by_name(traces[0]["spans"])["POST /"]
