@@ -112,6 +112,7 @@ PROTOCOLS = ("http/protobuf", "grpc")
 parse_traceparent = w3c.parse_traceparent
 format_traceparent = w3c.format_traceparent
 _unsampled = w3c.is_unsampled
+_UNSAMPLED_FLAGS = w3c._UNSAMPLED_FLAGS  # the hot paths inline `is_unsampled`
 _time_ns = time.time_ns
 _TRACE_ID_LIMIT = (1 << 64) - 1
 
@@ -606,9 +607,10 @@ class Tracer:
         if not self.enabled:
             return None
         attrs = event._get_attributes()
-        tp = attrs.get(w3c.TRACEPARENT)
-        if tp is not None and _unsampled(tp):
-            return None  # the cheap check: no parse, no SDK call
+        tp = attrs.get("traceparent")
+        if tp is not None and type(tp) is str and len(tp) == 55 and tp[54] in _UNSAMPLED_FLAGS \
+                and tp[:3] == "00-":
+            return None  # the cheap check (tracecontext.is_unsampled, inlined): no SDK call
         parent = w3c.sanitize_attributes(attrs) if tp is not None else None
         trace_id = None
         if parent is None:
@@ -646,11 +648,12 @@ class Tracer:
         """
         if not self.enabled:
             return None
-        attrs = event._get_attributes()
-        tp = attrs.get(w3c.TRACEPARENT)
+        tp = event._get_attributes().get("traceparent")
         self._local.pending = tp  # read by API spans only if user code opens one
-        if tp is None or _unsampled(tp):
-            return None
+        if tp is None or (type(tp) is str and len(tp) == 55 and tp[54] in _UNSAMPLED_FLAGS
+                          and tp[:3] == "00-"):
+            return None  # the cheap check, inlined
+        attrs = event._get_attributes()
         last = getattr(self._local, "last", None)
         if last is not None and last.traceparent is tp:
             parent = w3c.TraceParent(last.trace_id, last.span_id, last.flags)
