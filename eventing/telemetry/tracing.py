@@ -113,6 +113,7 @@ parse_traceparent = w3c.parse_traceparent
 format_traceparent = w3c.format_traceparent
 _unsampled = w3c.is_unsampled
 _UNSAMPLED_FLAGS = w3c._UNSAMPLED_FLAGS  # the hot paths inline `is_unsampled`
+_TP = w3c.TRACEPARENT
 _time_ns = time.time_ns
 _TRACE_ID_LIMIT = (1 << 64) - 1
 
@@ -607,7 +608,7 @@ class Tracer:
         if not self.enabled:
             return None
         attrs = event._get_attributes()
-        tp = attrs.get("traceparent")
+        tp = attrs.get(_TP)
         if tp is not None and type(tp) is str and len(tp) == 55 and tp[54] in _UNSAMPLED_FLAGS \
                 and tp[:3] == "00-":
             return None  # the cheap check (tracecontext.is_unsampled, inlined): no SDK call
@@ -648,7 +649,7 @@ class Tracer:
         """
         if not self.enabled:
             return None
-        tp = event._get_attributes().get("traceparent")
+        tp = event._get_attributes().get(_TP)
         self._local.pending = tp  # read by API spans only if user code opens one
         if tp is None or (type(tp) is str and len(tp) == 55 and tp[54] in _UNSAMPLED_FLAGS
                           and tp[:3] == "00-"):
