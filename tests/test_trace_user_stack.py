@@ -107,3 +107,41 @@ functions:
     assert client["parent_id"] == lookup["span_id"]  # the instrumented library's span
     assert client["kind"] == "client" and lookup["service"] == "sluice-traced"
     assert seen == [f"00-{trace_id}-{client['span_id']}-01"]  # context went over HTTP too
+
+
+def test_prometheus_stores_trace_id_exemplars_that_lead_to_a_trace(pipeline) -> None:
+    """A latency bucket scraped by the local Prometheus (exemplar storage on) carries the
+    trace id of a request; `sluice trace` finds that trace."""
+    import httpx
+
+    from functions.generate import EVENT_TYPE
+
+    eid = f"exemplar-{uuid.uuid4().hex[:8]}"
+    r = httpx.post(pipeline.gateway_url, headers={
+        "ce-specversion": "1.0", "ce-id": eid, "ce-source": "/tests/exemplars",
+        "ce-type": EVENT_TYPE, "ce-partitionkey": "card-00001",
+        "content-type": "application/json"}, content=json.dumps({
+            "payment_id": eid, "card_id": "card-00001", "merchant_id": "m-0001",
+            "amount": 3.5, "currency": "EUR", "country": "DE",
+            "event_time": 1_900_000_000_000}).encode(), timeout=30)
+    assert r.status_code == 202, r.text
+    query = 'sluice_gateway_request_duration_seconds_bucket{code="202"}'
+    trace_ids: set[str] = set()
+    deadline = time.monotonic() + 60
+    while not trace_ids and time.monotonic() < deadline:
+        time.sleep(2)
+        got = httpx.get(f"{pipeline.prometheus_url}/api/v1/query_exemplars", params={
+            "query": query, "start": time.time() - 600, "end": time.time() + 60},
+            timeout=10).json()
+        assert got["status"] == "success", got
+        trace_ids = {e["labels"]["trace_id"] for series in got["data"]
+                     for e in series["exemplars"] if "trace_id" in e["labels"]}
+    assert trace_ids, "no exemplar with a trace_id reached Prometheus"
+    offset = pipeline.ports.broker - Ports().broker
+    trace_id = sorted(trace_ids)[0]
+    proc = sluice("trace", trace_id, "--json", "--wait", "20", state_dir=pipeline.state_dir,
+                  offset=offset, check=False, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    traces = json.loads(proc.stdout)
+    assert [t["trace_id"] for t in traces] == [trace_id]
+    assert any(s["name"] == "POST /" for s in traces[0]["spans"])
