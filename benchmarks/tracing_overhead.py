@@ -1,38 +1,52 @@
-"""What tracing costs the in-process dispatcher path, per event.
+"""What tracing costs the in-process dispatcher path, per event: SDK vs the previous recorder.
 
 Runs the dispatcher's per-event work — `record_event` → `FunctionHost.call` (decode, user
 function, route, encode) → `produce` — through `InProcessInvoker.invoke` in batches of
 lanes, exactly as `Dispatcher.step` calls it, on N synthetic records with CloudEvents
-headers and a `traceparent`, with:
+headers, in these cases:
 
     off        tracing disabled (no endpoint)
-    on         100% of traces recorded and exported (OTLP/JSON over HTTP)
-    10%        a 10% root sampling ratio (records carry no traceparent: the dispatcher
-               rolls the dice; unsampled ones get an unsampled traceparent)
-    10% (parent) records carrying an incoming traceparent, 10% of them sampled
-    0%         every record carries an unsampled traceparent: the cost of "not this one"
+    off+tp     tracing disabled, records carrying an unsampled traceparent (the baseline
+               of `unsampled`: carrying the header costs the same traced or not)
+    unsampled  every record carries an unsampled traceparent: the cost of "not this one"
+    1%         root sampling ratio 0.01 (records carry no traceparent: the dispatcher
+               decides; unsampled ones get an unsampled traceparent)
+    10%        root sampling ratio 0.1
+    100%       every trace recorded (three spans per event: process, function, send)
 
 The Kafka client is replaced by a null producer so only framework CPU is measured; the
-export thread's work (building OTLP/JSON, POSTing to a collector stand-in running in a
-separate process) is included because it shares the GIL. It also times one OpenTelemetry
-SDK span for comparison.
+export thread's work (OTLP encoding and POSTing to a collector stand-in running in a
+separate process) is included because it shares the GIL: CPU is this process's, every
+thread. The same cases run, in the same invocation, against the previous hand-written
+recorder (`eventing/` of `--baseline`, default the commit before the SDK switch, checked
+out with `git archive` into a temporary folder and run in a child process), so both
+columns come from one machine state.
 
-    .venv/bin/python benchmarks/tracing_overhead.py [--events 200000] [--repeat 3]
+    .venv/bin/python benchmarks/tracing_overhead.py [--events 50000] [--repeat 3]
+        [--baseline REV | --no-baseline]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+# `--eventing-root DIR` (the child run) imports `eventing` from DIR instead of this tree.
+_ROOT_FLAG = "--eventing-root"
+_IMPORT_ROOT = (sys.argv[sys.argv.index(_ROOT_FLAG) + 1] if _ROOT_FLAG in sys.argv
+                else str(ROOT))
+sys.path.insert(0, _IMPORT_ROOT)
 
 import orjson  # noqa: E402
 
@@ -40,6 +54,17 @@ from eventing.delivery.invoke import InProcessInvoker  # noqa: E402
 from eventing.fn.runtime import FunctionHost  # noqa: E402
 from eventing.telemetry import tracing  # noqa: E402
 from eventing.topology import Delivery, Function  # noqa: E402
+
+# The last commit with the hand-written recorder (OTLP/JSON, no SDK).
+PREVIOUS_RECORDER = "4f1b56c8731d2214a3f896cff4f52b5f9995b188"
+CASES = [  # name, root ratio (None: tracing off), traceparent of the records, baseline case
+    ("off", None, None, "off"),
+    ("off+tp", None, "unsampled", "off+tp"),
+    ("unsampled", 1.0, "unsampled", "off+tp"),
+    ("1%", 0.01, None, "off"),
+    ("10%", 0.1, None, "off"),
+    ("100%", 1.0, None, "off"),
+]
 
 PARTITIONS = 4
 BATCH = 500
@@ -137,7 +162,7 @@ def run_once(msgs: list[FakeMessage], tracer: tracing.Tracer) -> tuple[float, fl
 
 
 def collector_stand_in() -> tuple[subprocess.Popen, str]:
-    """An OTLP/HTTP endpoint in another process that answers 200 and discards."""
+    """An OTLP/HTTP endpoint in another process that answers 200 and discards the body."""
     code = textwrap.dedent("""
         import http.server, sys
         class H(http.server.BaseHTTPRequestHandler):
@@ -145,9 +170,8 @@ def collector_stand_in() -> tuple[subprocess.Popen, str]:
             def do_POST(self):
                 self.rfile.read(int(self.headers["Content-Length"]))
                 self.send_response(200)
-                self.send_header("Content-Length", "2")
+                self.send_header("Content-Length", "0")
                 self.end_headers()
-                self.wfile.write(b"{}")
             def log_message(self, *a):
                 pass
         s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
@@ -159,83 +183,87 @@ def collector_stand_in() -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def sdk_span_us(n: int = 20_000) -> float:
-    """One OpenTelemetry SDK span with the attributes a `process` span carries."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import (
-        BatchSpanProcessor,
-        SpanExporter,
-        SpanExportResult,
-    )
+def measure(events: int, repeat: int, endpoint: str) -> dict[str, dict[str, float]]:
+    """CPU and wall µs per event and spans exported, per case, with the imported tracing."""
+    out: dict[str, dict[str, float]] = {}
+    for name, ratio, tp, _base in CASES:
+        msgs = make_messages(events, traceparent=tp)
+        walls, cpus, spans = [], [], 0
+        for _ in range(repeat):
+            tracer = tracing.Tracer(tracing.TracingSettings(
+                endpoint=endpoint if ratio is not None else None, sampling=ratio or 1.0,
+                service_name="bench", max_queue=3 * events + 1))
+            wall, cpu = run_once(msgs, tracer)
+            walls.append(wall)
+            cpus.append(cpu)
+            spans = tracer.exported + tracer.dropped
+            tracer.shutdown()
+        out[name] = {"wall_us": statistics.median(walls) / events * 1e6,
+                     "cpu_us": statistics.median(cpus) / events * 1e6, "spans": spans}
+    return out
 
-    class Null(SpanExporter):
-        def export(self, spans):  # noqa: ANN001, ANN202
-            return SpanExportResult.SUCCESS
 
-    provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(Null(), max_queue_size=n + 1))
-    t = provider.get_tracer("bench")
-    attrs = {"messaging.system": "kafka", "messaging.destination.name": TOPIC,
-             "messaging.kafka.destination.partition": 1, "messaging.kafka.message.offset": 5,
-             "cloudevents.event_id": "p-1", "sluice.function": "bench"}
-    start = time.perf_counter()
-    for _ in range(n):
-        with t.start_as_current_span("process payments.raw", kind=trace.SpanKind.CONSUMER,
-                                     attributes=attrs):
-            pass
-    provider.force_flush()
-    elapsed = time.perf_counter() - start
-    provider.shutdown()
-    return elapsed / n * 1e6
+def baseline(rev: str, events: int, repeat: int, endpoint: str) -> dict[str, Any] | None:
+    """The same cases against `eventing/` of `rev`, in a child process."""
+    with tempfile.TemporaryDirectory(prefix="sluice-tracing-baseline-") as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "eventing"],
+                                 capture_output=True)
+        if archive.returncode != 0:
+            print(f"baseline {rev}: {archive.stderr.decode().strip()} (skipped)")
+            return None
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        child = subprocess.run(
+            [sys.executable, __file__, "--child", "--events", str(events), "--repeat",
+             str(repeat), "--endpoint", endpoint, _ROOT_FLAG, tmp],
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": tmp})
+        if child.returncode != 0:
+            print(f"baseline {rev} failed:\n{child.stderr[-2000:]}")
+            return None
+        return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--events", type=int, default=50_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--baseline", default=PREVIOUS_RECORDER,
+                    help="git revision whose eventing/ is the previous recorder")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--endpoint", help=argparse.SUPPRESS)
+    ap.add_argument(_ROOT_FLAG, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.events, args.repeat, args.endpoint)))
+        return
     server, endpoint = collector_stand_in()
     try:
-        cases = [
-            ("off", None, 1.0, None),
-            ("on (100%)", endpoint, 1.0, None),
-            ("10% root ratio", endpoint, 0.1, None),
-            ("10% parent-sampled", endpoint, 1.0, "ratio"),
-            ("100% parent-sampled", endpoint, 1.0, "sampled"),
-            ("0% (unsampled parents)", endpoint, 1.0, "unsampled"),
-        ]
-        results: dict[str, float] = {}
-        cpus: dict[str, float] = {}
-        spans: dict[str, int] = {}
-        for name, ep, ratio, tp in cases:
-            msgs = make_messages(args.events, traceparent=tp)
-            times, cpu_times = [], []
-            for _ in range(args.repeat):
-                tracer = tracing.Tracer(tracing.TracingSettings(
-                    endpoint=ep, sampling=ratio, service_name="bench", max_queue=10**7))
-                wall, cpu = run_once(msgs, tracer)
-                times.append(wall)
-                cpu_times.append(cpu)
-                spans[name] = tracer.exported + tracer.dropped
-                tracer.shutdown()
-            results[name] = statistics.median(times)
-            cpus[name] = statistics.median(cpu_times)
-        base, base_cpu = results["off"], cpus["off"]
-        n = args.events
-        print(f"in-process dispatcher path, {n} events, batches of {BATCH}, "
-              f"median of {args.repeat}; CPU = this process, export thread included")
-        print(f"{'case':<22} {'events/s':>10} {'wall us/ev':>10} {'CPU us/ev':>10} "
-              f"{'CPU overhead us/ev':>19} {'spans':>8}")
-        for name, t in results.items():
-            print(f"{name:<22} {n / t:>10,.0f} {t / n * 1e6:>10.2f} {cpus[name] / n * 1e6:>10.2f} "
-                  f"{(cpus[name] - base_cpu) / n * 1e6:>19.2f} {spans.get(name, 0):>8}")
-        del base
-        print(f"OpenTelemetry SDK: {sdk_span_us():.1f} us per span "
-              "(BatchSpanProcessor, null exporter)")
+        sdk = measure(args.events, args.repeat, endpoint)
+        old = None if args.no_baseline else baseline(args.baseline, args.events, args.repeat,
+                                                     endpoint)
     finally:
         server.terminate()
         server.wait()
+    n = args.events
+    print(f"in-process dispatcher path, {n} events, batches of {BATCH}, median of "
+          f"{args.repeat}; CPU = this process, export thread included; overhead = CPU - "
+          "off (for `unsampled`: - off+tp, tracing off on the same records)")
+    head = f"{'case':<10} {'SDK CPU us/ev':>14} {'SDK overhead':>13} {'spans':>7}"
+    if old:
+        head += f" {'previous CPU':>13} {'prev overhead':>14} {'SDK / prev':>11}"
+    print(head)
+    for name, _ratio, _tp, base in CASES:
+        s = sdk[name]
+        over_s = s["cpu_us"] - sdk[base]["cpu_us"]
+        line = f"{name:<10} {s['cpu_us']:>14.2f} {over_s:>13.2f} {int(s['spans']):>7}"
+        if old:
+            o = old[name]
+            over_o = o["cpu_us"] - old[base]["cpu_us"]
+            ratio = f"{over_s / over_o:.1f}x" if name != base and over_o > 0.05 else "-"
+            line += f" {o['cpu_us']:>13.2f} {over_o:>14.2f} {ratio:>11}"
+        print(line)
+    if old:
+        print(f"previous = the hand-written recorder of {args.baseline[:12]} (OTLP/JSON)")
 
 
 if __name__ == "__main__":

@@ -117,13 +117,17 @@ def test_a_payment_is_one_trace_through_gateway_and_every_function(pipeline) -> 
     assert process["messaging.system"] == "kafka"
     assert process["messaging.destination.name"] == "payments.raw"
     assert process["messaging.kafka.message.key"] == card
-    assert isinstance(process["messaging.kafka.destination.partition"], int)
-    assert isinstance(process["messaging.kafka.message.offset"], int)
+    assert process["messaging.destination.partition.id"].isdigit()  # semconv: a string
+    assert isinstance(process["messaging.kafka.offset"], int)
+    assert process["messaging.consumer.group.name"] == "sluice-validate"
+    # Messaging attributes only on messaging spans.
+    for name in ("POST /", "validate"):
+        assert not any(k.startswith("messaging.") for k in names[name][0]["attributes"])
     assert process["cloudevents.event_id"] == pid
     assert process["cloudevents.event_type"] == EVENT_TYPE
     assert process["sluice.function"] == "validate"
     sent = names["send payments.raw"][0]["attributes"]
-    assert "messaging.kafka.message.offset" in sent  # from the broker's acknowledgement
+    assert "messaging.kafka.offset" in sent  # from the broker's acknowledgement
 
     # Found the same way by trace id and by payment id; the text waterfall is indented.
     assert _trace(pipeline, traces[0]["trace_id"], wait=1)[0]["trace_id"] == traces[0]["trace_id"]
@@ -203,6 +207,11 @@ def test_a_dead_lettered_payment_shows_the_failed_attempt_and_the_dead_letter(pi
                       match=lambda m: headers_of(m).get("ce_id") == pid)
     ctx = parse_traceparent(headers_of(got[0])["ce_traceparent"])
     assert ctx is not None and ctx.span_id == dead["span_id"]
+    # The span describes the dead-letter record itself, not the source record.
+    assert dead["attributes"]["messaging.destination.partition.id"] == str(got[0].partition())
+    assert dead["attributes"]["messaging.kafka.offset"] == got[0].offset()
+    assert dead["attributes"]["sluice.source.offset"] == attempt["attributes"][
+        "messaging.kafka.offset"]
 
     text = sluice("trace", pid, state_dir=pipeline.state_dir, offset=_offset(pipeline)).stdout
     assert "send sluice.deadletter" in text
@@ -221,6 +230,23 @@ def test_a_publishers_valid_traceparent_is_continued(pipeline) -> None:
     (send,) = _by_name(traces[0]["spans"])["send payments.raw"]
     h = _raw_record_headers(pipeline, eid)
     assert h["ce_traceparent"] == f"00-{trace_id}-{send['span_id']}-01"
+    assert h["ce_tracestate"] == "vendor=abc"
+
+
+def test_a_publishers_w3c_traceparent_http_header_is_continued(pipeline) -> None:
+    """An OpenTelemetry-instrumented HTTP publisher sends `traceparent`/`tracestate`
+    headers, not `ce-traceparent`: the gateway continues that trace (Level 2 rules)."""
+    eid = f"tracehttp-{uuid.uuid4().hex[:8]}"
+    trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    _post_binary(pipeline, eid, "card-00002", {
+        "traceparent": f"00-{trace_id}-{parent}-03", "tracestate": "vendor=abc"})
+    traces = _trace(pipeline, eid, min_services=4)
+    assert [t["trace_id"] for t in traces] == [trace_id]
+    (server,) = _by_name(traces[0]["spans"])["POST /"]
+    assert server["parent_id"] == parent
+    (send,) = _by_name(traces[0]["spans"])["send payments.raw"]
+    h = _raw_record_headers(pipeline, eid)
+    assert h["ce_traceparent"] == f"00-{trace_id}-{send['span_id']}-03"  # random flag kept
     assert h["ce_tracestate"] == "vendor=abc"
 
 

@@ -178,16 +178,31 @@ class Edge:
         """For a blocking loop that ends on Ctrl-C: make SIGTERM end it the same way."""
         signal.signal(signal.SIGTERM, _interrupt)
 
-    def tracing(self, service_name: str) -> None:
-        """This process's tracing from `--otlp-endpoint` and friends (none: no spans)."""
-        endpoint = getattr(self.args, "otlp_endpoint", None)
-        if not endpoint:
-            return
+    def tracing(self, service_name: str, **resource: str) -> None:
+        """This process's tracing: the standard `OTEL_*` variables, overridden by
+        `--otlp-endpoint`, `--otlp-protocol`, `--service-name`, `--trace-sampling`
+        (no endpoint from either: no spans). `resource` adds resource attributes."""
         from eventing.telemetry import tracing
 
-        tracing.configure(tracing.TracingSettings(
-            endpoint=endpoint, service_name=self.args.service_name or service_name,
-            **self.given(sampling="trace_sampling")))
+        try:
+            settings = tracing.settings_from_env(
+                os.environ, service_name,
+                endpoint=getattr(self.args, "otlp_endpoint", None),
+                protocol=getattr(self.args, "otlp_protocol", None),
+                service_name=getattr(self.args, "service_name", None),
+                sampling=getattr(self.args, "trace_sampling", None))
+        except ValueError as exc:
+            raise SystemExit(f"sluice: tracing configuration: {exc}") from None
+        function = getattr(self.args, "function", None)
+        if isinstance(function, str):
+            resource.setdefault("sluice.function", function)
+        topology = getattr(self.args, "topology", None)
+        if topology:
+            resource.setdefault("sluice.topology", str(topology))
+        if resource:
+            settings = dataclasses.replace(settings, resource={**resource, **settings.resource})
+        if settings.endpoint or settings.traces_endpoint:
+            tracing.configure(settings)
 
     @staticmethod
     def gateway_token() -> str | None:
@@ -303,8 +318,12 @@ def size_arg(text: str) -> int:
 
 
 def tracing_flags(parser: argparse.ArgumentParser, service_name: str) -> None:
-    parser.add_argument("--otlp-endpoint", help="export spans over OTLP/HTTP to this collector "
-                        "(e.g. http://127.0.0.1:4318; default: no spans, `sluice up` sets it)")
+    parser.add_argument("--otlp-endpoint", help="export spans over OTLP to this collector "
+                        "(e.g. http://127.0.0.1:4318; default OTEL_EXPORTER_OTLP_ENDPOINT, "
+                        "else no spans; `sluice up` sets it)")
+    parser.add_argument("--otlp-protocol", choices=("http/protobuf", "grpc"),
+                        help="OTLP transport (default OTEL_EXPORTER_OTLP_PROTOCOL, else "
+                             "http/protobuf; grpc wants the collector's :4317)")
     parser.add_argument("--service-name", help=f"service.name of the spans "
                         f"(default {service_name})")
     settings_flag(parser, "--trace-sampling", type=float,

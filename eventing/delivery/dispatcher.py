@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -44,18 +45,26 @@ BATCH_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 5000)
 class Histogram:
     """Bucket counts for Prometheus, observed per lane and batch, not per record."""
 
-    __slots__ = ("bounds", "counts", "sum", "count")
+    __slots__ = ("bounds", "counts", "sum", "count", "exemplars")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
         self.count = 0
+        # Per bucket, the latest (labels, value, unix time) of a traced observation: an
+        # OpenMetrics exemplar, so a slow bucket in Prometheus leads to a trace.
+        self.exemplars: list[tuple[dict[str, str], float, float] | None] = \
+            [None] * (len(bounds) + 1)
 
-    def observe(self, value: float, weight: int = 1) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += weight
+    def observe(self, value: float, weight: int = 1,
+                exemplar: dict[str, str] | None = None) -> None:
+        i = bisect.bisect_left(self.bounds, value)
+        self.counts[i] += weight
         self.sum += value * weight
         self.count += weight
+        if exemplar is not None:
+            self.exemplars[i] = (exemplar, value, time.time())
 
 
 @dataclass
@@ -94,9 +103,14 @@ class Dispatcher:
         self.delivery = function.delivery
         self.ordered = function.delivery.ordering == "ordered"
         # One producer for outputs and dead letters. Only failed deliveries call back, so
-        # the hot path pays nothing per record for knowing whether outputs are durable.
+        # the hot path pays nothing per record for knowing whether outputs are durable;
+        # except when tracing, where a dead letter's span needs its record's own partition
+        # and offset from the delivery report (a callback per record is small next to the
+        # spans themselves).
+        traced = tracing.get_tracer().enabled
         self.producer = Producer(producer_config(
-            bootstrap, **{"delivery.report.only.error": True, "on_delivery": self._on_delivery}
+            bootstrap, **{"delivery.report.only.error": not traced,
+                          "on_delivery": self._on_delivery}
         ))
         self.invoker = invoker_factory(self.producer)
         self.tracer: tracing.Tracer = getattr(self.invoker, "tracer", None) or tracing.get_tracer()
@@ -178,10 +192,13 @@ class Dispatcher:
             return
         now_ms = time.time() * 1000
         per_lane = max(1, done // max(1, len(work)))
+        traced = self.tracer.enabled
         for lane in work:
             ts_type, ts = lane[-1].timestamp()
             if ts_type and ts > 0:
-                self.stats.delivery_latency.observe(max(0.0, (now_ms - ts) / 1000), per_lane)
+                self.stats.delivery_latency.observe(
+                    max(0.0, (now_ms - ts) / 1000), per_lane,
+                    tracing.record_exemplar(lane[-1]) if traced else None)
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Records behind per owned partition: broker end minus our next offset, plus what
@@ -324,10 +341,18 @@ class Dispatcher:
             event, msg.headers(), destination=self.invoker.destination, code=failure.code,
             message=failure.message,
             origin=(msg.topic(), msg.partition(), msg.offset(), attempts, self.function.name))
-        produce(self.producer, self.delivery.dead_letter_sink, value, msg.key() or key,
-                headers=out_headers)  # waits out a full queue; kafka.QueueFull past 30 s
+        extra: dict[str, Any] = {}
         if dl_span is not None:
-            dl_span.finish()
+            def on_delivery(err: Any, dead: Any, span: Any = dl_span) -> None:
+                self._on_delivery(err, dead)
+                if err is None:
+                    span.delivered(dead)  # the dead letter's own partition and offset
+                else:
+                    span.fail(str(err), "kafka")
+                span.finish()
+            extra["on_delivery"] = on_delivery
+        produce(self.producer, self.delivery.dead_letter_sink, value, msg.key() or key,
+                headers=out_headers, **extra)  # waits out a full queue; QueueFull past 30 s
         self.stats.dead_lettered += 1
         log.warning("%s: dead-lettered %s[%d]@%d after %s: %s", self.function.name,
                     msg.topic(), msg.partition(), msg.offset(), failure.code,

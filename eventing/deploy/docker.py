@@ -139,7 +139,7 @@ def requirements(function: Function, runtime: list[Path]) -> list[str]:
         dists = owners.get(module, [])
         found = [pins[_norm(d)] for d in dists if _norm(d) in pins]
         if found:
-            lines.add(found[0])
+            lines.update(found)  # a namespace package (opentelemetry): every pinned part
         elif not any(_norm(d) in own_names for d in dists) and _norm(module) not in own_names:
             raise DeployError(
                 f"function {function.name!r}: module {module!r} is imported but neither pinned "

@@ -57,7 +57,7 @@ def container_env(function: Function, settings: DeploySettings) -> dict[str, str
     env = host_env.function_env(function, settings.bootstrap, settings.registry_url)
     env[host_env.ENV_SOURCE] = docker.FUNCTION_SOURCE
     env[OTEL_ENDPOINT] = settings.otlp_endpoint
-    env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/json"  # eventing.telemetry.tracing speaks OTLP/HTTP
+    env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"  # the SDK exporter; grpc works too
     env["OTEL_SERVICE_NAME"] = function.name
     return env
 

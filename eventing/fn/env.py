@@ -20,11 +20,11 @@ a Knative Service's `env` section:
     KAFKA_BOOTSTRAP_SERVERS   where outputs are produced (needed when there are outputs)
     SCHEMA_REGISTRY_URL       Avro decode/encode (optional: without it, JSON or bytes only)
 
-Tracing (`eventing.telemetry.tracing`) follows the standard OpenTelemetry variables:
-`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT` (OTLP/HTTP base URL,
-e.g. http://otel-collector:4318; unset = no spans), `OTEL_SERVICE_NAME` (default: the
-function name), `OTEL_TRACES_SAMPLER_ARG` (root sampling ratio, default 1). Sluice exports
-OTLP over HTTP only: with `OTEL_EXPORTER_OTLP_PROTOCOL=grpc` tracing stays off (warned).
+Tracing (`eventing.telemetry.tracing`, the OpenTelemetry SDK) follows the standard
+OpenTelemetry variables: `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` (unset = no spans),
+`OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf` or `grpc`), `OTEL_EXPORTER_OTLP_HEADERS`,
+`OTEL_SERVICE_NAME` (default: the function name), `OTEL_RESOURCE_ATTRIBUTES`,
+`OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` (default parent-based, ratio 1).
 """
 
 from __future__ import annotations
@@ -107,28 +107,19 @@ def function_from_env(env: Mapping[str, str]) -> tuple[Function, str | None, str
 
 
 def tracing_from_env(env: Mapping[str, str], service_name: str) -> Any:
-    """`TracingSettings` from the OpenTelemetry variables, or None (no endpoint, or gRPC)."""
-    from eventing.telemetry.tracing import TracingSettings
+    """`TracingSettings` from the standard OpenTelemetry variables, or None (no endpoint)."""
+    from eventing.telemetry.tracing import settings_from_env
 
-    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT")
-    if not endpoint:
-        return None
-    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/json").lower()
-    if protocol == "grpc":
-        import logging
-
-        logging.getLogger("sluice.host").warning(
-            "tracing off: OTEL_EXPORTER_OTLP_PROTOCOL=grpc, but Sluice exports OTLP over "
-            "HTTP; set it to http/json and point the endpoint at the collector's :4318")
-        return None
     try:
-        sampling = float(env.get("OTEL_TRACES_SAMPLER_ARG") or 1.0)
-    except ValueError:
-        raise HostConfigError("OTEL_TRACES_SAMPLER_ARG must be a number in [0, 1]") from None
-    return TracingSettings(endpoint=endpoint, sampling=sampling,
-                           service_name=env.get("OTEL_SERVICE_NAME") or service_name)
+        settings = settings_from_env(env, service_name)
+    except ValueError as exc:
+        raise HostConfigError(str(exc)) from None
+    if not (settings.endpoint or settings.traces_endpoint):
+        return None
+    import dataclasses
+
+    return dataclasses.replace(settings, resource={"sluice.function": service_name,
+                                                   **settings.resource})
 
 
 _ENTRY_HEADER = '''"""Sluice function host entry, written by eventing.fn.env.write_entry_file.

@@ -129,14 +129,17 @@ class FunctionHost:
         carries (`eventing.telemetry.tracing`).
         """
         span = self.tracer.function(event, self.function.name) if self.tracer.enabled else None
-        if span is None:
+        if span is None:  # unsampled: API spans of user code still join the event's context
             return self._call(event, None)
+        token = self.tracer.enter(span)  # the user function's own spans are its children
         try:
             records = self._call(event, span)
         except BaseException as exc:
             span.fail(f"{type(exc).__name__}: {exc}"[:1024], type(exc).__name__)
             span.finish()
             raise
+        finally:
+            self.tracer.leave(token)
         span.finish()
         return records
 

@@ -13,9 +13,11 @@ checked against and encoded with the latest Avro schema of `<topic>-value`
 (`content-type: application/avro`, `partitionkey` as the record key, every other
 attribute, `traceparent`/`tracestate` included, as `ce_*` headers).
 
-Tracing (`eventing.telemetry.tracing`): each event gets a SERVER span (child of the publisher's
-`traceparent` when that one is valid) and a PRODUCER `send` span ended by the broker's
-acknowledgement (with partition and offset); the record's `traceparent` is the send span's.
+Tracing (`eventing.telemetry.tracing`): each event gets a SERVER span (child of the event's
+own valid `traceparent`, else of the request's W3C `traceparent` header by Trace Context
+Level 2; see eventing.cloudevent.tracecontext for the precedence) and a PRODUCER `send`
+span ended by the broker's acknowledgement (with partition and offset); the record's
+`traceparent` is the send span's.
 An invalid `traceparent` is dropped with its `tracestate`, traced or not.
 
 **The answer comes after the broker's acknowledgement** (acks=all): 202
@@ -81,7 +83,7 @@ import httpx
 import orjson
 from confluent_kafka import KafkaError, KafkaException
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -92,6 +94,7 @@ from eventing.cloudevent import event as ce_event
 from eventing.cloudevent import http as ce_http
 from eventing.cloudevent import json as ce_json
 from eventing.cloudevent import kafka as ce_kafka
+from eventing.cloudevent import tracecontext
 from eventing.kafka import RoomWait
 from eventing.serde import SchemaNotFound, SchemaViolation, subject_for
 from eventing.serving import ServerLimits
@@ -237,7 +240,7 @@ def _traced_delivery(callback: Callable[[Any, Any], None],
     """A delivery callback that also ends the record's `send` span (partition, offset)."""
     def on_delivery(err: Any, msg: Any) -> None:
         if err is None:
-            span.msg = msg
+            span.delivered(msg)
         else:
             span.fail(str(err), "kafka")
         span.finish()
@@ -415,11 +418,14 @@ class GatewayMetrics:
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
         self._children: dict[tuple[str, Any], Any] = {}
 
-    def observe(self, mode: str, status: int, seconds: float) -> None:
+    def observe(self, mode: str, status: int, seconds: float,
+                exemplar: dict[str, str] | None = None) -> None:
+        """One request's latency; `exemplar` (the trace of one of its events, when sampled)
+        is shown to OpenMetrics scrapers, so a slow bucket leads to a trace."""
         child = self._children.get((mode, status))
         if child is None:
             child = self._children[(mode, status)] = self.duration.labels(mode, str(status))
-        child.observe(seconds)
+        child.observe(seconds, exemplar)
 
     def count(self, topic: str, outcome: str, n: int = 1) -> None:
         child = self._children.get((topic, outcome))
@@ -562,9 +568,11 @@ class Gateway:
         headers = {} if ready else {"Retry-After": str(self.settings.retry_after_s)}
         return json_response({"ready": ready, "checks": checks}, 200 if ready else 503, headers)
 
-    async def metrics_endpoint(self, _request: Request) -> Response:
-        return Response(generate_latest(self.metrics.registry), 200,
-                        media_type=CONTENT_TYPE_LATEST)
+    async def metrics_endpoint(self, request: Request) -> Response:
+        # OpenMetrics when the scraper asks for it (Prometheus with exemplar storage):
+        # only that format carries the latency histogram's trace-id exemplars.
+        encoder, content_type = choose_encoder(request.headers.get("accept"))
+        return Response(encoder(self.metrics.registry), 200, media_type=content_type)
 
     # ---------------------------------------------------------------- ingest
 
@@ -580,7 +588,8 @@ class Gateway:
             self._check_content_type(mode, request)
             body = await self._read_body(request, _ce_header_bytes(request)
                                          if mode == "binary" else 0)
-            records, ids = await self._validate(mode, request, body, started_ns, spans)
+            records, ids = await self._validate(mode, request, body, started_ns, spans,
+                                                _http_trace_context(request))
             self.metrics.batch_size.observe(len(records))
             assert self.bridge is not None
             try:
@@ -618,7 +627,8 @@ class Gateway:
             return json_response({"error": "internal", "reason": "internal error; see the "
                                   "gateway log"}, 500)
         finally:
-            self.metrics.observe(mode, status, time.perf_counter() - started)
+            self.metrics.observe(mode, status, time.perf_counter() - started,
+                                 _exemplar(spans))
             if any(spans):
                 _finish_server_spans(spans, status)
 
@@ -689,7 +699,8 @@ class Gateway:
     # ---------------------------------------------------------------- validation
 
     async def _validate(self, mode: str, request: Request, body: bytes, started_ns: int = 0,
-                        spans: list[Any] | None = None) -> tuple[list[Record], list[str]]:
+                        spans: list[Any] | None = None, http_parent: Any = None,
+                        ) -> tuple[list[Record], list[str]]:
         """Parse, route, check and encode every event; raise `Rejection` if any is bad.
 
         `spans` receives, aligned with the records, each event's (server, send) spans or
@@ -710,10 +721,10 @@ class Gateway:
         if any(self._fresh_until.get(t, 0.0) <= now for t in topics):  # type: ignore[arg-type]
             # A schema must be fetched: do it off the event loop.
             records, bad = await asyncio.to_thread(self._encode_all, events, positions,
-                                                   started_ns, spans)
+                                                   started_ns, spans, http_parent)
             self._mark_fresh(topics)
         else:
-            records, bad = self._encode_all(events, positions, started_ns, spans)
+            records, bad = self._encode_all(events, positions, started_ns, spans, http_parent)
         if bad or errors:
             for event in events:
                 self.metrics.count(self.routes.get(event._get_attributes()["type"], ""),
@@ -757,7 +768,7 @@ class Gateway:
         return events, positions, errors, len(items)
 
     def _encode_all(self, events: list[Any], positions: list[int], started_ns: int = 0,
-                    spans: list[Any] | None = None,
+                    spans: list[Any] | None = None, http_parent: Any = None,
                     ) -> tuple[list[Record], list[tuple[int, Rejection]]]:
         """Encode every event; collect 4xx problems by index, raise 5xx ones at once."""
         records: list[Record] = []
@@ -767,7 +778,7 @@ class Gateway:
             spans = []
         for position, event in zip(positions, events, strict=True):
             try:
-                record, traced = encode(event, started_ns)
+                record, traced = encode(event, started_ns, http_parent)
                 records.append(record)
                 spans.append(traced)
             except Rejection as rej:
@@ -776,8 +787,10 @@ class Gateway:
                 errors.append((position, rej))
         return records, errors
 
-    def _encode(self, event: Any, started_ns: int = 0) -> tuple[Record, Any]:
-        """(record, its (server, send) spans or None)."""
+    def _encode(self, event: Any, started_ns: int = 0,
+                http_parent: Any = None) -> tuple[Record, Any]:
+        """(record, its (server, send) spans or None); `http_parent` is the request's W3C
+        trace context, used when the event has no valid `traceparent` of its own."""
         attrs = event._get_attributes()
         event_type = attrs["type"]
         topic = self.routes.get(event_type)
@@ -815,7 +828,7 @@ class Gateway:
             raise Rejection(503, "registry_unavailable",
                             f"the schema registry could not be reached: {exc}",
                             headers={"Retry-After": str(self.settings.retry_after_s)}) from None
-        traced = self.tracer.ingest(attrs, data, topic, started_ns or None)
+        traced = self.tracer.ingest(attrs, data, topic, started_ns or None, http_parent)
         attrs["datacontenttype"] = AVRO_CONTENT_TYPE
         event.data = value
         key, value, headers = ce_kafka.to_binary(event, validate=False)
@@ -846,6 +859,27 @@ class Gateway:
                 continue
             self._fresh_until[topic] = fetched_at + ttl * 0.9
 
+
+
+def _http_trace_context(request: Request) -> tuple[Any, str | None] | None:
+    """The request's W3C `traceparent`/`tracestate` headers, by Trace Context Level 2
+    (every field of a repeated header is looked at; see eventing.cloudevent.tracecontext)."""
+    values = request.headers.getlist(tracecontext.HTTP_TRACEPARENT)
+    if not values:
+        return None
+    parent = tracecontext.traceparent_from_headers(values)
+    if parent is None:
+        return None
+    return parent, tracecontext.parse_tracestate(
+        request.headers.getlist(tracecontext.HTTP_TRACESTATE))
+
+
+def _exemplar(spans: list[Any]) -> dict[str, str] | None:
+    """The trace of the request's first traced event, as histogram exemplar labels."""
+    for traced in spans:
+        if traced is not None:
+            return tracing.exemplar(traced[0])
+    return None
 
 
 def _finish_server_spans(spans: list[Any], status: int) -> None:

@@ -36,7 +36,8 @@ def _python_part(settings: StackSettings, name: str, args: list[str], endpoint: 
 
 def tracing_args(settings: StackSettings, service_name: str) -> list[str]:
     """Every pipeline process exports spans to the stack's collector (telemetry.tracing)."""
-    return ["--otlp-endpoint", settings.otlp_http_url, "--service-name", service_name,
+    return ["--otlp-endpoint", settings.otlp_http_url, "--otlp-protocol", "http/protobuf",
+            "--service-name", service_name,
             "--trace-sampling", repr(settings.trace_sampling)]
 
 

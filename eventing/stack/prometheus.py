@@ -83,6 +83,7 @@ def spec(settings: StackSettings) -> PartSpec:
             f"--config.file={config}",
             f"--storage.tsdb.path={tsdb}",
             f"--web.listen-address={settings.host}:{settings.ports.prometheus}",
+            "--enable-feature=exemplar-storage",  # latency buckets link to traces
         ],
         env=binaries.base_env(),
         cwd=tsdb.parent,

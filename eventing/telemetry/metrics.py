@@ -16,6 +16,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 from prometheus_client.registry import REGISTRY, Collector
+from prometheus_client.samples import Exemplar
 
 _COUNTERS = {
     "consumed": ("sluice_function_events_consumed_total", "Records consumed from source topics"),
@@ -69,12 +70,16 @@ class DispatcherCollector(Collector):
         yield from (backlog, lag, cold, started, latency, batch)
 
 
-def _buckets(h) -> list[tuple[str, float]]:
-    """Cumulative (le, count) pairs as Prometheus histograms want them."""
-    out, total = [], 0
-    for bound, count in zip((*h.bounds, float("inf")), h.counts, strict=True):
+def _buckets(h) -> list[tuple]:
+    """Cumulative (le, count[, exemplar]) as Prometheus histograms want them; exemplars
+    (trace ids) reach scrapers that ask for OpenMetrics."""
+    out: list[tuple] = []
+    total = 0
+    exemplars = getattr(h, "exemplars", None) or [None] * len(h.counts)
+    for bound, count, ex in zip((*h.bounds, float("inf")), h.counts, exemplars, strict=True):
         total += count
-        out.append(("+Inf" if bound == float("inf") else str(bound), total))
+        le = "+Inf" if bound == float("inf") else str(bound)
+        out.append((le, total, Exemplar(*ex)) if ex is not None else (le, total))
     return out
 
 

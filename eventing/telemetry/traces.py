@@ -789,10 +789,14 @@ def key_attributes(span: StoredSpan) -> str:
     topic = a.get("messaging.destination.name")
     if topic is not None:
         where = str(topic)
-        if a.get("messaging.kafka.destination.partition") is not None:
-            where += f"[{a['messaging.kafka.destination.partition']}]"
-        if a.get("messaging.kafka.message.offset") is not None:
-            where += f"@{a['messaging.kafka.message.offset']}"
+        # Current semantic conventions first, then the names spans used before.
+        partition = a.get("messaging.destination.partition.id",
+                          a.get("messaging.kafka.destination.partition"))
+        offset = a.get("messaging.kafka.offset", a.get("messaging.kafka.message.offset"))
+        if partition is not None:
+            where += f"[{partition}]"
+        if offset is not None:
+            where += f"@{offset}"
         parts.append(where)
     for attr, label in (("sluice.function", "fn"), ("sluice.sink", "sink"),
                         ("messaging.kafka.message.key", "key"),

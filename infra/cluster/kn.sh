@@ -42,7 +42,7 @@ kn service create validate \
     --env KAFKA_BOOTSTRAP_SERVERS=sluice-kafka-bootstrap:9092 \
     --env SCHEMA_REGISTRY_URL=http://sluice-registry:8081 \
     --env OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318 \
-    --env OTEL_EXPORTER_OTLP_PROTOCOL=http/json \
+    --env OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf \
     --env OTEL_SERVICE_NAME=validate \
     --request cpu=100m,memory=256Mi \
     --limit memory=512Mi \
@@ -80,7 +80,7 @@ kn service create enrich \
     --env KAFKA_BOOTSTRAP_SERVERS=sluice-kafka-bootstrap:9092 \
     --env SCHEMA_REGISTRY_URL=http://sluice-registry:8081 \
     --env OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318 \
-    --env OTEL_EXPORTER_OTLP_PROTOCOL=http/json \
+    --env OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf \
     --env OTEL_SERVICE_NAME=enrich \
     --request cpu=100m,memory=256Mi \
     --limit memory=512Mi \
@@ -118,7 +118,7 @@ kn service create score \
     --env KAFKA_BOOTSTRAP_SERVERS=sluice-kafka-bootstrap:9092 \
     --env SCHEMA_REGISTRY_URL=http://sluice-registry:8081 \
     --env OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318 \
-    --env OTEL_EXPORTER_OTLP_PROTOCOL=http/json \
+    --env OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf \
     --env OTEL_SERVICE_NAME=score \
     --request cpu=100m,memory=256Mi \
     --limit memory=512Mi \
