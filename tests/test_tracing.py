@@ -60,7 +60,8 @@ class Recorder(tracing.Tracer):
     """A tracer that keeps finished spans instead of exporting them."""
 
     def __init__(self, sampling: float = 1.0) -> None:
-        super().__init__(tracing.TracingSettings(endpoint=None, sampling=sampling))
+        super().__init__(tracing.TracingSettings(
+            endpoint=None, sampling=sampling, business_ids={"payment_id": "payment.id"}))
         self.enabled = True
         self.finished: list[tracing.Span] = []
 

@@ -42,6 +42,7 @@ ENV_PORT_OFFSET = "SLUICE_PORT_OFFSET"
 ENV_BROKER_STORAGE = "SLUICE_BROKER_STORAGE"
 ENV_GATEWAY_TOKEN = "SLUICE_GATEWAY_TOKEN"
 ENV_GATEWAY_TOKEN_FILE = "SLUICE_GATEWAY_TOKEN_FILE"
+ENV_TOPOLOGY = "SLUICE_TOPOLOGY"
 LOG_FORMAT = "%(asctime)s %(name)s %(message)s"
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 # One line per registry lookup is noise, not news.
@@ -82,6 +83,8 @@ class Edge:
             gateway_token_file=getattr(a, "token_file", None)
             or os.environ.get(ENV_GATEWAY_TOKEN_FILE),
             trace_sampling=getattr(a, "trace_sampling", None),
+            topology=(getattr(a, "topology", None) if a.command == "up"
+                      else None) or os.environ.get(ENV_TOPOLOGY),
         )
         if settings.settings_file.exists():
             # A state folder keeps the ports and broker storage it was first started
@@ -161,7 +164,12 @@ class Edge:
 
         tracing.configure(tracing.TracingSettings(
             endpoint=endpoint, service_name=self.args.service_name or service_name,
-            **self.given(sampling="trace_sampling")))
+            business_ids=self.trace_ids(), **self.given(sampling="trace_sampling")))
+
+    def trace_ids(self) -> dict[str, str]:
+        """The business ids the topology declares (`traceIds`: data field -> span
+        attribute), for spans and for the trace store's index."""
+        return dict(self.topology().trace_ids)
 
     @staticmethod
     def gateway_token() -> str | None:

@@ -94,8 +94,8 @@ def dashboards(edge: Edge) -> int:
 
 
 def trace(edge: Edge) -> int:
-    """The waterfall of every trace an event id, trace id or payment id names, from the
-    local trace store."""
+    """The waterfall of every trace an event id, trace id or business id (the topology's
+    `traceIds`) names, from the local trace store."""
     from eventing.telemetry import traces
 
     args = edge.args
@@ -105,14 +105,15 @@ def trace(edge: Edge) -> int:
     found = traces.wait_for(path, args.ref, args.wait or 0.0,
                             **(edge.given(settle_s="settle") if args.wait else {"settle_s": 0.0}))
     if not found:
-        print(f"no trace found for {args.ref!r} (event id, trace id or payment id)"
+        ids = ", ".join(edge.trace_ids()) or "none declared"
+        print(f"no trace found for {args.ref!r} (event id, trace id or business id: {ids})"
               + ("" if args.wait else "; spans take ~1 s to be indexed: try --wait 10"),
               file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(traces.as_json(found), indent=2))
     else:
-        print(traces.render(found), end="")
+        print(traces.render(found, list(edge.trace_ids().values())), end="")
     return 0
 
 
@@ -128,7 +129,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="do not start the topology's traffic generator (its generate.py)")
     settings_flag(p, "--rate", dest="generator_rate", type=float,
                   default_of=f"{STACK_SETTINGS}.generator_rate",
-                  help="generator payments per second")
+                  help="generator events per second")
+    p.add_argument("--topology", help="the pipeline to run: its functions, tables, "
+                   "schemas and generate.py (default functions/topology.yaml; env "
+                   "SLUICE_TOPOLOGY); remembered by the state folder")
     p.add_argument("--token-file", help="require this bearer token at the gateway "
                    "(env SLUICE_GATEWAY_TOKEN_FILE)")
     settings_flag(p, "--trace-sampling", type=float,
@@ -156,8 +160,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="infra/grafana")
 
     p = add_command(sub, "trace", trace, help="show what happened to an event: the waterfall "
-                    "of its trace(s) by CloudEvent id, trace id or payment id")
-    p.add_argument("ref", help="CloudEvent id, trace id (32 hex) or payment id")
+                    "of its trace(s) by CloudEvent id, trace id or business id")
+    p.add_argument("ref", help="CloudEvent id, trace id (32 hex) or a business id the "
+                   "topology declares (traceIds)")
+    p.add_argument("--topology", help="topology whose traceIds label the spans "
+                   "(default: the stack's)")
     p.add_argument("--json", action="store_true", help="machine-readable spans")
     p.add_argument("--wait", type=float, default=0.0, metavar="S",
                    help="wait up to S seconds for the spans to arrive and settle")

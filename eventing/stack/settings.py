@@ -98,6 +98,8 @@ class StackSettings:
     gateway_token_file: Path | None = None
     # Root sampling ratio of the pipeline's traces (parent-based; see eventing.telemetry.tracing).
     trace_sampling: float = 1.0
+    # The pipeline this stack runs (`sluice up --topology`); None: the payments example.
+    topology_file: Path | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -134,11 +136,15 @@ class StackSettings:
 
     @property
     def schemas_dir(self) -> Path:
-        return self.project_dir / "schemas"
+        """The topology's schemas (its `schemas:` key, else `schemas/` beside it), so each
+        pipeline registers its own."""
+        from eventing import topology as topo
+
+        return topo.load(self.topology_path).schemas
 
     @property
     def topology_path(self) -> Path:
-        return self.project_dir / "functions" / "topology.yaml"
+        return self.topology_file or self.project_dir / "functions" / "topology.yaml"
 
     @property
     def generator_path(self) -> Path:
@@ -163,6 +169,7 @@ class StackSettings:
             "broker_storage": self.broker_storage,
             "pipeline": self.pipeline,
             "generator": self.generator,
+            "topology": str(self.topology_file) if self.topology_file else None,
         }
         self.settings_file.write_text(json.dumps(data, indent=2))
 
@@ -182,6 +189,9 @@ class StackSettings:
             broker_storage=data.get("broker_storage", self.broker_storage),
             pipeline=self.pipeline if keep_pipeline else data.get("pipeline", self.pipeline),
             generator=self.generator if keep_pipeline else data.get("generator", self.generator),
+            topology_file=(self.topology_file if keep_pipeline and self.topology_file
+                           else Path(data["topology"]) if data.get("topology")
+                           else self.topology_file),
         )
 
 
@@ -210,6 +220,7 @@ def load_settings(
     generator_rate: float | None = None,
     gateway_token_file: str | os.PathLike[str] | None = None,
     trace_sampling: float | None = None,
+    topology: str | os.PathLike[str] | None = None,
 ) -> StackSettings:
     """Build settings from explicit values; the CLI maps flags and env vars onto these.
 
@@ -225,6 +236,7 @@ def load_settings(
         pipeline=pipeline,
         generator=generator,
         gateway_token_file=Path(gateway_token_file).resolve() if gateway_token_file else None,
+        topology_file=Path(topology).resolve() if topology else None,
         **{k: v for k, v in optional.items() if v is not None},
     )
     if broker_storage:

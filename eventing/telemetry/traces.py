@@ -5,8 +5,8 @@ rotel (the local collector) writes every batch of spans it receives to the Kafka
 into `TraceStore`, an SQLite file in the state folder:
 
 - `spans`: one row per span, keyed by (trace id, span id), attributes and events as JSON;
-- `refs`: (reference, trace id) for every attribute in `REF_ATTRIBUTES` (CloudEvent id,
-  business ids such as `payment.id`), so "what happened to payment X?" is an index lookup;
+- `refs`: (reference, trace id) for the CloudEvent id and every business id the topology
+  declares (`traceIds`, e.g. `order.id`), so "what happened to order X?" is an index lookup;
 - `offsets`: the next offset of each partition of the topic, written in the same
   transaction as the spans, so a restart resumes exactly where the store stopped (and a
   replay rewrites the same rows: inserts are idempotent).
@@ -34,7 +34,13 @@ from typing import Any
 
 log = logging.getLogger("sluice.traces")
 
-REF_ATTRIBUTES = ("cloudevents.event_id", "payment.id")
+REF_ATTRIBUTES = ("cloudevents.event_id",)
+
+
+def ref_attributes(business_ids: Iterable[str] = ()) -> tuple[str, ...]:
+    """What the store indexes: the CloudEvent id plus the topology's business-id span
+    attributes (`traceIds` values)."""
+    return REF_ATTRIBUTES + tuple(a for a in business_ids if a not in REF_ATTRIBUTES)
 KIND_NAMES = {0: "unspecified", 1: "internal", 2: "server", 3: "client", 4: "producer",
               5: "consumer"}
 STATUS_NAMES = {0: "unset", 1: "ok", 2: "error"}
@@ -369,8 +375,9 @@ def _tree(spans: list[StoredSpan]) -> list[tuple[int, StoredSpan]]:
     return out
 
 
-def key_attributes(span: StoredSpan) -> str:
-    """The attributes worth a glance: where the record was, which function, which ids."""
+def key_attributes(span: StoredSpan, business_ids: Sequence[str] = ()) -> str:
+    """The attributes worth a glance: where the record was, which function, which ids
+    (`business_ids`: the topology's declared span attributes, shown by name)."""
     a = span.attributes
     parts: list[str] = []
     topic = a.get("messaging.destination.name")
@@ -383,7 +390,8 @@ def key_attributes(span: StoredSpan) -> str:
         parts.append(where)
     for attr, label in (("sluice.function", "fn"), ("sluice.sink", "sink"),
                         ("messaging.kafka.message.key", "key"),
-                        ("cloudevents.event_id", "event"), ("payment.id", "payment"),
+                        ("cloudevents.event_id", "event"),
+                        *((b, b) for b in business_ids),
                         ("sluice.delivery.attempt", "attempt"),
                         ("http.response.status_code", "http")):
         if a.get(attr) is not None and not (label == "fn" and span.name == a.get(attr)):
@@ -391,7 +399,7 @@ def key_attributes(span: StoredSpan) -> str:
     return " ".join(parts)
 
 
-def render(traces: Mapping[str, list[StoredSpan]]) -> str:
+def render(traces: Mapping[str, list[StoredSpan]], business_ids: Sequence[str] = ()) -> str:
     """The human waterfall: one line per span, indented under its parent."""
     lines: list[str] = []
     for trace_id, spans in traces.items():
@@ -411,7 +419,7 @@ def render(traces: Mapping[str, list[StoredSpan]]) -> str:
                        if s.parent_id and s.parent_id not in ids else "")
             lines.append(f"  {(s.start_ns - t0) / 1e6:>9.2f} {s.duration_ms:>8.2f}  "
                          f"{s.status if s.status != 'unset' else 'ok':<6} {s.service:<16} "
-                         f"{op:<40} {key_attributes(s)}{missing}".rstrip())
+                         f"{op:<40} {key_attributes(s, business_ids)}{missing}".rstrip())
             for err in s.errors():
                 lines.append(f"  {'':>9} {'':>8}  {'':<6} {'':<16} {'  ' * depth}  "
                              f"! {err[:300]}")

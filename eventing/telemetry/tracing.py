@@ -106,7 +106,8 @@ log = logging.getLogger("sluice.tracing")
 # OTLP SpanKind numbers.
 INTERNAL, SERVER, CLIENT, PRODUCER, CONSUMER = 1, 2, 3, 4, 5
 STATUS_OK, STATUS_ERROR = 1, 2
-DEFAULT_BUSINESS_IDS: Mapping[str, str] = {"payment_id": "payment.id"}
+# Business ids come from the topology (`traceIds`), never from the platform.
+DEFAULT_BUSINESS_IDS: Mapping[str, str] = {}
 
 _time_ns = time.time_ns
 _bits = random.getrandbits
@@ -122,7 +123,7 @@ class TracingSettings:
     `endpoint` is the collector's OTLP/HTTP base URL (`http://127.0.0.1:4318`); None turns
     recording off (invalid `traceparent`s are still dropped, valid ones still travel).
     `business_ids` maps fields of event data to span attributes, so a trace can be found
-    by them (`payment_id` -> `payment.id`).
+    by them (the topology's `traceIds`, e.g. `order_id` -> `order.id`).
     """
 
     endpoint: str | None = None
