@@ -54,16 +54,17 @@ def generate(edge: Edge) -> int:
     progress = Progress(total, sys.stderr) if total and not a.quiet else None
     try:
         with Publisher(a.gateway or s.gateway_url, token) as pub:
-            sent, fraud = traffic.run(pub, rate=a.rate, duration=a.duration,
+            sent, injected = traffic.run(pub, rate=a.rate, duration=a.duration,
                                       truth=Path(a.truth) if a.truth else None,
-                                      progress=progress, **edge.given("seed", "fraud_share"))
+                                      progress=progress, **edge.given("seed", "inject_share"))
     except KeyboardInterrupt:
         return 0
     except GatewayError as exc:
         raise CommandFailed(f"the gateway refused a batch: {exc}", 1) from None
     if progress:
         progress(sent, final=True)
-    print(f"published {sent} payments ({fraud} injected fraud)")
+    print(f"published {sent} events ({injected} injected" +
+          (f", their ids in {a.truth})" if a.truth else ")"))
     return 0
 
 
@@ -129,14 +130,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gateway", help="gateway URL (default: the local stack's)")
 
     p = add_command(sub, "generate", generate, help="publish the topology's example traffic "
-                    "(its generate.py: realistic payments with injected fraud)")
-    p.add_argument("--rate", type=float, default=50.0, help="payments per second")
+                    "(its generate.py, e.g. payments with injected fraud)")
+    p.add_argument("--rate", type=float, default=50.0, help="events per second")
     p.add_argument("--duration", type=float, default=60.0, help="seconds (0 = forever)")
     p.add_argument("--seed", type=int, help="random seed (default: the generator's)")
-    p.add_argument("--fraud-share", type=float,
-                   help="share of payments that start a fraud pattern (default: the "
-                        "generator's)")
-    p.add_argument("--truth", help="append injected fraud payment ids to this file")
+    p.add_argument("--inject-share", "--fraud-share", dest="inject_share", type=float,
+                   help="share of events that start an injected pattern (fraud, anomalies; "
+                        "default: the generator's)")
+    p.add_argument("--truth", help="append the ids of injected events to this file")
     p.add_argument("--gateway", help="gateway URL (default: the local stack's)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--token-file", help="file holding the gateway's bearer token")
@@ -145,8 +146,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = add_command(sub, "query", query, help="run Trino SQL: locally on the real-time server "
                     "(translated to DuckDB), or on Trino with --trino")
-    p.add_argument("sql", help="one Trino SQL query; tables: payments_scored (lake), "
-                   "payments_scored_rt (real-time)")
+    p.add_argument("sql", help="one Trino SQL query, or SHOW TABLES / DESCRIBE <table> / "
+                   "SHOW COLUMNS FROM <table>; <name> is a lake table, <name>_rt real-time")
     settings_flag(p, "--format", choices=["table", "csv", "json"],
                   default_of="eventing.tables.query:run.fmt", help="output format")
     p.add_argument("--trino", metavar="URL", help="run on Trino at "
