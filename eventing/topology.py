@@ -326,8 +326,6 @@ def load(path: str | Path) -> Topology:
     if schemas is not None and not isinstance(schemas, str):
         raise TopologyError("schemas: a folder path, relative to the topology file")
     schemas_dir = (base / schemas).resolve() if schemas else None
-    if schemas_dir is not None and not schemas_dir.is_dir():
-        raise TopologyError(f"schemas: {schemas_dir} is not a folder")
     return Topology(path=path, routes=routes, topics=topics, functions=functions,
                     max_body_bytes=int(gateway.get("maxBodyBytes", 1_048_576)),
                     tables=_tables(raw.get("tables")), trace_ids=_trace_ids(raw.get("traceIds")),

@@ -216,7 +216,8 @@ def collector():
 
 def test_spans_are_exported_as_otlp_json(collector) -> None:
     url, bodies = collector
-    t = tracing.Tracer(tracing.TracingSettings(endpoint=url, service_name="svc"))
+    t = tracing.Tracer(tracing.TracingSettings(endpoint=url, service_name="svc",
+                                               business_ids={"payment_id": "payment.id"}))
     try:
         attrs = {"id": "e1", "type": "t", "source": "/s", "traceparent": TP}
         server, send = t.ingest(attrs, {"payment_id": "p1"}, "payments.raw", 1)
@@ -255,7 +256,9 @@ def _stored(trace_id, span_id, parent, name, start, **attrs) -> traces.StoredSpa
 
 
 def test_store_indexes_by_trace_event_and_payment_id_and_renders_a_tree(tmp_path) -> None:
-    store = traces.TraceStore(tmp_path / "t.db")
+    # The topology's traceIds decide which business ids are indexed.
+    store = traces.TraceStore(tmp_path / "t.db",
+                              ref_attributes=traces.ref_attributes(["payment.id"]))
     tid = "a" * 32
     store.add([
         _stored(tid, "1" * 16, None, "POST /", 0, **{"cloudevents.event_id": "e1"}),
