@@ -563,7 +563,9 @@ def run(sql: str, *, server_url: str | None = None, trino_url: str | None = None
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
     if trino_url:
         if explain:
-            return translate(sql, target="trino")
+            meta = metadata_statement(sql)
+            return translate(sql, target="trino") if meta is None else "; ".join(
+                trino_metadata_sql(meta))
         return format_result(query_trino(sql, trino_url, connect=connect), fmt)
     if not server_url:
         raise ValueError("give the real-time server's URL or a Trino URL")
@@ -632,12 +634,8 @@ def query_trino(sql: str, trino_url: str, *, connect: Any = None) -> Result:
     meta = metadata_statement(sql)
     if meta is not None and meta.kind == "tables":
         return _trino_show_tables(meta, trino_url, connect, started)
-    if meta is not None:
-        kind, namespace, name = DEFAULT_NAMES.resolve(list(meta.table))
-        target_sql = "DESCRIBE " + ".".join(
-            f'"{p}"' for p in DEFAULT_NAMES.target(kind, namespace, name, "trino"))
-    else:
-        target_sql = translate(sql, target="trino")
+    target_sql = (translate(sql, target="trino") if meta is None
+                  else trino_metadata_sql(meta)[0])
     rows, description = _trino_execute(target_sql, trino_url, connect)
     return Result(columns=[d[0] for d in description],
                   types=[str(d[1]) for d in description], rows=rows, sql=target_sql,
@@ -658,20 +656,37 @@ def _trino_execute(sql: str, trino_url: str, connect: Any) -> tuple[list[list[An
         conn.close()
 
 
+def _show_tables_sides(meta: Metadata) -> list[tuple[str, str]]:
+    """(Trino statement, suffix for its names) per catalog SHOW TABLES reads."""
+    n = DEFAULT_NAMES
+    schema = list(meta.schema)
+    realtime_only = bool(schema) and (schema[-1] == n.realtime_schema
+                                      or schema[0] == n.trino_realtime_catalog)
+    sides = []
+    if not realtime_only:
+        namespace = schema[-1] if schema else n.namespace
+        sides.append((f'SHOW TABLES FROM "{n.trino_lake_catalog}"."{namespace}"', ""))
+    if not schema or realtime_only:
+        sides.append((f'SHOW TABLES FROM "{n.trino_realtime_catalog}".'
+                      f'"{n.trino_realtime_schema}"', n.realtime_suffix))
+    return sides
+
+
+def trino_metadata_sql(meta: Metadata) -> list[str]:
+    """The Trino statement(s) a metadata statement runs as, names resolved."""
+    if meta.kind == "tables":
+        return [statement for statement, _ in _show_tables_sides(meta)]
+    kind, namespace, name = DEFAULT_NAMES.resolve(list(meta.table))
+    return ["DESCRIBE " + ".".join(
+        f'"{p}"' for p in DEFAULT_NAMES.target(kind, namespace, name, "trino"))]
+
+
 def _trino_show_tables(meta: Metadata, trino_url: str, connect: Any,
                        started: float) -> Result:
     """SHOW TABLES over both catalogs: the lake's tables as they are, the real-time
     catalog's with the `_rt` suffix, as `sluice query` names them locally. `FROM <schema>`
     narrows it to one side (`realtime`, or a lake namespace)."""
-    n = DEFAULT_NAMES
-    schema = list(meta.schema)
-    sides = []
-    if not schema or schema[-1] != n.realtime_schema and schema[0] != n.trino_realtime_catalog:
-        namespace = schema[-1] if schema else n.namespace
-        sides.append((f'SHOW TABLES FROM "{n.trino_lake_catalog}"."{namespace}"', ""))
-    if not schema or schema[-1] == n.realtime_schema or schema[0] == n.trino_realtime_catalog:
-        sides.append((f'SHOW TABLES FROM "{n.trino_realtime_catalog}".'
-                      f'"{n.trino_realtime_schema}"', n.realtime_suffix))
+    sides = _show_tables_sides(meta)
     names: list[str] = []
     for statement, suffix in sides:
         rows, _ = _trino_execute(statement, trino_url, connect)
