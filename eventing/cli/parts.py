@@ -102,7 +102,7 @@ def sink_lake(edge: Edge) -> int:
 
     from eventing.serde import AvroSerde
     from eventing.tables.lake import LakeSink, LakeSinkConfig, serve_metrics
-    from eventing.tables.lakehouse import LakeConfig, table_name_for_topic
+    from eventing.tables.lakehouse import table_name_for_topic
     from eventing.tables.maintenance import MaintenancePolicy
 
     a, s = edge.args, edge.settings
@@ -120,7 +120,7 @@ def sink_lake(edge: Edge) -> int:
                    "partition_by": t.partition_by, "dedupe_key": t.dedupe_key,
                    "dedupe_window_ms": int(t.dedupe_window_s * 1000)} for t in declared]
     stop = edge.foreground("sluice-lake-sink")
-    lake = LakeConfig.from_settings(s, **edge.given("namespace"))
+    lake = edge.lake_config(**edge.given("namespace"))
     if a.catalog_uri or a.s3_endpoint:
         lake = replace(lake, catalog_uri=a.catalog_uri or lake.catalog_uri,
                        s3_endpoint=a.s3_endpoint or lake.s3_endpoint)

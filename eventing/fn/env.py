@@ -43,6 +43,8 @@ ENV_TARGET = "SLUICE_FUNCTION_TARGET"
 ENV_OUTPUTS = "SLUICE_OUTPUTS"
 ENV_BOOTSTRAP = "KAFKA_BOOTSTRAP_SERVERS"
 ENV_REGISTRY = "SCHEMA_REGISTRY_URL"
+# The topology's business ids (`traceIds`) as JSON {data field: span attribute}.
+ENV_TRACE_IDS = "SLUICE_TRACE_IDS"
 ENV_NAMES = (ENV_FUNCTION_NAME, ENV_SOURCE, ENV_TARGET, ENV_OUTPUTS, ENV_BOOTSTRAP, ENV_REGISTRY)
 
 ENTRY_TARGET = "handle"  # the functions-framework --target of every entry file
@@ -127,7 +129,14 @@ def tracing_from_env(env: Mapping[str, str], service_name: str) -> Any:
         sampling = float(env.get("OTEL_TRACES_SAMPLER_ARG") or 1.0)
     except ValueError:
         raise HostConfigError("OTEL_TRACES_SAMPLER_ARG must be a number in [0, 1]") from None
-    return TracingSettings(endpoint=endpoint, sampling=sampling,
+    try:
+        business_ids = json.loads(env.get(ENV_TRACE_IDS) or "{}")
+        if not isinstance(business_ids, dict):
+            raise ValueError
+    except ValueError:
+        raise HostConfigError(f"{ENV_TRACE_IDS} must be a JSON object "
+                              '{"data field": "span attribute"}') from None
+    return TracingSettings(endpoint=endpoint, sampling=sampling, business_ids=business_ids,
                            service_name=env.get("OTEL_SERVICE_NAME") or service_name)
 
 
