@@ -105,6 +105,19 @@ def deploy(edge: Edge) -> int:
     for name in topology.functions:
         print(f"  function {name:<12} functions/{name}/Dockerfile, "
               f"base/functions/{name}.service.yaml, base/functions/{name}.kafkasource.yaml")
+    print("  gateway            platform/Dockerfile, base/platform/gateway.service.yaml "
+          "(token: Secret "
+          f"{settings.gateway_token_secret})")
+    if topology.tables:
+        print(f"  lake sink          base/platform/lakesink.deployment.yaml "
+              f"({', '.join(sorted(topology.tables))}; keys: Secret {settings.lake_secret})")
+    realtime = [t.name for t in topology.realtime_tables()]
+    if realtime:
+        print(f"  pinot              base/config/pinot-tables/ ({', '.join(realtime)}), "
+              "base/pinot/setup-job.yaml")
+    print("  trino              base/config/trino-catalogs/ (iceberg, pinot)")
+    print(f"  registry           {settings.registry_url} "
+          "(or Sluice's own: kubectl apply -k optional/registry)")
     print("  kustomize          base/, overlays/dev, overlays/prod;  kn script: kn.sh")
     if a.dry_run:
         return 0
