@@ -216,3 +216,22 @@ def test_trino_show_tables_reads_both_catalogs_and_describe_resolves_names() -> 
     assert log == ['DESCRIBE "iceberg"."sluice"."payments_scored"']
     assert query.run("SHOW TABLES FROM realtime", trino_url="http://t:1", explain=True) == \
         'SHOW TABLES FROM "pinot"."default"'
+
+
+def test_lake_keys_come_from_the_environment_on_a_cluster(tmp_path, monkeypatch) -> None:
+    """The lake sink's Deployment passes S3 keys from a Secret as env, never as flags."""
+    import argparse
+
+    from eventing.cli.edge import ENV_S3_ACCESS_KEY, ENV_S3_SECRET_KEY, CommandFailed, Edge
+
+    args = argparse.Namespace(state_dir=str(tmp_path / "state"), port_offset=0,
+                              command="sink")
+    monkeypatch.setenv(ENV_S3_ACCESS_KEY, "AKIA-test")
+    monkeypatch.setenv(ENV_S3_SECRET_KEY, "s3cr3t")
+    lake = Edge(args).lake_config(namespace="ns")
+    assert (lake.access_key, lake.secret_key, lake.namespace) == ("AKIA-test", "s3cr3t", "ns")
+    assert "s3cr3t" not in repr(lake)
+    assert not (tmp_path / "state" / "credentials.json").exists()  # the state folder unused
+    monkeypatch.delenv(ENV_S3_SECRET_KEY)
+    with pytest.raises(CommandFailed, match="set both"):
+        Edge(args).lake_config()

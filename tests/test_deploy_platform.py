@@ -275,3 +275,18 @@ def test_the_check_catches_a_column_the_catalog_lacks() -> None:
     with pytest.raises(OptimizeError, match="no_such_column"):
         qualify(tree, schema={"payments_scored_rt": columns["payments_scored_rt"]},
                 dialect="trino", validate_qualify_columns=True)
+
+
+def test_functions_on_a_cluster_get_the_declared_trace_ids(example) -> None:
+    from eventing.fn import env as host_env
+
+    topology, bundle = example
+    for name in topology.functions:
+        (container,) = bundle.services[name]["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert json.loads(env[host_env.ENV_TRACE_IDS]) == topology.trace_ids
+        settings = host_env.tracing_from_env(env, name)
+        assert dict(settings.business_ids) == topology.trace_ids
+    with pytest.raises(host_env.HostConfigError, match="JSON object"):
+        host_env.tracing_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                                   host_env.ENV_TRACE_IDS: "[1]"}, "f")
