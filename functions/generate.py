@@ -200,10 +200,10 @@ def run(publisher, *, rate: float, duration: float, seed: int = 11,
         progress: Callable[[int], None] | None = None) -> tuple[int, int]:
     """Publish generated payments through `publisher` (an `eventing.ingest.publish.Publisher`).
 
-    `duration` 0 runs until interrupted. `inject_share` of payments start a fraud pattern;
-    injected fraud payment ids are appended to
-    `truth` (one per line) so tests and humans can measure detection rates. Returns
-    (payments sent, of which fraud).
+    `duration` 0 runs until interrupted. `inject_share` of payments start a fraud pattern
+    (`sluice generate --inject-share`); injected fraud payment ids are appended to `truth`
+    (one per line) so tests and humans can measure detection rates. Returns (payments
+    sent, of which fraud).
     """
     gen = Generator(reference(), seed=seed, fraud_share=inject_share)
     fraud = 0
