@@ -10,7 +10,7 @@ up: bootstrap
 
 # Run the whole test suite; it starts its own stack on shifted ports and stops it.
 test: bootstrap
-	.venv/bin/ruff check eventing functions tests benchmarks
+	.venv/bin/ruff check eventing functions examples tests benchmarks
 	.venv/bin/python -m pytest $(ARGS)
 
 down:

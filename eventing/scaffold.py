@@ -139,7 +139,8 @@ def new_project(directory: Path) -> list[Path]:
     name = directory.resolve().name
     files = {
         directory / "functions" / "topology.yaml": TOPOLOGY + yaml.safe_dump(
-            {"gateway": {"routes": {}}, "topics": {DEFAULT_DEAD_LETTER_TOPIC: {"partitions": 1}},
+            {"schemas": "../schemas", "gateway": {"routes": {}},
+             "topics": {DEFAULT_DEAD_LETTER_TOPIC: {"partitions": 1}},
              "functions": {}}, sort_keys=False),
         directory / "schemas" / ".gitkeep": "",
         directory / "tests" / "__init__.py": "",

@@ -11,6 +11,15 @@ so a value means the same thing locally and on a cluster:
     backoffDelay    PT0.3S   ISO-8601 duration
     timeout         PT600S   per delivery attempt (HTTP modes)
     deadLetterSink  a topic; Sluice defaults to `sluice.deadletter` rather than dropping
+
+Beyond the functions, the file declares what the platform keeps and indexes, so nothing
+in `eventing/` names an example's topic or field:
+
+    tables      per queryable table: its source topic, lake table name, time field and
+                partitioning, the real-time retention, the dedupe key and window
+                (`Table`); `sluice up` runs the lake sink and real-time table for each
+    traceIds    data field -> span attribute, the business ids `sluice trace` finds
+    schemas     the folder of `<topic>.avsc` files (default: `schemas/` beside this file)
 """
 
 from __future__ import annotations
@@ -110,6 +119,36 @@ class Function:
         return None
 
 
+PartitionBy = Literal["hour", "day", "month", "year"]
+DEFAULT_DEDUPE_KEY: tuple[str, ...] = ("source", "id")
+# CloudEvent attribute names (spec: lower-case letters and digits, at most 20 recommended).
+_CE_ATTRIBUTE = re.compile(r"^[a-z0-9]{1,64}$")
+_TABLE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SPAN_ATTRIBUTE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Table:
+    """One declared table: a topic kept in the lake (Iceberg) and, when `retention_s` is
+    set, in the real-time table (`<name>_rt` locally, a Pinot REALTIME table on a cluster).
+
+    Both drop a record whose dedupe key (CloudEvent attributes, default source + id) was
+    written within `dedupe_window_s` (0 = keep replays): see `eventing.tables.dedupe`.
+    """
+
+    name: str                     # lake table name; the real-time one adds `_rt`
+    topic: str
+    time_field: str = "event_time"
+    partition_by: PartitionBy = "day"
+    retention_s: float | None = 3600.0  # real-time retention; None = no real-time table
+    dedupe_key: tuple[str, ...] = DEFAULT_DEDUPE_KEY
+    dedupe_window_s: float = 300.0
+
+    @property
+    def realtime(self) -> bool:
+        return self.retention_s is not None
+
+
 @dataclass(frozen=True)
 class Topology:
     path: Path
@@ -117,6 +156,24 @@ class Topology:
     topics: dict[str, int]  # topic -> partitions
     functions: dict[str, Function]
     max_body_bytes: int = 1_048_576
+    tables: dict[str, Table] = field(default_factory=dict)  # by lake table name
+    trace_ids: dict[str, str] = field(default_factory=dict)  # data field -> span attribute
+    schemas_dir: Path | None = None  # default: `schemas/` beside the topology file
+
+    @property
+    def schemas(self) -> Path:
+        """The folder of this pipeline's `<topic>.avsc` files."""
+        return self.schemas_dir or self.path.parent / "schemas"
+
+    def table(self, name: str) -> Table:
+        try:
+            return self.tables[name]
+        except KeyError:
+            known = ", ".join(sorted(self.tables)) or "none"
+            raise TopologyError(f"no table {name!r} in {self.path} (known: {known})") from None
+
+    def realtime_tables(self) -> list[Table]:
+        return [t for t in self.tables.values() if t.realtime]
 
     def function(self, name: str) -> Function:
         try:
@@ -131,7 +188,7 @@ class Topology:
         for fn in self.functions.values():
             for t in (*fn.topics, *fn.outputs, fn.delivery.dead_letter_sink):
                 out.setdefault(t, 1 if t == fn.delivery.dead_letter_sink else 4)
-        for t in self.routes.values():
+        for t in (*self.routes.values(), *(tb.topic for tb in self.tables.values())):
             out.setdefault(t, 4)
         return out
 
@@ -142,6 +199,7 @@ _DELIVERY_KEYS = {
 }
 _FUNCTION_KEYS = {"source", "target", "topics", "consumerGroup", "outputs", "delivery", "invoke",
                   "maxInFlight", "batchSize", "initialOffset", "scale", "url"}
+_TABLE_KEYS = {"topic", "timeField", "partitionBy", "retention", "dedupe"}
 _SCALE_KEYS = {"min": "min", "max": "max", "targetConcurrency": "target_concurrency",
                "lagThreshold": "lag_threshold"}
 
@@ -207,7 +265,8 @@ def load(path: str | Path) -> Topology:
         raise TopologyError(f"topology file {path} not found") from None
     except yaml.YAMLError as exc:
         raise TopologyError(f"{path}: not valid YAML: {exc}") from None
-    _check_keys(str(path), raw, {"gateway", "topics", "functions"})
+    _check_keys(str(path), raw, {"gateway", "topics", "functions", "tables", "traceIds",
+                                 "schemas"})
     base = path.parent
 
     gateway = raw.get("gateway") or {}
@@ -263,5 +322,81 @@ def load(path: str | Path) -> Topology:
             scale=Scale(**{_SCALE_KEYS[k]: int(v) for k, v in scale.items()}),
             url=spec.get("url"),
         )
+    schemas = raw.get("schemas")
+    if schemas is not None and not isinstance(schemas, str):
+        raise TopologyError("schemas: a folder path, relative to the topology file")
+    schemas_dir = (base / schemas).resolve() if schemas else None
     return Topology(path=path, routes=routes, topics=topics, functions=functions,
-                    max_body_bytes=int(gateway.get("maxBodyBytes", 1_048_576)))
+                    max_body_bytes=int(gateway.get("maxBodyBytes", 1_048_576)),
+                    tables=_tables(raw.get("tables")), trace_ids=_trace_ids(raw.get("traceIds")),
+                    schemas_dir=schemas_dir)
+
+
+def _tables(data: Any) -> dict[str, Table]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TopologyError("tables: a mapping of table name -> {topic: ..., ...}")
+    tables: dict[str, Table] = {}
+    topics_seen: dict[str, str] = {}
+    for name, spec in data.items():
+        where = f"tables.{name}"
+        if not isinstance(name, str) or not _TABLE.match(name) or name.endswith("_rt"):
+            raise TopologyError(f"{where}: table names are lower-case SQL identifiers "
+                                "(a-z, 0-9, _) not ending in _rt (the real-time suffix)")
+        spec = spec or {}
+        if not isinstance(spec, dict):
+            raise TopologyError(f"{where}: a mapping with at least `topic`")
+        _check_keys(where, spec, _TABLE_KEYS)
+        if "topic" not in spec:
+            raise TopologyError(f"{where}.topic: name the topic the table is fed from")
+        topic = _topic(f"{where}.topic", spec["topic"])
+        if topic in topics_seen:
+            raise TopologyError(f"{where}.topic: {topic} already feeds table "
+                                f"{topics_seen[topic]}; one table per topic")
+        topics_seen[topic] = name
+        time_field = spec.get("timeField", "event_time")
+        if not isinstance(time_field, str) or not time_field:
+            raise TopologyError(f"{where}.timeField: the name of an epoch-ms or timestamp field")
+        partition_by = spec.get("partitionBy", "day")
+        if partition_by not in ("hour", "day", "month", "year"):
+            raise TopologyError(f"{where}.partitionBy: {partition_by!r}; use hour, day, month "
+                                f"or year (of {time_field})")
+        retention = spec.get("retention", "PT1H")
+        retention_s = (None if retention in (None, False, "none")
+                       else parse_duration(str(retention), f"{where}.retention"))
+        dedupe = spec.get("dedupe") or {}
+        if not isinstance(dedupe, dict):
+            raise TopologyError(f"{where}.dedupe: {{key: [source, id], window: PT5M}}")
+        _check_keys(f"{where}.dedupe", dedupe, {"key", "window"})
+        key = dedupe.get("key", list(DEFAULT_DEDUPE_KEY))
+        key = [key] if isinstance(key, str) else key
+        if not isinstance(key, list) or not key or not all(
+                isinstance(k, str) and _CE_ATTRIBUTE.match(k) for k in key):
+            raise TopologyError(f"{where}.dedupe.key: {key!r}; list CloudEvent attribute "
+                                "names (lower-case), e.g. [source, id]")
+        window = dedupe.get("window", "PT5M")
+        window_s = 0.0 if window in (0, False, "none") else parse_duration(
+            str(window), f"{where}.dedupe.window")
+        tables[name] = Table(name=name, topic=topic, time_field=time_field,
+                             partition_by=partition_by, retention_s=retention_s,
+                             dedupe_key=tuple(key), dedupe_window_s=window_s)
+    return tables
+
+
+def _trace_ids(data: Any) -> dict[str, str]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TopologyError("traceIds: a mapping of data field -> span attribute "
+                            "(e.g. payment_id: payment.id)")
+    out = {}
+    for fieldname, attr in data.items():
+        if not isinstance(attr, str) or not _SPAN_ATTRIBUTE.match(attr):
+            raise TopologyError(f"traceIds.{fieldname}: {attr!r} is not a span attribute "
+                                "name (letters, digits, _ and .)")
+        if attr.startswith(("cloudevents.", "messaging.", "sluice.")):
+            raise TopologyError(f"traceIds.{fieldname}: {attr!r} is a reserved namespace; "
+                                "name business ids after your domain (e.g. order.id)")
+        out[str(fieldname)] = attr
+    return out

@@ -196,15 +196,16 @@ def paced(gen: Generator, rate: float, duration: float,
 
 
 def run(publisher, *, rate: float, duration: float, seed: int = 11,
-        fraud_share: float = 0.01, truth: Path | None = None,
+        inject_share: float = 0.01, truth: Path | None = None,
         progress: Callable[[int], None] | None = None) -> tuple[int, int]:
     """Publish generated payments through `publisher` (an `eventing.ingest.publish.Publisher`).
 
-    `duration` 0 runs until interrupted. Injected fraud payment ids are appended to
-    `truth` (one per line) so tests and humans can measure detection rates. Returns
-    (payments sent, of which fraud).
+    `duration` 0 runs until interrupted. `inject_share` of payments start a fraud pattern
+    (`sluice generate --inject-share`); injected fraud payment ids are appended to `truth`
+    (one per line) so tests and humans can measure detection rates. Returns (payments
+    sent, of which fraud).
     """
-    gen = Generator(reference(), seed=seed, fraud_share=fraud_share)
+    gen = Generator(reference(), seed=seed, fraud_share=inject_share)
     fraud = 0
     truth_fh = open(truth, "a", buffering=1) if truth else None  # noqa: SIM115 - closed below
 

@@ -148,7 +148,8 @@ def test_every_written_knative_object_is_valid_against_the_crds(bundle, crds, to
     docs = knative_docs(files_docs(bundle, "*.yaml"))
     kinds = sorted(d["kind"] for d in docs)
     n = len(topology.functions)
-    assert kinds.count("Service") == n and kinds.count("KafkaSource") == n
+    # One Service per function, and the ingest gateway's.
+    assert kinds.count("Service") == n + 1 and kinds.count("KafkaSource") == n
     assert kinds.count("KafkaSink") == len(knative.dead_letter_topics(topology))
     for doc in docs:
         assert crd_errors(crds, doc) == [], f"{doc['kind']} {doc['metadata']['name']}"
@@ -166,8 +167,10 @@ def test_overlays_build_and_stay_valid(bundle, crds, overlay):
     built = [d for d in yaml.safe_load_all(proc.stdout) if d]
     for doc in knative_docs(built):
         assert crd_errors(crds, doc) == [], f"{overlay}: {doc['kind']} {doc['metadata']['name']}"
-    services = {d["metadata"]["name"]: d for d in built
-                if d["kind"] == "Service" and d["apiVersion"] == knative.SERVICE_API}
+    services = {d["metadata"]["name"]: d for d in built  # the functions' (overlays scale them)
+                if d["kind"] == "Service" and d["apiVersion"] == knative.SERVICE_API
+                and d["metadata"]["name"] in bundle.services}
+    assert set(services) == set(bundle.services)
     for name, svc in services.items():
         base = bundle.services[name]["spec"]["template"]
         ann = svc["spec"]["template"]["metadata"]["annotations"]
@@ -288,6 +291,7 @@ def test_the_topology_changes_what_is_written(topology, tmp_path):
         if d.is_dir():
             shutil.copytree(d, tmp_path / "functions" / d.name,
                             ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "schemas", tmp_path / "schemas")  # `schemas: ../schemas`
     path = tmp_path / "functions" / "topology.yaml"
     path.write_text(text)
     changed = topo.load(path)
@@ -436,12 +440,14 @@ def test_pinot_schema_and_realtime_table(bundle):
     avro = json.loads((ROOT / "schemas" / "payments.scored.avsc").read_text())
     columns = {f["name"]: f for k in ("dimensionFieldSpecs", "metricFieldSpecs",
                                       "dateTimeFieldSpecs") for f in schema[k]}
-    assert set(columns) == {f["name"] for f in avro["fields"]}
-    assert all(f["dataType"] in {"STRING", "INT", "LONG", "FLOAT", "DOUBLE", "BOOLEAN", "BYTES"}
-               for f in columns.values())
+    # The local real-time table's columns: the Avro fields plus Kafka's coordinates.
+    assert set(columns) == {f["name"] for f in avro["fields"]} | {"kafka_partition",
+                                                                  "kafka_offset"}
+    assert all(f["dataType"] in {"STRING", "INT", "LONG", "FLOAT", "DOUBLE", "BOOLEAN", "BYTES",
+                                 "TIMESTAMP"} for f in columns.values())
     (time_col,) = schema["dateTimeFieldSpecs"]
-    assert time_col == {"name": "event_time", "dataType": "LONG",
-                        "format": "1:MILLISECONDS:EPOCH", "granularity": "1:MILLISECONDS"}
+    assert time_col == {"name": "event_time", "dataType": "TIMESTAMP",
+                        "format": "1:MILLISECONDS:TIMESTAMP", "granularity": "1:MILLISECONDS"}
     assert {"score", "amount"} <= {m["name"] for m in schema["metricFieldSpecs"]}
     assert table["tableType"] == "REALTIME"
     assert table["tableName"] == schema["schemaName"] == table["segmentsConfig"]["schemaName"]
@@ -458,6 +464,8 @@ def test_pinot_schema_and_realtime_table(bundle):
     assert stream["stream.kafka.decoder.prop.schema.registry.rest.url"] == \
         DeploySettings().registry_url
     assert all(isinstance(v, str) for v in stream.values())  # Pinot's map is string->string
+    # alerts.fraud is declared as a real-time table too.
+    assert (d / "alerts_fraud.table.json").exists()
     job = files_docs(bundle, "setup-job.yaml")[0]
     script = job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
     assert "/schemas" in script and "/tables" in script

@@ -58,6 +58,7 @@ def pct(values: list[float], p: float) -> float:
 @pytest.fixture
 def table() -> RealtimeTable:
     return RealtimeTable(RealtimeSettings(bootstrap="unused:1", registry_url="http://unused",
+                                          topic="payments.scored",
                                           retention_s=3600), AVRO)
 
 

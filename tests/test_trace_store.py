@@ -24,6 +24,9 @@ from tests.helpers import ROOT, free_port, free_port_offset, stop_process, wait_
 
 HOUR_NS = 3600 * 10**9
 
+# Business ids come from a topology's traceIds; these tests declare payment.id.
+REFS = traces.ref_attributes(["payment.id"])
+
 
 def _stored(trace_id, span_id, parent, name, start, **attrs) -> traces.StoredSpan:
     return traces.StoredSpan(trace_id, span_id, parent, "svc", name, "internal", start,
@@ -52,7 +55,7 @@ def _trace(start_ns: int, *, ref: str | None = None, pad: int = 0, err: bool = F
 
 
 def test_store_indexes_by_trace_event_and_payment_id_and_renders_a_tree(tmp_path) -> None:
-    store = traces.TraceStore(tmp_path / "t.db")
+    store = traces.TraceStore(tmp_path / "t.db", ref_attributes=REFS)
     tid = "a" * 32
     store.add([
         _stored(tid, "1" * 16, None, "POST /", 0, **{"cloudevents.event_id": "e1"}),
@@ -62,7 +65,7 @@ def test_store_indexes_by_trace_event_and_payment_id_and_renders_a_tree(tmp_path
                    "messaging.kafka.message.offset": 7}),
         _stored(tid, "3" * 16, "2" * 16, "process payments.raw", 200, err="boom"),
     ])
-    reader = traces.TraceStore(tmp_path / "t.db", readonly=True)  # another connection
+    reader = traces.TraceStore(tmp_path / "t.db", readonly=True, ref_attributes=REFS)  # another connection
     for ref in (tid, "e1", "p1"):
         assert list(reader.lookup(ref)) == [tid]
     assert reader.lookup("nope") == {}
@@ -79,7 +82,7 @@ def test_store_indexes_by_trace_event_and_payment_id_and_renders_a_tree(tmp_path
 
 
 def test_retention_deletes_traces_older_than_the_age_with_their_spans_and_refs(tmp_path) -> None:
-    store = traces.TraceStore(tmp_path / "t.db")
+    store = traces.TraceStore(tmp_path / "t.db", ref_attributes=REFS)
     now = time.time_ns()
     old = _trace(now - 2 * HOUR_NS, ref="old-payment")
     edge = _trace(now - HOUR_NS + 60 * 10**9, ref="recent-payment")  # 59 min old: kept
@@ -103,7 +106,7 @@ def test_the_store_stays_within_its_size_while_traces_keep_arriving(tmp_path) ->
     """Five times the bound goes in, batch by batch: each write first makes room, so the
     files on disk never pass the bound, and the newest traces are the ones kept."""
     policy = traces.RetentionPolicy(max_bytes=4 << 20)
-    store = traces.TraceStore(tmp_path / "t.db", policy=policy)
+    store = traces.TraceStore(tmp_path / "t.db", policy=policy, ref_attributes=REFS)
     t0 = time.time_ns()
     written = 0
     largest = 0
@@ -127,13 +130,13 @@ def test_the_store_stays_within_its_size_while_traces_keep_arriving(tmp_path) ->
 
 def test_an_oversized_or_old_layout_store_is_cut_down_at_start(tmp_path) -> None:
     path = tmp_path / "t.db"
-    store = traces.TraceStore(path)
+    store = traces.TraceStore(path, ref_attributes=REFS)
     t0 = time.time_ns()
     for batch in range(30):
         store.add([s for i in range(20) for s in _trace(t0 + batch * 20 + i, pad=20_000)])
     store.close()
     assert path.stat().st_size > 8 << 20
-    store = traces.TraceStore(path)
+    store = traces.TraceStore(path, ref_attributes=REFS)
     policy = traces.RetentionPolicy(max_bytes=4 << 20)
     assert store.compact_if_oversized(policy)
     assert path.stat().st_size <= policy.max_bytes
@@ -155,7 +158,7 @@ def test_an_oversized_or_old_layout_store_is_cut_down_at_start(tmp_path) -> None
 
 
 def test_search_by_age_errors_function_and_duration(tmp_path) -> None:
-    store = traces.TraceStore(tmp_path / "t.db")
+    store = traces.TraceStore(tmp_path / "t.db", ref_attributes=REFS)
     now = time.time_ns()
     old_ok = _trace(now - 30 * 60 * 10**9, function="enrich")
     new_err = _trace(now - 60 * 10**9, err=True, function="score")
@@ -224,7 +227,7 @@ def _sdk_spans(n: int, service: str = "sluice-test", payment: str = "pay-1"):
 
 @pytest.fixture()
 def receiver(tmp_path):
-    store = traces.TraceStore(tmp_path / "t.db")
+    store = traces.TraceStore(tmp_path / "t.db", ref_attributes=REFS)
     rx = traces.TraceReceiver(store, traces.RetentionPolicy(),
                               traces.ReceiverSettings(port=free_port(), max_body_bytes=1 << 20))
     stop = threading.Event()
@@ -358,7 +361,7 @@ def test_spans_exported_to_rotel_reach_the_store_and_never_a_broker(tmp_path) ->
             if i % 200 == 199:  # the SDK's queue drops spans beyond 2048
                 provider.force_flush()
         provider.force_flush()
-        reader = traces.TraceStore(db, readonly=True)
+        reader = traces.TraceStore(db, readonly=True, ref_attributes=REFS)
         try:
             wait_until(lambda: reader.search(limit=1)[0].root == "bulk-9999", 120,
                        "the last bulk span in the store")
@@ -385,7 +388,7 @@ def test_sluice_trace_lists_what_a_search_matches(tmp_path) -> None:
     from tests.helpers import sluice
 
     db = tmp_path / "t.db"
-    store = traces.TraceStore(db)
+    store = traces.TraceStore(db, ref_attributes=REFS)
     now = time.time_ns()
     ok = _trace(now - 5 * 10**9, function="enrich", ref="pay-ok")
     bad = _trace(now - 2 * 10**9, err=True, function="score", ref="pay-bad")

@@ -34,8 +34,9 @@ class Recorder:
 
     def __init__(self, sampling: float = 1.0) -> None:
         self.memory = InMemorySpanExporter()
-        self.tracer = tracing.configure(tracing.TracingSettings(sampling=sampling),
-                                        exporter=self.memory)
+        # Business ids come from a topology's traceIds; these tests declare payment_id.
+        self.tracer = tracing.configure(tracing.TracingSettings(
+            sampling=sampling, business_ids={"payment_id": "payment.id"}), exporter=self.memory)
 
     def spans(self) -> list:
         self.tracer.flush()

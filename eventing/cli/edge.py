@@ -48,6 +48,10 @@ ENV_PORT_OFFSET = "SLUICE_PORT_OFFSET"
 ENV_PROJECT_DIR = "SLUICE_PROJECT_DIR"
 ENV_BROKER_STORAGE = "SLUICE_BROKER_STORAGE"
 ENV_GATEWAY_TOKEN_FILE = "SLUICE_GATEWAY_TOKEN_FILE"
+ENV_TOPOLOGY = "SLUICE_TOPOLOGY"
+# A lake sink on a cluster takes its S3 keys from a Secret through these (never flags).
+ENV_S3_ACCESS_KEY = "SLUICE_S3_ACCESS_KEY"
+ENV_S3_SECRET_KEY = "SLUICE_S3_SECRET_KEY"
 LOG_FORMAT = "%(asctime)s %(name)s %(message)s"
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 # One line per registry lookup is noise, not news.
@@ -93,6 +97,8 @@ class Edge:
             trace_sampling=getattr(a, "trace_sampling", None),
             trace_retention_s=getattr(a, "trace_retention", None),
             trace_max_bytes=getattr(a, "trace_max_size", None),
+            topology=(getattr(a, "topology", None) if a.command == "up"
+                      else None) or os.environ.get(ENV_TOPOLOGY),
         )
         if settings.settings_file.exists():
             # A state folder keeps the ports and broker storage it was first started
@@ -202,7 +208,28 @@ class Edge:
         if resource:
             settings = dataclasses.replace(settings, resource={**resource, **settings.resource})
         if settings.endpoint or settings.traces_endpoint:
-            tracing.configure(settings)
+            tracing.configure(dataclasses.replace(settings, business_ids=self.trace_ids()))
+
+    def trace_ids(self) -> dict[str, str]:
+        """The business ids the topology declares (`traceIds`: data field -> span
+        attribute), for spans and for the trace store's index."""
+        return dict(self.topology().trace_ids)
+
+    def lake_config(self, **given: Any) -> Any:
+        """Where the lake is and its keys: the S3 keys from the environment when set
+        (a Secret on a cluster), else the local stack's state folder."""
+        from eventing.tables.lakehouse import LakeConfig
+
+        s = self.settings
+        access, secret = os.environ.get(ENV_S3_ACCESS_KEY), os.environ.get(ENV_S3_SECRET_KEY)
+        if bool(access) != bool(secret):
+            raise CommandFailed(f"set both {ENV_S3_ACCESS_KEY} and {ENV_S3_SECRET_KEY}, "
+                                "or neither (then the state folder's keys are used)")
+        if not access:
+            return LakeConfig.from_settings(s, **given)
+        return LakeConfig(catalog_uri=s.iceberg_url, s3_endpoint=s.s3_endpoint,
+                          access_key=access, secret_key=secret or "",
+                          warehouse=f"s3://{s.warehouse_bucket}", region=s.region, **given)
 
     @staticmethod
     def gateway_token() -> str | None:

@@ -180,8 +180,9 @@ def dashboards(edge: Edge) -> int:
 
 
 def trace(edge: Edge) -> int:
-    """The waterfall of every trace an event id, trace id or payment id names; or, with
-    search flags and no id, the list of matching traces, newest first."""
+    """The waterfall of every trace an event id, trace id or business id (the topology's
+    `traceIds`) names; or, with search flags and no id, the list of matching traces,
+    newest first."""
     from eventing.telemetry import traces
 
     args = edge.args
@@ -189,7 +190,7 @@ def trace(edge: Edge) -> int:
     searching = (args.errors or args.since is not None or args.function is not None
                  or args.min_duration is not None)
     if args.ref is None and not searching:
-        raise CommandFailed("name a trace (CloudEvent id, trace id or payment id) or search "
+        raise CommandFailed("name a trace (CloudEvent id, trace id or business id) or search "
                             "with --since, --errors, --function or --min-duration")
     if not path.exists() and not args.wait:
         raise CommandFailed(f"no trace store at {path}; is the stack up (`sluice up`)?")
@@ -218,7 +219,8 @@ def trace(edge: Edge) -> int:
             store.close()
         found = {t: spans for t, spans in found.items() if t in keep}
     if not found:
-        print(f"no trace found for {args.ref!r} (event id, trace id or payment id)"
+        ids = ", ".join(edge.trace_ids()) or "none declared"
+        print(f"no trace found for {args.ref!r} (event id, trace id or business id: {ids})"
               + ("" if args.wait else "; spans take ~1 s to be indexed: try --wait 10"),
               file=sys.stderr)
         return 1
@@ -229,7 +231,8 @@ def trace(edge: Edge) -> int:
                  for sp in t["spans"]]
         output.emit(TRACE_COLUMNS, [[sp.get(c) for c in TRACE_COLUMNS] for sp in spans], "csv")
     else:
-        print(traces.render(found, bars=output.is_terminal()), end="")
+        print(traces.render(found, list(edge.trace_ids().values()),
+                            bars=output.is_terminal()), end="")
     return 0
 
 
@@ -255,7 +258,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="do not start the topology's traffic generator (its generate.py)")
     settings_flag(p, "--rate", dest="generator_rate", type=float,
                   default_of=f"{STACK_SETTINGS}.generator_rate",
-                  help="generator payments per second")
+                  help="generator events per second")
+    p.add_argument("--topology", help="the pipeline to run: its functions, tables, "
+                   "schemas and generate.py (default functions/topology.yaml; env "
+                   "SLUICE_TOPOLOGY); remembered by the state folder")
     p.add_argument("--token-file", help="require this bearer token at the gateway "
                    "(env SLUICE_GATEWAY_TOKEN_FILE)")
     settings_flag(p, "--trace-sampling", type=float,
@@ -301,14 +307,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="infra/grafana", help="folder (default infra/grafana)")
 
     p = add_command(sub, "trace", trace, help="show what happened to an event: the waterfall "
-                    "of its trace(s) by CloudEvent id, trace id or payment id; or list the "
+                    "of its trace(s) by CloudEvent id, trace id or business id; or list the "
                     "traces a search matches",
                     example="sluice trace pay-11-000000042\nsluice trace pay-11-000000042 "
                             "-o json --wait 10\nsluice trace --errors --since 10m")
-    p.add_argument("ref", nargs="?", help="CloudEvent id, trace id (32 hex) or payment id "
+    p.add_argument("ref", nargs="?", help="CloudEvent id, trace id (32 hex) or a business id the "
+                   "topology declares (traceIds) "
                    "(leave out to list the traces the search flags match)")
     output.output_flag(p)
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # = -o json
+    p.add_argument("--topology", help="topology whose traceIds label the spans "
+                   "(default: the stack's)")
     p.add_argument("--wait", type=float, default=0.0, metavar="S",
                    help="wait up to S seconds for the spans to arrive and settle")
     settings_flag(p, "--settle", type=float, metavar="S",

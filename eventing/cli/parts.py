@@ -97,7 +97,8 @@ def tracestore(edge: Edge) -> int:
     receiver_settings = traces.ReceiverSettings(
         host=a.host or s.host, port=a.port if a.port is not None else s.ports.tracestore)
     store = traces.TraceStore(Path(a.db) if a.db else traces.db_path(s.state_dir),
-                              policy=policy)
+                              policy=policy,
+                              ref_attributes=traces.ref_attributes(edge.trace_ids().values()))
     try:
         receiver = traces.TraceReceiver(store, policy, receiver_settings)
     except OSError as exc:
@@ -114,17 +115,33 @@ def tracestore(edge: Edge) -> int:
 
 
 def sink_lake(edge: Edge) -> int:
-    """A topic into an Iceberg table until SIGINT/SIGTERM."""
+    """Topics into Iceberg tables until SIGINT/SIGTERM: `--topic` alone, else every table
+    the topology declares, one consumer thread each in this one process (a process per
+    table would cost an interpreter and a pyiceberg import each, on 2 cores)."""
+    import threading
     from dataclasses import replace
 
     from eventing.serde import AvroSerde
     from eventing.tables.lake import LakeSink, LakeSinkConfig, serve_metrics
-    from eventing.tables.lakehouse import LakeConfig, table_name_for_topic
+    from eventing.tables.lakehouse import table_name_for_topic
     from eventing.tables.maintenance import MaintenancePolicy
 
     a, s = edge.args, edge.settings
+    if a.topic:
+        tables = [{"topic": a.topic, "table": a.table or table_name_for_topic(a.topic)}]
+    else:
+        if a.table:
+            raise CommandFailed("--table needs --topic (without them the topology's "
+                                "tables are served)")
+        declared = edge.topology().tables.values()
+        if not declared:
+            raise CommandFailed(f"{edge.topology_path} declares no tables: add a `tables:` "
+                                "section, or give --topic")
+        tables = [{"topic": t.topic, "table": t.name, "time_field": t.time_field,
+                   "partition_by": t.partition_by, "dedupe_key": t.dedupe_key,
+                   "dedupe_window_ms": int(t.dedupe_window_s * 1000)} for t in declared]
     stop = edge.foreground("sluice-lake-sink")
-    lake = LakeConfig.from_settings(s, **edge.given("namespace"))
+    lake = edge.lake_config(**edge.given("namespace"))
     if a.catalog_uri or a.s3_endpoint:
         lake = replace(lake, catalog_uri=a.catalog_uri or lake.catalog_uri,
                        s3_endpoint=a.s3_endpoint or lake.s3_endpoint)
@@ -132,20 +149,40 @@ def sink_lake(edge: Edge) -> int:
         "keep_snapshots", "orphan_age_s", every_commits="maintenance_every_commits",
         every_s="maintenance_every_s", min_files="compact_min_files",
         max_snapshot_age_s="snapshot_max_age_s"))
-    config = LakeSinkConfig(topic=a.topic, table=a.table or table_name_for_topic(a.topic),
-                            maintenance=policy,
-                            **edge.given("batch_size", "interval_ms", "time_field", "group_id"))
-    sink = LakeSink(config, lake, a.bootstrap or s.bootstrap,
-                    AvroSerde(a.registry or s.registry_url))
+    serde = AvroSerde(a.registry or s.registry_url)
+    sinks = [LakeSink(LakeSinkConfig(maintenance=policy, **(table | edge.given(
+        "batch_size", "interval_ms", "time_field", "group_id"))), lake,
+        a.bootstrap or s.bootstrap, serde) for table in tables]
     if a.metrics_port:
-        serve_metrics(sink, a.metrics_host or s.host, a.metrics_port)
-    stats = sink.run(stop, max_rows=a.max_rows)
-    print(json.dumps(stats.as_dict()))
+        serve_metrics(sinks, a.metrics_host or s.host, a.metrics_port)
+    failed: list[str] = []
+
+    def run_one(sink: LakeSink) -> None:
+        try:
+            sink.run(stop, max_rows=a.max_rows)
+        except Exception as exc:
+            failed.append(f"{sink.identifier}: {exc!r}")
+            stop.set()  # one table down stops the part, so `sluice status` shows it
+            raise
+
+    threads = [threading.Thread(target=run_one, args=(sink,), name=f"lake-{sink.identifier}")
+               for sink in sinks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for sink in sinks:
+        print(json.dumps({"table": sink.identifier, **sink.stats.as_dict()}))
+    if failed:
+        raise CommandFailed("lake sink failed: " + "; ".join(failed), 1)
     return 0
 
 
 def realtime(edge: Edge) -> int:
-    """The real-time table server (foreground)."""
+    """The real-time table server (foreground): `--topic` alone, else every real-time
+    table the topology declares, all in one process and one DuckDB database."""
+    from dataclasses import replace
+
     from eventing.tables.lakehouse import LakeConfig
     from eventing.tables.realtime import RealtimeSettings, parse_duration, serve
 
@@ -157,11 +194,19 @@ def realtime(edge: Edge) -> int:
             retention["retention_s"] = parse_duration(a.retention)
         except ValueError as exc:
             raise CommandFailed(str(exc)) from None
-    serve(RealtimeSettings(
+    base = RealtimeSettings(
         bootstrap=a.bootstrap or s.bootstrap, registry_url=a.registry or s.registry_url,
         host=a.host or s.host, port=a.port if a.port is not None else s.ports.realtime,
         lake=None if a.no_lake else LakeConfig.from_settings(s), token=edge.query_token(),
-        **retention, **edge.given("topic", "time_field", "log_level")))
+        **retention, **edge.given("topic", "time_field", "log_level"))
+    if a.topic:
+        serve(base)
+        return 0
+    declared = edge.topology().realtime_tables()
+    serve([replace(base, topic=t.topic, table=t.name, time_field=t.time_field,
+                   retention_s=retention.get("retention_s", t.retention_s or 0.0),
+                   dedupe_key=t.dedupe_key, dedupe_window_s=t.dedupe_window_s)
+           for t in declared] or [base])
     return 0
 
 
@@ -221,6 +266,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                   help="delete the oldest traces above this size (1GiB, 200MB; bytes)")
     settings_flag(p, "--every", type=duration_arg, metavar="AGE",
                   default_of=f"{RETENTION}.every_s", help="how often retention runs (seconds)")
+    p.add_argument("--topology", help="topology whose `traceIds` are indexed "
+                   "(default functions/topology.yaml)")
 
     sink = add_command(sub, "sink", _no_sink, help="run a table sink (foreground)",
                     example="sluice sink lake --topic payments.scored")
@@ -229,8 +276,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     help="append a topic to an Iceberg table, exactly once",
                     example="sluice sink lake --topic payments.scored --batch-size 5000")
     tracing_flags(p, "sluice-lake-sink")
-    p.add_argument("--topic", required=True)
-    p.add_argument("--table", help="table name (default: the topic, dots -> underscores)")
+    p.add_argument("--topic", help="one topic (default: every table the topology declares)")
+    p.add_argument("--table", help="with --topic: table name (default: the topic, dots -> "
+                   "underscores)")
+    p.add_argument("--topology", help="topology file whose tables to serve "
+                   "(default functions/topology.yaml)")
     settings_flag(p, "--namespace", default_of="eventing.tables.lakehouse:LakeConfig.namespace",
                   help="Iceberg namespace of the table")
     settings_flag(p, "--batch-size", type=int, default_of=f"{LAKE_SINK}.batch_size",
@@ -269,7 +319,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="listen host (default: the local stack's)")
     p.add_argument("--port", type=int, help="port (default: the local stack's realtime port)")
     _kafka_flags(p)
-    settings_flag(p, "--topic", default_of=f"{REALTIME}.topic", help="topic to serve")
+    p.add_argument("--topic", help="one topic to serve (default: every real-time table "
+                   "the topology declares)")
+    p.add_argument("--topology", help="topology file whose tables to serve "
+                   "(default functions/topology.yaml)")
     settings_flag(p, "--retention", default_of=f"{REALTIME}.retention_s",
                   help="keep rows this recent by the time field: 1h, 30m, or seconds")
     settings_flag(p, "--time-field", default_of=f"{REALTIME}.time_field",

@@ -79,16 +79,17 @@ def generate(edge: Edge) -> int:
     progress = output.progress(total, "payments") if total and not a.quiet else None
     try:
         with Publisher(a.gateway or s.gateway_url, token) as pub:
-            sent, fraud = traffic.run(pub, rate=a.rate, duration=a.duration,
+            sent, injected = traffic.run(pub, rate=a.rate, duration=a.duration,
                                       truth=Path(a.truth) if a.truth else None,
-                                      progress=progress, **edge.given("seed", "fraud_share"))
+                                      progress=progress, **edge.given("seed", "inject_share"))
     except KeyboardInterrupt:
         return 0
     except GatewayError as exc:
         raise CommandFailed(f"the gateway refused a batch: {exc}", 1) from None
     if progress:
         progress(sent, final=True)
-    print(f"published {sent} payments ({fraud} injected fraud)")
+    print(f"published {sent} events ({injected} injected" +
+          (f", their ids in {a.truth})" if a.truth else ")"))
     return 0
 
 
@@ -167,6 +168,19 @@ def deploy(edge: Edge) -> int:
     for name in topology.functions:
         print(f"  function {name:<12} functions/{name}/Dockerfile, "
               f"base/functions/{name}.service.yaml, base/functions/{name}.kafkasource.yaml")
+    print("  gateway            platform/Dockerfile, base/platform/gateway.service.yaml "
+          "(token: Secret "
+          f"{settings.gateway_token_secret})")
+    if topology.tables:
+        print(f"  lake sink          base/platform/lakesink.deployment.yaml "
+              f"({', '.join(sorted(topology.tables))}; keys: Secret {settings.lake_secret})")
+    realtime = [t.name for t in topology.realtime_tables()]
+    if realtime:
+        print(f"  pinot              base/config/pinot-tables/ ({', '.join(realtime)}), "
+              "base/pinot/setup-job.yaml")
+    print("  trino              base/config/trino-catalogs/ (iceberg, pinot)")
+    print(f"  registry           {settings.registry_url} "
+          "(or Sluice's own: kubectl apply -k optional/registry)")
     print("  kustomize          base/, overlays/dev, overlays/prod;  kn script: kn.sh")
     if a.dry_run:
         return 0
@@ -198,15 +212,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "env SLUICE_GATEWAY_TOKEN)")
 
     p = add_command(sub, "generate", generate, help="publish the topology's example traffic "
-                    "(its generate.py: realistic payments with injected fraud)",
+                    "(its generate.py, e.g. payments with injected fraud)",
                     example="sluice generate --rate 200 --duration 30")
-    p.add_argument("--rate", type=float, default=50.0, help="payments per second")
+    p.add_argument("--rate", type=float, default=50.0, help="events per second")
     p.add_argument("--duration", type=float, default=60.0, help="seconds (0 = forever)")
     p.add_argument("--seed", type=int, help="random seed (default: the generator's)")
-    p.add_argument("--fraud-share", type=float,
-                   help="share of payments that start a fraud pattern (default: the "
-                        "generator's)")
-    p.add_argument("--truth", help="append injected fraud payment ids to this file")
+    p.add_argument("--inject-share", "--fraud-share", dest="inject_share", type=float,
+                   help="share of events that start an injected pattern (fraud, anomalies; "
+                        "default: the generator's)")
+    p.add_argument("--truth", help="append the ids of injected events to this file")
     p.add_argument("--gateway", help="gateway URL (default: the local stack's)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--token-file", help="file holding the gateway's bearer token")
@@ -218,9 +232,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     example='sluice query "SELECT decision, count(*) FROM payments_scored_rt '
                             'GROUP BY 1"\nsluice query -f report.sql -o csv > report.csv\n'
                             'echo "SELECT 1" | sluice query')
-    p.add_argument("sql", nargs="?", help="one Trino SQL query (`-` or left out: read stdin); "
-                   "tables: those the topology declares, e.g. payments_scored (lake), "
-                   "payments_scored_rt (real-time)")
+    p.add_argument("sql", nargs="?", help="one Trino SQL query, or SHOW TABLES / DESCRIBE "
+                   "<table> / SHOW COLUMNS FROM <table> (`-` or left out: read stdin); "
+                   "<name> is a lake table, <name>_rt real-time")
     p.add_argument("-f", "--file", help="read the SQL from this file")
     output_flag(p)
     p.add_argument("--format", choices=["table", "csv", "json"], default=None,

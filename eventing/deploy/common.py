@@ -43,8 +43,9 @@ class DeploySettings:
     iceberg_rest_url: str = "http://iceberg-rest:8181"
     iceberg_warehouse: str = "s3://warehouse"
     s3_endpoint: str = "http://s3:8333"
-    realtime_topic: str = "payments.scored"  # the topic Pinot serves in real time
-    realtime_time_column: str = "event_time"
+    schemas_topic: str = "_schemas"  # the log of Sluice's own registry (optional/registry)
+    gateway_token_secret: str = "sluice-gateway-token"  # Secret with key `token`
+    lake_secret: str = "sluice-lake-credentials"  # Secret with keys `access-key`, `secret-key`
     container_port: int = 8080
     prod_scale_factor: int = 4  # prod overlay: max-scale = topology max * this
 

@@ -17,6 +17,7 @@ and the KafkaSource's dispatcher (KEDA class, scaled on consumer lag).
 
 from __future__ import annotations
 
+import json
 import math
 
 from eventing.deploy import docker
@@ -48,7 +49,8 @@ def sink_name(topic: str) -> str:
     return k8s_name(f"deadletter-{topic}")
 
 
-def container_env(function: Function, settings: DeploySettings) -> dict[str, str]:
+def container_env(function: Function, settings: DeploySettings,
+                  trace_ids: dict[str, str] | None = None) -> dict[str, str]:
     """The container's environment: `eventing.fn.env`'s variables plus the OTLP endpoint.
 
     The source path is the one inside the image (relative to its WORKDIR), not the path
@@ -59,6 +61,8 @@ def container_env(function: Function, settings: DeploySettings) -> dict[str, str
     env[OTEL_ENDPOINT] = settings.otlp_endpoint
     env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"  # the SDK exporter; grpc works too
     env["OTEL_SERVICE_NAME"] = function.name
+    if trace_ids:  # the topology's business ids, so `trace ids` work on a cluster too
+        env[host_env.ENV_TRACE_IDS] = json.dumps(trace_ids, sort_keys=True)
     return env
 
 
@@ -70,7 +74,8 @@ def _probe(settings: DeploySettings, period: int, failures: int, delay: int = 0)
             "periodSeconds": period, "timeoutSeconds": 1, "failureThreshold": failures}
 
 
-def service(function: Function, settings: DeploySettings) -> dict:
+def service(function: Function, settings: DeploySettings,
+            trace_ids: dict[str, str] | None = None) -> dict:
     """A Knative Service running the function's image, scaling to zero."""
     scale = function.scale
     annotations = {
@@ -84,7 +89,8 @@ def service(function: Function, settings: DeploySettings) -> dict:
         "name": CONTAINER_NAME,
         "image": settings.image(function.name),
         "ports": [{"name": PORT_NAME, "containerPort": settings.container_port}],
-        "env": [{"name": k, "value": v} for k, v in container_env(function, settings).items()],
+        "env": [{"name": k, "value": v}
+                for k, v in container_env(function, settings, trace_ids).items()],
         "readinessProbe": {**_probe(settings, 2, 3), "successThreshold": 1},
         "livenessProbe": _probe(settings, 10, 3, delay=5),
         "resources": RESOURCES,

@@ -1,8 +1,12 @@
 """The whole bundle: build contexts, `kn.sh`, a kustomize base and dev/prod overlays.
 
     <out>/functions/<name>/   build context (Dockerfile, entry.py, code, requirements.txt)
+    <out>/platform/           build context of the gateway / lake sink / registry image
     <out>/kn.sh               the kn + kubectl script
-    <out>/base/               every object, and ConfigMaps generated from config files
+    <out>/base/               every object, and ConfigMaps generated from config files:
+                              functions, gateway, lake sink, topics, Pinot tables,
+                              Trino catalogs, telemetry
+    <out>/optional/registry/  Sluice's own schema registry, for clusters without one
     <out>/overlays/dev|prod/  JSON patches: scale bounds and resources per environment
 
 Overlays use JSON 6902 patches, not strategic merges: Knative kinds are CRDs, for which
@@ -19,11 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from eventing.deploy import docker, kn, knative, observability, pinot, strimzi, trino
+from eventing.deploy import docker, kn, knative, observability, pinot, platform, strimzi, trino
 from eventing.deploy.common import DeploySettings, dump_yaml, header, to_yaml, topology_label
 from eventing.topology import Topology
-
-SCHEMAS_DIR = docker.PROJECT_DIR / "schemas"
 
 PROD_RESOURCES = {"requests": {"cpu": "500m", "memory": "512Mi"},
                   "limits": {"cpu": "2", "memory": "1Gi"}}
@@ -102,7 +104,7 @@ def write_bundle(topology: Topology, out: Path, settings: DeploySettings, *,
     """
     source = topology_label(topology.path)
     out = Path(out)
-    for sub in ("functions", "base", "overlays"):
+    for sub in ("functions", "platform", "base", "optional", "overlays"):
         if (out / sub).exists():
             shutil.rmtree(out / sub)
     files: list[Path] = []
@@ -113,7 +115,7 @@ def write_bundle(topology: Topology, out: Path, settings: DeploySettings, *,
         ctx = docker.write_context(fn, out / "functions" / fn.name, source,
                                    include_code=include_code)
         files += sorted(p for p in ctx.rglob("*") if p.is_file())
-        bundle.services[fn.name] = knative.service(fn, settings)
+        bundle.services[fn.name] = knative.service(fn, settings, topology.trace_ids)
         bundle.sources[fn.name] = knative.kafka_source(fn, topology, settings)
     for topic in knative.dead_letter_topics(topology):
         bundle.sinks[topic] = knative.dead_letter_sink(topic, settings)
@@ -133,6 +135,18 @@ def write_bundle(topology: Topology, out: Path, settings: DeploySettings, *,
         source_files[name] = resource(f"functions/{name}.kafkasource.yaml", bundle.sources[name])
     topics_file = resource("kafka/topics.yaml", strimzi.topics(topology, settings))
 
+    # The platform: the gateway (events get in), the lake sink (results reach S3), and
+    # the image they run; the registry is one URL, or Sluice's own under optional/.
+    files += platform.write_context(out / "platform", source, include_code=include_code)
+    resource("platform/gateway.service.yaml", platform.gateway_service(settings))
+    if topology.tables:
+        resource("platform/lakesink.deployment.yaml", platform.lake_sink(topology, settings))
+    _write(out / "optional" / "registry" / "registry.yaml",
+           dump_yaml(platform.registry(settings), source), files)
+    _write(out / "optional" / "registry" / "kustomization.yaml", header(source) + to_yaml({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "namespace": settings.namespace, "resources": ["registry.yaml"]}), files)
+
     generators: list[dict] = []
 
     def config_map(name: str, files_: dict[str, str], extra_labels: dict | None = None) -> str:
@@ -144,13 +158,20 @@ def write_bundle(topology: Topology, out: Path, settings: DeploySettings, *,
         generators.append(gen)
         return name
 
-    # Pinot: schema + table config, and a Job that posts them to the controller.
-    p_schema, p_table = pinot.configs(SCHEMAS_DIR, settings)
-    t = pinot.table_name(settings.realtime_topic)
-    pinot_files = [f"{t}.schema.json", f"{t}.table.json"]
-    cm = config_map("pinot-tables", {pinot_files[0]: json.dumps(p_schema, indent=2) + "\n",
-                                     pinot_files[1]: json.dumps(p_table, indent=2) + "\n"})
-    resource("pinot/setup-job.yaml", pinot.setup_job(settings, pinot_files, cm))
+    platform_topology = yaml.safe_dump(platform.platform_topology(topology), sort_keys=False,
+                                       width=100)
+    config_map(platform.TOPOLOGY_CONFIGMAP,
+               {platform.TOPOLOGY_FILE: header(source) + platform_topology})
+
+    # Pinot: per real-time table a schema + table config, and a Job that posts them.
+    pinot_configs = pinot.configs(topology, settings)
+    if pinot_configs:
+        pinot_files = {}
+        for name, (p_schema, p_table) in pinot_configs.items():
+            pinot_files[f"{name}.schema.json"] = json.dumps(p_schema, indent=2) + "\n"
+            pinot_files[f"{name}.table.json"] = json.dumps(p_table, indent=2) + "\n"
+        cm = config_map("pinot-tables", pinot_files)
+        resource("pinot/setup-job.yaml", pinot.setup_job(settings, list(pinot_configs), cm))
 
     config_map("trino-catalogs", trino.catalogs(settings))
 

@@ -43,6 +43,8 @@ ENV_TARGET = "SLUICE_FUNCTION_TARGET"
 ENV_OUTPUTS = "SLUICE_OUTPUTS"
 ENV_BOOTSTRAP = "KAFKA_BOOTSTRAP_SERVERS"
 ENV_REGISTRY = "SCHEMA_REGISTRY_URL"
+# The topology's business ids (`traceIds`) as JSON {data field: span attribute}.
+ENV_TRACE_IDS = "SLUICE_TRACE_IDS"
 ENV_NAMES = (ENV_FUNCTION_NAME, ENV_SOURCE, ENV_TARGET, ENV_OUTPUTS, ENV_BOOTSTRAP, ENV_REGISTRY)
 
 ENTRY_TARGET = "handle"  # the functions-framework --target of every entry file
@@ -116,10 +118,17 @@ def tracing_from_env(env: Mapping[str, str], service_name: str) -> Any:
         raise HostConfigError(str(exc)) from None
     if not (settings.endpoint or settings.traces_endpoint):
         return None
+    try:
+        business_ids = json.loads(env.get(ENV_TRACE_IDS) or "{}")
+        if not isinstance(business_ids, dict):
+            raise ValueError
+    except ValueError:
+        raise HostConfigError(f"{ENV_TRACE_IDS} must be a JSON object "
+                              '{"data field": "span attribute"}') from None
     import dataclasses
 
-    return dataclasses.replace(settings, resource={"sluice.function": service_name,
-                                                   **settings.resource})
+    return dataclasses.replace(settings, business_ids=business_ids,
+                               resource={"sluice.function": service_name, **settings.resource})
 
 
 _ENTRY_HEADER = '''"""Sluice function host entry, written by eventing.fn.env.write_entry_file.

@@ -30,6 +30,10 @@ class Registered:
 
 def register_all(registry_url: str, schemas_dir: Path) -> list[Registered]:
     """Register every `*.avsc` under `schemas_dir`; stop at the first refusal."""
+    if not schemas_dir.is_dir():
+        raise IncompatibleSchema(f"no schemas folder at {schemas_dir}: put the pipeline's "
+                                 "<topic>.avsc files there, or point the topology's "
+                                 "`schemas:` key at them")
     client = SchemaRegistryClient({"url": registry_url})
     done: list[Registered] = []
     for path in sorted(schemas_dir.glob("*.avsc")):

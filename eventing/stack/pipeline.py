@@ -117,7 +117,7 @@ def generator_spec(settings: StackSettings) -> PartSpec:
         args += ["--token-file", str(settings.gateway_token_file)]
     return _python_part(
         settings, "generator", args,
-        f"traffic generator ({settings.generator_rate:g} payments/s, fraud ids in {truth.name})",
+        f"traffic generator ({settings.generator_rate:g} events/s, injected ids in {truth.name})",
         lambda: True,
         [], env=token_env(settings),
     )

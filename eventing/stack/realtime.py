@@ -1,14 +1,17 @@
 """The real-time table server as a part of the local stack (`sluice realtime`).
 
-It needs the broker, the registry (the topic's schema) and the object store (the lake
-catalog it ATTACHes), so it starts after them. It reads its ports and the S3 keys from
-the state folder, like every `sluice` command started with `--state-dir`.
+One process serves every real-time table the topology declares (DuckDB allows one
+writing process, and one interpreter is cheaper than one per table). It needs the
+broker, the registry (the topics' schemas) and the object store (the lake catalog it
+ATTACHes), so it starts after them. It reads its ports and the S3 keys from the state
+folder, like every `sluice` command started with `--state-dir`.
 """
 
 from __future__ import annotations
 
 import sys
 
+from eventing import topology as topo
 from eventing.stack import binaries
 from eventing.stack.health import http_status
 from eventing.stack.pipeline import tracing_args
@@ -16,8 +19,6 @@ from eventing.stack.process import PartSpec
 from eventing.stack.settings import ENV_QUERY_TOKEN, StackSettings
 
 NAME = "realtime"
-TOPIC = "payments.scored"
-RETENTION = "1h"
 
 
 def spec(settings: StackSettings) -> PartSpec:
@@ -25,8 +26,9 @@ def spec(settings: StackSettings) -> PartSpec:
     argv = [sys.executable, "-m", "eventing.cli", "--state-dir", str(settings.state_dir),
             "realtime", "--host", settings.host, "--port", str(settings.ports.realtime),
             "--bootstrap", settings.bootstrap, "--registry", settings.registry_url,
-            "--topic", TOPIC, "--retention", RETENTION,
+            "--topology", str(settings.topology_path),
             *tracing_args(settings, "sluice-realtime")]
+    names = [t.name + "_rt" for t in topo.load(settings.topology_path).realtime_tables()]
     return PartSpec(
         name=NAME,
         argv=argv,
@@ -34,7 +36,7 @@ def spec(settings: StackSettings) -> PartSpec:
                                    "PYTHONUNBUFFERED": "1"}
         | ({ENV_QUERY_TOKEN: settings.query_token} if settings.query_token else {}),
         cwd=settings.project_dir,
-        endpoint=f"real-time table {url} (POST /query)",
+        endpoint=f"real-time tables {', '.join(names) or 'none'} at {url} (POST /query)",
         health=lambda: http_status(url + "/healthz") == 200,
         ports=[settings.ports.realtime],
         # Loading DuckDB's extensions and ATTACHing the catalog took 15 s of a 2-core

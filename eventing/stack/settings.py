@@ -109,6 +109,8 @@ class StackSettings:
     # Trace store bounds; None leaves `eventing.telemetry.traces.RetentionPolicy`'s default.
     trace_retention_s: float | None = None
     trace_max_bytes: int | None = None
+    # The pipeline this stack runs (`sluice up --topology`); None: the payments example.
+    topology_file: Path | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -155,11 +157,15 @@ class StackSettings:
 
     @property
     def schemas_dir(self) -> Path:
-        return self.project_dir / "schemas"
+        """The topology's schemas (its `schemas:` key, else `schemas/` beside it), so each
+        pipeline registers its own."""
+        from eventing import topology as topo
+
+        return topo.load(self.topology_path).schemas
 
     @property
     def topology_path(self) -> Path:
-        return self.project_dir / "functions" / "topology.yaml"
+        return self.topology_file or self.project_dir / "functions" / "topology.yaml"
 
     @property
     def generator_path(self) -> Path:
@@ -184,6 +190,7 @@ class StackSettings:
             "broker_storage": self.broker_storage,
             "pipeline": self.pipeline,
             "generator": self.generator,
+            "topology": str(self.topology_file) if self.topology_file else None,
         }
         self.settings_file.write_text(json.dumps(data, indent=2))
 
@@ -203,6 +210,9 @@ class StackSettings:
             broker_storage=data.get("broker_storage", self.broker_storage),
             pipeline=self.pipeline if keep_pipeline else data.get("pipeline", self.pipeline),
             generator=self.generator if keep_pipeline else data.get("generator", self.generator),
+            topology_file=(self.topology_file if keep_pipeline and self.topology_file
+                           else Path(data["topology"]) if data.get("topology")
+                           else self.topology_file),
         )
 
 
@@ -243,6 +253,7 @@ def load_settings(
     trace_sampling: float | None = None,
     trace_retention_s: float | None = None,
     trace_max_bytes: int | None = None,
+    topology: str | os.PathLike[str] | None = None,
 ) -> StackSettings:
     """Build settings from explicit values; the CLI maps flags and env vars onto these.
 
@@ -262,6 +273,7 @@ def load_settings(
         trace_max_bytes=trace_max_bytes,
         gateway_token=gateway_token or None,
         query_token=query_token or None,
+        topology_file=Path(topology).resolve() if topology else None,
         **{k: v for k, v in optional.items() if v is not None},
     )
     if broker_storage:

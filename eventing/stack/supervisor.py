@@ -79,7 +79,9 @@ def core_parts(settings: StackSettings) -> list[SpecFactory]:
         parts.append(objectstore.spec)
     parts += [registry.spec, tracestore.spec, collector.spec, prometheus.spec, realtime.spec]
     if settings.pipeline:
-        parts += [pipeline.gateway_spec, *pipeline.function_specs(settings), lakesink.spec]
+        parts += [pipeline.gateway_spec, *pipeline.function_specs(settings)]
+        if lakesink.has_tables(settings):
+            parts.append(lakesink.spec)
         if settings.generator and pipeline.has_generator(settings):
             parts.append(pipeline.generator_spec)
     return parts

@@ -2,8 +2,9 @@
 
 Started before the collector, so the collector's first batch has somewhere to go. It keeps
 spans off the broker (see `eventing.telemetry.traces` for why) and bounds itself by age
-and size (`sluice up --trace-retention/--trace-max-size`). The index file lives in the
-state folder (`eventing.telemetry.traces.db_path`); `sluice trace` reads it directly.
+and size (`sluice up --trace-retention/--trace-max-size`). It indexes the business ids
+the topology declares (`traceIds`). The index file lives in the state folder
+(`eventing.telemetry.traces.db_path`); `sluice trace` reads it directly.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def spec(settings: StackSettings) -> PartSpec:
     path = db_path(settings.state_dir)
     url = settings.tracestore_url
     args = ["tracestore", "--host", settings.host, "--port", str(settings.ports.tracestore),
-            "--db", str(path)]
+            "--db", str(path), "--topology", str(settings.topology_path)]
     if settings.trace_retention_s is not None:
         args += ["--retention", f"{settings.trace_retention_s}s"]
     if settings.trace_max_bytes is not None:

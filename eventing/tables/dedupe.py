@@ -29,7 +29,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from eventing.cloudevent import event as ce_event
@@ -41,9 +41,13 @@ DEFAULT_WINDOW_MS = 5 * 60_000
 DEFAULT_MAX_IDS = 1_000_000
 
 
-def event_key(msg: Any) -> str | None:
-    """`source id` of a consumed record that is a CloudEvent (binary or structured mode);
-    None for anything else (its offset is its only identity)."""
+DEFAULT_KEY: tuple[str, ...] = ("source", "id")
+
+
+def event_key(msg: Any, attributes: Sequence[str] = DEFAULT_KEY) -> str | None:
+    """`source id` (or the table's declared `attributes`) of a consumed record that is a
+    CloudEvent (binary or structured mode); None for anything else (its offset is its
+    only identity)."""
     headers = msg.headers()
     if not headers:
         return None
@@ -53,14 +57,19 @@ def event_key(msg: Any) -> str | None:
             offset=msg.offset(), timestamp_ms=None, validate=False)
     except ce_event.BindingError:
         return None
-    return key_of(event)
+    return key_of(event, attributes)
 
 
-def key_of(event: Any) -> str | None:
-    """`event_key` of an already decoded event (None for a wrapped non-CloudEvent)."""
+def key_of(event: Any, attributes: Sequence[str] = DEFAULT_KEY) -> str | None:
+    """`event_key` of an already decoded event (None for a wrapped non-CloudEvent).
+
+    A table may declare another key (topology `dedupe.key`: CloudEvent attributes); a
+    missing attribute is an empty part, so events lacking it still compare."""
     if event["type"] == ce_event.NON_CLOUDEVENT_TYPE:
         return None
-    return f"{event['source']} {event['id']}"
+    if attributes == DEFAULT_KEY:
+        return f"{event['source']} {event['id']}"
+    return " ".join(str(event.get(a) or "") for a in attributes)
 
 
 def record_time_ms(msg: Any) -> int:

@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -147,14 +147,22 @@ def iceberg_schema(avro: dict[str, Any], time_field: str) -> Schema:
     return Schema(*fields)
 
 
-def open_table(cat: Catalog, identifier: str, avro: dict[str, Any], time_field: str) -> Table:
-    """Load the table, creating it (partitioned by day(time_field)) when missing."""
+def open_table(cat: Catalog, identifier: str, avro: dict[str, Any], time_field: str,
+               partition_by: str = "day") -> Table:
+    """Load the table, creating it (partitioned by `partition_by` of time_field: hour,
+    day, month or year) when missing. An existing table keeps its partitioning."""
     from pyiceberg.partitioning import PartitionField, PartitionSpec
-    from pyiceberg.transforms import DayTransform
+    from pyiceberg.transforms import DayTransform, HourTransform, MonthTransform, YearTransform
 
+    transforms = {"hour": HourTransform, "day": DayTransform, "month": MonthTransform,
+                  "year": YearTransform}
+    if partition_by not in transforms:
+        raise ValueError(f"partition_by must be one of {', '.join(transforms)}, "
+                         f"not {partition_by!r}")
     schema = iceberg_schema(avro, time_field)
     source_id = schema.find_field(time_field).field_id
-    spec = PartitionSpec(PartitionField(source_id, 1000, DayTransform(), f"{time_field}_day"))
+    spec = PartitionSpec(PartitionField(source_id, 1000, transforms[partition_by](),
+                                        f"{time_field}_{partition_by}"))
     table = cat.create_table_if_not_exists(
         identifier, schema=schema, partition_spec=spec,
         properties={"write.parquet.compression-codec": "zstd",
@@ -371,12 +379,14 @@ class LakeSinkConfig:
     batch_size: int = 10_000
     interval_ms: int = 1_000
     time_field: str = "event_time"
+    partition_by: str = "day"       # hour | day | month | year of time_field
     group_id: str | None = None     # default `sluice-lake-<table>`
     maintenance: MaintenancePolicy | None = field(default_factory=MaintenancePolicy)
     consumer_overrides: dict[str, Any] = field(default_factory=dict)
     # Drop a CloudEvent whose source+id was written this recently (Kafka time); 0 = off.
     dedupe_window_ms: int = dedupe.DEFAULT_WINDOW_MS
     dedupe_max_ids: int = dedupe.DEFAULT_MAX_IDS
+    dedupe_key: tuple[str, ...] = dedupe.DEFAULT_KEY  # CloudEvent attributes
 
     @property
     def group(self) -> str:
@@ -435,7 +445,8 @@ class LakeSink:
         avro = serde.writer_for(config.topic).parsed
         time_avro = next((f["type"] for f in avro["fields"]
                           if f["name"] == config.time_field), None)
-        self.table = open_table(self.catalog, self.identifier, avro, config.time_field)
+        self.table = open_table(self.catalog, self.identifier, avro, config.time_field,
+                                config.partition_by)
         self.writer = LakeWriter(self.table, config.topic)
         self.builder = BatchBuilder(self.table.schema().as_arrow(), config.time_field,
                                     time_is_ms=is_plain_long(time_avro))
@@ -466,7 +477,8 @@ class LakeSink:
             assigned = [tp.partition for tp in partitions]
             self.recent.forget(assigned)  # rebuilt from what the table holds now
             dedupe.restore(self.recent, self.bootstrap, self.config.topic,
-                           {p: o for p, o in self._done.items() if p in assigned})
+                           {p: o for p, o in self._done.items() if p in assigned},
+                           key_of=lambda m: dedupe.event_key(m, self.config.dedupe_key))
         consumer.assign(partitions)
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
@@ -537,7 +549,7 @@ class LakeSink:
             msg.key(), value, msg.headers(), topic=msg.topic(), partition=p, offset=o,
             timestamp_ms=None, wrap_invalid=True, validate=False)
         if self.config.dedupe_window_ms > 0:
-            key = dedupe.key_of(event)
+            key = dedupe.key_of(event, self.config.dedupe_key)
             if key is not None and self.recent.seen(p, key, dedupe.record_time_ms(msg)):
                 self.stats.skipped_duplicate_ids += 1  # a replayed event: its offset counts
                 return
@@ -595,36 +607,42 @@ def is_plain_long(avro_type: Any) -> bool:
     return avro_type == "long"
 
 
-def serve_metrics(sink: LakeSink, host: str, port: int) -> None:
-    """Expose the sink's counters for Prometheus, read at scrape time."""
+def serve_metrics(sinks: LakeSink | Sequence[LakeSink], host: str, port: int) -> None:
+    """Expose the sinks' counters for Prometheus (one sample per table), read at scrape
+    time: one lake-sink process serves every declared table."""
     from prometheus_client import start_http_server
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     from prometheus_client.registry import REGISTRY, Collector
 
+    all_sinks = [sinks] if isinstance(sinks, LakeSink) else list(sinks)
+    counters = (
+        ("sluice_lake_records_consumed", "consumed", "Records consumed"),
+        ("sluice_lake_rows_written", "rows_written", "Rows appended to the table"),
+        ("sluice_lake_records_skipped_replayed", "skipped_replayed",
+         "Replayed records already in the table"),
+        ("sluice_lake_records_skipped_duplicate_id", "skipped_duplicate_ids",
+         "Records of an event (its dedupe key) written recently"),
+        ("sluice_lake_records_undecodable", "undecodable", "Records that did not decode"),
+        ("sluice_lake_commits", "commits", "Iceberg commits"),
+        ("sluice_lake_commit_conflicts", "commit_conflicts", "Commits retried"),
+        ("sluice_lake_maintenance_runs", "maintenance_runs", "Maintenance runs"),
+    )
+
     class _Collector(Collector):
         def collect(self):  # type: ignore[override]
-            s = sink.stats
-            labels = [sink.identifier]
-            for name, value, help_ in (
-                ("sluice_lake_records_consumed", s.consumed, "Records consumed"),
-                ("sluice_lake_rows_written", s.rows_written, "Rows appended to the table"),
-                ("sluice_lake_records_skipped_replayed", s.skipped_replayed,
-                 "Replayed records already in the table"),
-                ("sluice_lake_records_skipped_duplicate_id", s.skipped_duplicate_ids,
-                 "Records of an event (CloudEvent source+id) written recently"),
-                ("sluice_lake_records_undecodable", s.undecodable, "Records that did not decode"),
-                ("sluice_lake_commits", s.commits, "Iceberg commits"),
-                ("sluice_lake_commit_conflicts", s.commit_conflicts, "Commits retried"),
-                ("sluice_lake_maintenance_runs", len(s.maintenance), "Maintenance runs"),
-            ):
+            stats = [(sink.identifier, sink.stats) for sink in all_sinks]
+            for name, attr, help_ in counters:
                 fam = CounterMetricFamily(name, help_, labels=["table"])
-                fam.add_metric(labels, value)
+                for table, s in stats:
+                    value = len(s.maintenance) if attr == "maintenance_runs" else getattr(s, attr)
+                    fam.add_metric([table], value)
                 yield fam
-            d = s.as_dict()
+            dicts = [(table, s.as_dict()) for table, s in stats]
             for key in ("commit_p50_ms", "commit_p99_ms", "flush_p50_ms", "flush_p99_ms"):
                 gauge = GaugeMetricFamily(f"sluice_lake_{key}", f"{key} over recent commits",
                                           labels=["table"])
-                gauge.add_metric(labels, d[key] or 0.0)
+                for table, d in dicts:
+                    gauge.add_metric([table], d[key] or 0.0)
                 yield gauge
 
     REGISTRY.register(_Collector())

@@ -36,6 +36,10 @@ Table names (short names are what users write; both targets resolve them):
 Any other unqualified name is a lake table in the `sluice` namespace; `ns.table` is a lake
 table in namespace `ns`; a catalog other than `iceberg`, `lake`, `pinot` is refused.
 Only queries (SELECT, WITH, UNION, VALUES ...) are accepted: the engines are read-only.
+Three metadata statements are answered too, with Trino's output shape, so a newcomer can
+discover what is queryable: `SHOW TABLES` (column `Table`: lake tables and `<name>_rt`
+real-time ones), `SHOW COLUMNS FROM t` and `DESCRIBE t` (`Column`, `Type`, `Extra`,
+`Comment`, types in Trino's names). `metadata_statement` recognises them.
 """
 
 from __future__ import annotations
@@ -133,6 +137,76 @@ class TableNames:
 
 
 DEFAULT_NAMES = TableNames()
+
+
+# --------------------------------------------------------------------------- metadata
+
+_NAME = r'(?:"[^"]+"|[A-Za-z_][A-Za-z0-9_]*)'
+_QUALIFIED = rf"{_NAME}(?:\s*\.\s*{_NAME}){{0,2}}"
+_SHOW_TABLES = re.compile(
+    rf"^\s*SHOW\s+TABLES(?:\s+(?:FROM|IN)\s+(?P<schema>{_NAME}(?:\s*\.\s*{_NAME})?))?"
+    r"(?:\s+LIKE\s+'(?P<like>(?:[^']|'')*)')?\s*;?\s*$", re.IGNORECASE)
+_DESCRIBE = re.compile(
+    rf"^\s*(?:DESCRIBE|DESC|SHOW\s+COLUMNS\s+(?:FROM|IN))\s+(?P<table>{_QUALIFIED})"
+    r"\s*;?\s*$", re.IGNORECASE)
+TABLES_COLUMNS = ["Table"]
+DESCRIBE_COLUMNS = ["Column", "Type", "Extra", "Comment"]
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """A metadata statement: `tables` (SHOW TABLES) or `columns` (DESCRIBE, SHOW COLUMNS)."""
+
+    kind: str
+    table: tuple[str, ...] = ()   # the name as written, for `columns`
+    schema: tuple[str, ...] = ()  # SHOW TABLES FROM <schema>
+    like: str | None = None       # SHOW TABLES LIKE '<pattern>' (SQL LIKE: % and _)
+
+
+def _name_parts(text: str) -> tuple[str, ...]:
+    return tuple(p.strip().strip('"') for p in re.findall(_NAME, text))
+
+
+def metadata_statement(sql: str) -> Metadata | None:
+    """The metadata statement `sql` is, or None for anything else (a query)."""
+    m = _SHOW_TABLES.match(sql)
+    if m:
+        like = m.group("like")
+        return Metadata("tables", schema=_name_parts(m.group("schema") or ""),
+                        like=like.replace("''", "'") if like is not None else None)
+    m = _DESCRIBE.match(sql)
+    if m:
+        return Metadata("columns", table=_name_parts(m.group("table")))
+    return None
+
+
+def like_matches(pattern: str | None, name: str) -> bool:
+    """SQL LIKE (`%` any run, `_` one character), case-sensitive as in Trino."""
+    if pattern is None:
+        return True
+    regex = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, name, re.DOTALL) is not None
+
+
+_TRINO_TYPES = {"VARCHAR": "varchar", "BIGINT": "bigint", "INTEGER": "integer",
+                "SMALLINT": "smallint", "TINYINT": "tinyint", "DOUBLE": "double",
+                "FLOAT": "real", "REAL": "real", "BOOLEAN": "boolean", "DATE": "date",
+                "BLOB": "varbinary", "TIME": "time(6)", "UUID": "uuid",
+                "TIMESTAMP": "timestamp(6)",
+                "TIMESTAMP WITH TIME ZONE": "timestamp(6) with time zone"}
+
+
+def trino_type(duckdb_type: str) -> str:
+    """A DuckDB column type in Trino's spelling (what DESCRIBE shows on a cluster)."""
+    upper = duckdb_type.upper()
+    if upper.startswith("DECIMAL"):
+        return upper.lower()
+    return _TRINO_TYPES.get(upper, duckdb_type.lower())
+
+
+def describe_rows(columns: Mapping[str, str]) -> list[list[str]]:
+    """DESCRIBE's rows (`Column`, `Type`, `Extra`, `Comment`) for {column: DuckDB type}."""
+    return [[name, trino_type(kind), "", ""] for name, kind in columns.items()]
 
 
 # --------------------------------------------------------------------------- translation
@@ -636,7 +710,9 @@ def run(sql: str, *, server_url: str | None = None, trino_url: str | None = None
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
     if trino_url:
         if explain:
-            return translate(sql, target="trino")
+            meta = metadata_statement(sql)
+            return translate(sql, target="trino") if meta is None else "; ".join(
+                trino_metadata_sql(meta))
         return format_result(query_trino(sql, trino_url, connect=connect), fmt)
     if not server_url:
         raise ValueError("give the real-time server's URL or a Trino URL")
@@ -715,20 +791,69 @@ def query_trino(sql: str, trino_url: str, *, connect: Any = None) -> Result:
     if connect is None:
         from trino.dbapi import connect
     started = time.perf_counter()
-    target_sql = translate(sql, target="trino")
+    meta = metadata_statement(sql)
+    if meta is not None and meta.kind == "tables":
+        return _trino_show_tables(meta, trino_url, connect, started)
+    target_sql = (translate(sql, target="trino") if meta is None
+                  else trino_metadata_sql(meta)[0])
+    rows, description = _trino_execute(target_sql, trino_url, connect)
+    return Result(columns=[d[0] for d in description],
+                  types=[str(d[1]) for d in description], rows=rows, sql=target_sql,
+                  timing_ms={"total": round((time.perf_counter() - started) * 1000, 2)})
+
+
+def _trino_execute(sql: str, trino_url: str, connect: Any) -> tuple[list[list[Any]], list]:
     conn = connect(**trino_params(trino_url))
     try:
         cur = conn.cursor()
         try:
-            cur.execute(target_sql)
+            cur.execute(sql)
             rows = [list(r) for r in cur.fetchall()]
         except Exception as exc:  # the client raises its own hierarchy
             raise QueryFailed(f"Trino at {trino_url}: {exc}") from exc
-        description = cur.description or []
+        return rows, list(cur.description or [])
     finally:
         conn.close()
-    return Result(columns=[d[0] for d in description],
-                  types=[str(d[1]) for d in description], rows=rows, sql=target_sql,
+
+
+def _show_tables_sides(meta: Metadata) -> list[tuple[str, str]]:
+    """(Trino statement, suffix for its names) per catalog SHOW TABLES reads."""
+    n = DEFAULT_NAMES
+    schema = list(meta.schema)
+    realtime_only = bool(schema) and (schema[-1] == n.realtime_schema
+                                      or schema[0] == n.trino_realtime_catalog)
+    sides = []
+    if not realtime_only:
+        namespace = schema[-1] if schema else n.namespace
+        sides.append((f'SHOW TABLES FROM "{n.trino_lake_catalog}"."{namespace}"', ""))
+    if not schema or realtime_only:
+        sides.append((f'SHOW TABLES FROM "{n.trino_realtime_catalog}".'
+                      f'"{n.trino_realtime_schema}"', n.realtime_suffix))
+    return sides
+
+
+def trino_metadata_sql(meta: Metadata) -> list[str]:
+    """The Trino statement(s) a metadata statement runs as, names resolved."""
+    if meta.kind == "tables":
+        return [statement for statement, _ in _show_tables_sides(meta)]
+    kind, namespace, name = DEFAULT_NAMES.resolve(list(meta.table))
+    return ["DESCRIBE " + ".".join(
+        f'"{p}"' for p in DEFAULT_NAMES.target(kind, namespace, name, "trino"))]
+
+
+def _trino_show_tables(meta: Metadata, trino_url: str, connect: Any,
+                       started: float) -> Result:
+    """SHOW TABLES over both catalogs: the lake's tables as they are, the real-time
+    catalog's with the `_rt` suffix, as `sluice query` names them locally. `FROM <schema>`
+    narrows it to one side (`realtime`, or a lake namespace)."""
+    sides = _show_tables_sides(meta)
+    names: list[str] = []
+    for statement, suffix in sides:
+        rows, _ = _trino_execute(statement, trino_url, connect)
+        names += [f"{r[0]}{suffix}" for r in rows]
+    names = sorted(x for x in names if like_matches(meta.like, x))
+    return Result(columns=TABLES_COLUMNS, types=["varchar"], rows=[[x] for x in names],
+                  sql="; ".join(st for st, _ in sides),
                   timing_ms={"total": round((time.perf_counter() - started) * 1000, 2)})
 
 

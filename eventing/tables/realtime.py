@@ -42,7 +42,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,7 @@ from eventing.cloudevent import kafka as ce_kafka
 from eventing.serde import decode_row, subject_for
 from eventing.serving import ServerLimits
 from eventing.tables import query
+from eventing.tables.dedupe import key_of
 from eventing.telemetry import tracing
 from eventing.units import parse_duration  # noqa: F401 - callers import it from here
 
@@ -82,7 +83,8 @@ class RealtimeSettings:
 
     bootstrap: str
     registry_url: str
-    topic: str = "payments.scored"
+    topic: str = ""
+    table: str = ""  # the lake table's name (default: the topic's); this one adds `_rt`
     host: str = "127.0.0.1"
     port: int = 8090
     retention_s: float = 3600.0
@@ -92,6 +94,7 @@ class RealtimeSettings:
     batch_max: int = 5000
     sweep_s: float = 10.0
     dedupe_window_s: float = 300.0  # 0 = keep replayed events (see eventing.tables.dedupe)
+    dedupe_key: tuple[str, ...] = ("source", "id")  # CloudEvent attributes
     query_timeout_s: float = 60.0
     max_rows: int = 10_000  # rows an answer holds unless the request asks for more
     max_rows_limit: int = 100_000  # the most a request may ask for (answers are in memory)
@@ -129,34 +132,107 @@ class Metrics:
             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 
 
-class RealtimeTable:
-    """The DuckDB database: the real-time table, the attached lake, ingest and queries."""
+class TableTarget:
+    """One real-time table inside the server's database: its topic's rows, its retention."""
 
-    def __init__(self, settings: RealtimeSettings, avro_schema: dict[str, Any], *,
-                 con: duckdb.DuckDBPyConnection | None = None,
-                 metrics: Metrics | None = None, lake_attempts: int = 10) -> None:
-        import duckdb
-
+    def __init__(self, db: RealtimeTable, settings: RealtimeSettings,
+                 avro_schema: dict[str, Any]) -> None:
         from eventing.tables.lake import BatchBuilder, iceberg_schema, is_plain_long
 
+        self.db = db
         self.settings = settings
-        self.metrics = metrics or Metrics()
-        self.name = table_for_topic(settings.topic)
+        self.metrics = db.metrics
+        self.name = table_for_topic(settings.topic) if not settings.table else (
+            settings.table + query.DEFAULT_NAMES.realtime_suffix)
         self.arrow_schema: pa.Schema = iceberg_schema(avro_schema, settings.time_field).as_arrow()
         time_type = next(f["type"] for f in avro_schema["fields"]
                          if f["name"] == settings.time_field)
         self.builder = BatchBuilder(self.arrow_schema, settings.time_field,
                                     time_is_ms=is_plain_long(time_type))
+        self.rows = 0
+        with db._write_lock:
+            db._write.register("_rt_empty", self.arrow_schema.empty_table())
+            try:
+                db._write.execute(f'CREATE TABLE "{self.name}" AS SELECT * FROM _rt_empty')
+            finally:
+                db._write.unregister("_rt_empty")
+
+    def append(self, records: Iterable[tuple[dict[str, Any], int, int]],
+               timestamps_ms: Iterable[int] = ()) -> int:
+        """Append decoded records `(record, partition, offset)` as one Arrow batch.
+
+        Records older than the retention are left out. `timestamps_ms` (the Kafka
+        timestamps) feed the ingest-lag metrics. Returns the rows appended.
+        """
+        builder = self.builder
+        builder.clear()
+        for record, partition, offset in records:
+            builder.add(record, partition, offset)
+        if not len(builder):
+            return 0
+        batch = builder.build()
+        builder.clear()
+        cutoff = self._cutoff()
+        db = self.db
+        with db._write_lock:
+            db._write.register("_rt_batch", batch)
+            try:
+                n = db._write.execute(
+                    f'INSERT INTO "{self.name}" SELECT * FROM _rt_batch '
+                    f'WHERE "{self.settings.time_field}" >= $1 '
+                    f'OR "{self.settings.time_field}" IS NULL', [cutoff]).fetchone()[0]
+            finally:
+                db._write.unregister("_rt_batch")
+        now_ms = time.time() * 1000
+        lags = [(now_ms - ts) / 1000 for ts in timestamps_ms if ts and ts > 0]
+        if lags:
+            for lag in lags:
+                self.metrics.lag.observe(lag)
+            self.metrics.lag_ms.set(round(max(lags) * 1000, 1))
+        self.rows += n
+        self.metrics.rows_ingested.inc(n)
+        self.metrics.rows.set(db.rows)
+        return n
+
+    def _cutoff(self) -> Any:
+        import datetime as dt
+
+        return dt.datetime.fromtimestamp(time.time() - self.settings.retention_s, dt.UTC)
+
+    def expire(self) -> int:
+        """Delete rows older than the retention (by the time field); returns how many."""
+        db = self.db
+        with db._write_lock:
+            n = db._write.execute(
+                f'DELETE FROM "{self.name}" WHERE "{self.settings.time_field}" < $1',
+                [self._cutoff()]).fetchone()[0]
+            self.rows = db._write.execute(f'SELECT count(*) FROM "{self.name}"').fetchone()[0]
+        self.metrics.rows_expired.inc(n)
+        self.metrics.rows.set(db.rows)
+        return n
+
+
+class RealtimeTable:
+    """The DuckDB database: the real-time tables, the attached lake, ingest and queries.
+
+    Built with its first table (`settings`, `avro_schema`); `add_table` adds one per
+    further declared topic. `append`/`expire`/`name` are the first table's."""
+
+    def __init__(self, settings: RealtimeSettings, avro_schema: dict[str, Any] | None, *,
+                 con: duckdb.DuckDBPyConnection | None = None,
+                 metrics: Metrics | None = None, lake_attempts: int = 10) -> None:
+        """`avro_schema` None: no real-time table yet (a pipeline with lake tables only
+        still answers queries over the lake)."""
+        import duckdb
+
+        self.settings = settings
+        self.metrics = metrics or Metrics()
         self.con = con or duckdb.connect(config={"autoinstall_known_extensions": "false",
                                                  "autoload_known_extensions": "false"})
         self.con.execute("SET GLOBAL TimeZone = 'UTC'")  # the local engine runs in UTC
         self.lake_error: str | None = "no lake configured" if settings.lake is None else None
         if settings.lake is not None:
             self.attach_lake(attempts=lake_attempts)
-        empty = self.arrow_schema.empty_table()
-        self.con.register("_rt_empty", empty)
-        self.con.execute(f'CREATE TABLE "{self.name}" AS SELECT * FROM _rt_empty')
-        self.con.unregister("_rt_empty")
         # Queries may read tables, nothing else (`query.guard` checks the SQL first); as a
         # second wall: no external access but the lake's bucket (other buckets, the
         # broker's among them, are refused), no local files, no http(s) URLs, and no
@@ -167,13 +243,34 @@ class RealtimeTable:
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET disabled_filesystems = 'LocalFileSystem,HTTPFileSystem'")
         self.con.execute("SET lock_configuration = true")
-        self.rows = 0
         self._write = self.con.cursor()  # ingest's own connection
         self._write_lock = threading.Lock()
+        self.tables: dict[str, TableTarget] = {}
+        self.primary = None if avro_schema is None else self.add_table(settings, avro_schema)
+        self.name = self.primary.name if self.primary else ""
         self._columns: dict[str, tuple[float, dict[str, str] | None]] = {}
         self.columns_ttl_s = 30.0
         self._last_reattach = 0.0
         self._translations: dict[str, tuple[float, str]] = {}
+
+    def add_table(self, settings: RealtimeSettings, avro_schema: dict[str, Any]) -> TableTarget:
+        """One more real-time table in this database (a further declared topic)."""
+        target = TableTarget(self, settings, avro_schema)
+        self.tables[target.name] = target
+        return target
+
+    @property
+    def rows(self) -> int:
+        return sum(t.rows for t in self.tables.values())
+
+    def append(self, records: Iterable[tuple[dict[str, Any], int, int]],
+               timestamps_ms: Iterable[int] = ()) -> int:
+        assert self.primary is not None, "no real-time table"
+        return self.primary.append(records, timestamps_ms)
+
+    def expire(self) -> int:
+        assert self.primary is not None, "no real-time table"
+        return self.primary.expire()
 
     # ----------------------------------------------------------------- lake
 
@@ -222,60 +319,6 @@ class RealtimeTable:
         self._columns.clear()
         return True
 
-    # ----------------------------------------------------------------- ingest
-
-    def append(self, records: Iterable[tuple[dict[str, Any], int, int]],
-               timestamps_ms: Iterable[int] = ()) -> int:
-        """Append decoded records `(record, partition, offset)` as one Arrow batch.
-
-        Records older than the retention are left out. `timestamps_ms` (the Kafka
-        timestamps) feed the ingest-lag metrics. Returns the rows appended.
-        """
-        builder = self.builder
-        builder.clear()
-        for record, partition, offset in records:
-            builder.add(record, partition, offset)
-        if not len(builder):
-            return 0
-        batch = builder.build()
-        builder.clear()
-        cutoff = self._cutoff()
-        with self._write_lock:
-            self._write.register("_rt_batch", batch)
-            try:
-                n = self._write.execute(
-                    f'INSERT INTO "{self.name}" SELECT * FROM _rt_batch '
-                    f'WHERE "{self.settings.time_field}" >= $1 '
-                    f'OR "{self.settings.time_field}" IS NULL', [cutoff]).fetchone()[0]
-            finally:
-                self._write.unregister("_rt_batch")
-        now_ms = time.time() * 1000
-        lags = [(now_ms - ts) / 1000 for ts in timestamps_ms if ts and ts > 0]
-        if lags:
-            for lag in lags:
-                self.metrics.lag.observe(lag)
-            self.metrics.lag_ms.set(round(max(lags) * 1000, 1))
-        self.rows += n
-        self.metrics.rows_ingested.inc(n)
-        self.metrics.rows.set(self.rows)
-        return n
-
-    def _cutoff(self) -> Any:
-        import datetime as dt
-
-        return dt.datetime.fromtimestamp(time.time() - self.settings.retention_s, dt.UTC)
-
-    def expire(self) -> int:
-        """Delete rows older than the retention (by the time field); returns how many."""
-        with self._write_lock:
-            n = self._write.execute(
-                f'DELETE FROM "{self.name}" WHERE "{self.settings.time_field}" < $1',
-                [self._cutoff()]).fetchone()[0]
-            self.rows = self._write.execute(f'SELECT count(*) FROM "{self.name}"').fetchone()[0]
-        self.metrics.rows_expired.inc(n)
-        self.metrics.rows.set(self.rows)
-        return n
-
     # ----------------------------------------------------------------- queries
 
     def columns(self, short: str) -> dict[str, str] | None:
@@ -306,6 +349,9 @@ class RealtimeTable:
         `query.QueryFailed` when DuckDB fails or the query times out.
         """
         started = time.perf_counter()
+        meta = query.metadata_statement(sql) if engine == "trino" else None
+        if meta is not None:
+            return self._metadata(meta, started)
         if engine == "trino":
             duck_sql = self._translate(sql)
         elif engine == "duckdb":
@@ -334,6 +380,52 @@ class RealtimeTable:
         return {"columns": columns, "types": types, "rows": rows[:limit],
                 "truncated": len(rows) > limit, "duckdb_sql": duck_sql, "timing_ms": timing}
 
+    def _metadata(self, meta: query.Metadata, started: float) -> dict[str, Any]:
+        """SHOW TABLES / DESCRIBE / SHOW COLUMNS, answered as Trino shapes them."""
+        names = query.DEFAULT_NAMES
+        if meta.kind == "tables":
+            schema = list(meta.schema)
+            realtime_only = bool(schema) and (schema[-1] == names.realtime_schema
+                                              or schema[0] == names.trino_realtime_catalog)
+            tables = [] if schema and not realtime_only else sorted(self.tables)
+            if not realtime_only:
+                tables += self.lake_tables(schema[-1] if schema else names.namespace)
+            rows = [[t] for t in sorted(tables) if query.like_matches(meta.like, t)]
+            columns, types = query.TABLES_COLUMNS, ["VARCHAR"]
+        else:
+            kind, namespace, name = names.resolve(list(meta.table))
+            short = names.short(kind, namespace, name)
+            found = self.columns(short)
+            if found is None:
+                raise query.QueryFailed(f"Table '{short}' does not exist"
+                                        + (f" ({self.lake_error})" if kind == "lake"
+                                           and self.lake_error else ""))
+            rows, columns = query.describe_rows(found), query.DESCRIBE_COLUMNS
+            types = ["VARCHAR"] * len(columns)
+        total = _ms(time.perf_counter() - started)
+        return {"columns": columns, "types": types, "rows": rows, "truncated": False,
+                "duckdb_sql": "", "timing_ms": {"translate": 0.0, "execute": total,
+                                                "total": total}}
+
+    def lake_tables(self, namespace: str) -> list[str]:
+        """Short names of the lake's tables in `namespace` (none while the lake is away)."""
+        if self.settings.lake is None:
+            return []
+        if self.lake_error and time.monotonic() - self._last_reattach > 5.0:
+            self._last_reattach = time.monotonic()
+            self.reattach_lake()
+        cur = self.con.cursor()
+        try:
+            found = cur.execute(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = $1 "
+                "AND schema_name = $2", [LAKE_ALIAS, namespace]).fetchall()
+        except Exception:  # noqa: BLE001 - the lake is away: list what is here
+            return []
+        finally:
+            cur.close()
+        short = query.DEFAULT_NAMES.short
+        return [short("lake", namespace, r[0]) for r in found]
+
     def _translate(self, sql: str) -> str:
         """Translate with the live columns; repeated SQL (dashboards) from a small cache
         that expires with the column cache (parsing costs ~5-10 ms a query)."""
@@ -349,11 +441,11 @@ class RealtimeTable:
 
     def reachable(self, catalog: str, db: str, name: str) -> bool:
         """Whether user SQL may read this table: the lake catalog's tables and this
-        server's real-time table, nothing else (`query.guard`)."""
+        server's real-time tables (one per declared table), nothing else (`query.guard`)."""
         if catalog == LAKE_ALIAS:
             return bool(db) and db.lower() not in ("information_schema", "pg_catalog")
         realtime_catalog, realtime_db = query.DEFAULT_NAMES.realtime_db.split(".")
-        return name == self.name and (catalog, db) in {
+        return name in self.tables and (catalog, db) in {
             (realtime_catalog, realtime_db), ("", realtime_db), ("", "")}
 
     def _execute(self, sql: str, limit: int) -> tuple[list[str], list[str], list[Any]]:
@@ -395,7 +487,7 @@ def _looks_like_auth(message: str) -> bool:
 class Ingest:
     """The consumer thread: topic -> `RealtimeTable.append`, plus the retention sweep."""
 
-    def __init__(self, table: RealtimeTable, serde: Any) -> None:
+    def __init__(self, table: RealtimeTable | TableTarget, serde: Any) -> None:
         from eventing.tables.dedupe import RecentIds
 
         self.table = table
@@ -403,7 +495,8 @@ class Ingest:
         self.settings = table.settings
         self.recent = RecentIds(int(self.settings.dedupe_window_s * 1000))
         self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="realtime-ingest", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"realtime-{table.name}",
+                                       daemon=True)
         self.assigned: set[int] = set()
         self.last_poll = 0.0
         self.error: str | None = None
@@ -481,7 +574,7 @@ class Ingest:
                 timestamp_ms=msg.timestamp()[1], validate=False)
             if self.recent.window_ms > 0 and event["type"] != ce_event.NON_CLOUDEVENT_TYPE:
                 ts = msg.timestamp()[1]
-                if self.recent.seen(msg.partition(), f"{event['source']} {event['id']}",
+                if self.recent.seen(msg.partition(), key_of(event, self.settings.dedupe_key),
                                     ts if ts > 0 else int(time.time() * 1000)):
                     self.table.metrics.duplicates.inc()
                     return None
@@ -567,10 +660,10 @@ def _max_rows(value: Any, limit: int) -> int | None:
     return value
 
 
-def create_app(table: RealtimeTable, ingest: Ingest | None = None,
+def create_app(table: RealtimeTable, ingest: Ingest | Sequence[Ingest] | None = None,
                token: str | None = None) -> Any:
-    """The server's ASGI app; starts and stops `ingest` with the app's lifespan.
-    With `token`, `POST /query` needs it as a bearer token."""
+    """The server's ASGI app; starts and stops the `ingest` threads (one per table) with
+    the app's lifespan. With `token`, `POST /query` needs it as a bearer token."""
     import contextlib
 
     from starlette.applications import Starlette
@@ -581,6 +674,7 @@ def create_app(table: RealtimeTable, ingest: Ingest | None = None,
 
     metrics = table.metrics
     secret = token.encode() if token else None
+    ingests = [] if ingest is None else [ingest] if isinstance(ingest, Ingest) else list(ingest)
 
     async def run_query(request: Request) -> Response:
         started = time.perf_counter()
@@ -620,8 +714,12 @@ def create_app(table: RealtimeTable, ingest: Ingest | None = None,
             metrics.query_latency.labels(outcome).observe(time.perf_counter() - started)
 
     async def healthz(_: Request) -> Response:
-        ok, detail = ingest.healthy() if ingest else (True, "no ingest")
+        states = {i.table.name: i.healthy() for i in ingests}
+        ok = all(state[0] for state in states.values())
+        detail = ("; ".join(f"{name}: {state[1]}" for name, state in states.items())
+                  or "no ingest")
         body = {"status": "ok" if ok else "unhealthy", "ingest": detail, "rows": table.rows,
+                "tables": {n: t.rows for n, t in table.tables.items()},
                 "table": table.name, "lake": table.lake_error or "attached"}
         return _json(body, 200 if ok else 503)
 
@@ -630,13 +728,13 @@ def create_app(table: RealtimeTable, ingest: Ingest | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette):
-        if ingest:
-            ingest.start()
+        for i in ingests:
+            i.start()
         try:
             yield
         finally:
-            if ingest:
-                await run_in_threadpool(ingest.stop)
+            for i in ingests:
+                await run_in_threadpool(i.stop)
 
     return Starlette(routes=[
         Route("/query", run_query, methods=["POST"]),
@@ -663,20 +761,33 @@ def fetch_avro_schema(registry_url: str, topic: str, *, wait_s: float = 30.0,
             sleep(0.5)
 
 
-def build(settings: RealtimeSettings) -> tuple[RealtimeTable, Ingest]:
-    """The table (lake attached when configured) and its not-yet-started consumer."""
+def build(settings: RealtimeSettings | Sequence[RealtimeSettings],
+          ) -> tuple[RealtimeTable, list[Ingest]]:
+    """The database with one table per settings (lake attached when the first one
+    configures it) and their not-yet-started consumers."""
     from eventing.serde import AvroSerde
 
-    table = RealtimeTable(settings, fetch_avro_schema(settings.registry_url, settings.topic))
-    return table, Ingest(table, AvroSerde(settings.registry_url))
+    every = [settings] if isinstance(settings, RealtimeSettings) else list(settings)
+    if not every:
+        raise ValueError("no real-time table to serve")
+    first = every[0]
+    serde = AvroSerde(first.registry_url)
+    if not first.topic:  # lake tables only: the server still answers queries over them
+        return RealtimeTable(first, None), []
+    db = RealtimeTable(first, fetch_avro_schema(first.registry_url, first.topic))
+    assert db.primary is not None
+    targets = [db.primary] + [db.add_table(s, fetch_avro_schema(s.registry_url, s.topic))
+                              for s in every[1:]]
+    return db, [Ingest(t, serde) for t in targets]
 
 
-def serve(settings: RealtimeSettings) -> None:
+def serve(settings: RealtimeSettings | Sequence[RealtimeSettings]) -> None:
     """Run the server in the foreground until SIGINT/SIGTERM."""
     from eventing import serving
 
-    logging.basicConfig(level=settings.log_level.upper(),
+    first = settings if isinstance(settings, RealtimeSettings) else settings[0]
+    logging.basicConfig(level=first.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    table, ingest = build(settings)
-    serving.serve(create_app(table, ingest, settings.token), host=settings.host,
-                  port=settings.port, limits=settings.limits, log_level=settings.log_level)
+    table, ingests = build(settings)
+    serving.serve(create_app(table, ingests, first.token), host=first.host,
+                  port=first.port, limits=first.limits, log_level=first.log_level)

@@ -10,8 +10,8 @@ runs. The receiver writes into `TraceStore`, an SQLite file in the state folder:
   plus the function the span ran in (for `sluice trace --function`);
 - `traces`: one row per trace (first start, last end, root operation, error flag), the
   index that search (`--since`, `--errors`, `--min-duration`) and retention scan;
-- `refs`: (reference, trace id) for every attribute in `REF_ATTRIBUTES` (CloudEvent id,
-  business ids such as `payment.id`), so "what happened to payment X?" is an index lookup.
+- `refs`: (reference, trace id) for the CloudEvent id and every business id the topology
+  declares (`traceIds`, e.g. `order.id`), so "what happened to order X?" is an index lookup.
 
 Everything that grows has a bound (`RetentionPolicy`): traces older than `max_age_s` are
 deleted, and when the live pages (plus the write-ahead log) pass `max_bytes` the oldest
@@ -44,9 +44,15 @@ from typing import Any
 
 log = logging.getLogger("sluice.traces")
 
-REF_ATTRIBUTES = ("cloudevents.event_id", "payment.id")
+REF_ATTRIBUTES = ("cloudevents.event_id",)
 # Which function a span ran in: Sluice's own attribute, or OpenTelemetry's FaaS one.
 FUNCTION_ATTRIBUTES = ("sluice.function", "faas.name")
+
+
+def ref_attributes(business_ids: Iterable[str] = ()) -> tuple[str, ...]:
+    """What the store indexes: the CloudEvent id plus the topology's business-id span
+    attributes (`traceIds` values)."""
+    return REF_ATTRIBUTES + tuple(a for a in business_ids if a not in REF_ATTRIBUTES)
 KIND_NAMES = {0: "unspecified", 1: "internal", 2: "server", 3: "client", 4: "producer",
               5: "consumer"}
 STATUS_NAMES = {0: "unset", 1: "ok", 2: "error"}
@@ -782,8 +788,9 @@ def _tree(spans: list[StoredSpan]) -> list[tuple[int, StoredSpan]]:
     return out
 
 
-def key_attributes(span: StoredSpan) -> str:
-    """The attributes worth a glance: where the record was, which function, which ids."""
+def key_attributes(span: StoredSpan, business_ids: Sequence[str] = ()) -> str:
+    """The attributes worth a glance: where the record was, which function, which ids
+    (`business_ids`: the topology's declared span attributes, shown by name)."""
     a = span.attributes
     parts: list[str] = []
     topic = a.get("messaging.destination.name")
@@ -800,7 +807,8 @@ def key_attributes(span: StoredSpan) -> str:
         parts.append(where)
     for attr, label in (("sluice.function", "fn"), ("sluice.sink", "sink"),
                         ("messaging.kafka.message.key", "key"),
-                        ("cloudevents.event_id", "event"), ("payment.id", "payment"),
+                        ("cloudevents.event_id", "event"),
+                        *((b, b) for b in business_ids),
                         ("sluice.delivery.attempt", "attempt"),
                         ("http.response.status_code", "http")):
         if a.get(attr) is not None and not (label == "fn" and span.name == a.get(attr)):
@@ -822,7 +830,8 @@ def time_bar(start_ms: float, duration_ms: float, total_ms: float,
     return " " * first + "█" * cells + " " * (width - first - cells)
 
 
-def render(traces: Mapping[str, list[StoredSpan]], *, bars: bool = False) -> str:
+def render(traces: Mapping[str, list[StoredSpan]], business_ids: Sequence[str] = (), *,
+           bars: bool = False) -> str:
     """The human waterfall: one line per span, indented under its parent; with `bars`
     (on a terminal) a time bar shows where each span sits in the trace."""
     lines: list[str] = []
@@ -846,7 +855,7 @@ def render(traces: Mapping[str, list[StoredSpan]], *, bars: bool = False) -> str
                    if bars else "")
             lines.append(f"  {(s.start_ns - t0) / 1e6:>9.2f} {s.duration_ms:>8.2f}  {bar}"
                          f"{s.status if s.status != 'unset' else 'ok':<6} {s.service:<16} "
-                         f"{op:<40} {key_attributes(s)}{missing}".rstrip())
+                         f"{op:<40} {key_attributes(s, business_ids)}{missing}".rstrip())
             for err in s.errors():
                 pad = " " * (BAR_WIDTH + 2) if bars else ""
                 lines.append(f"  {'':>9} {'':>8}  {pad}{'':<6} {'':<16} {'  ' * depth}  "

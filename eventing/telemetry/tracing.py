@@ -105,7 +105,8 @@ log = logging.getLogger("sluice.tracing")
 INTERNAL, SERVER, CLIENT, PRODUCER, CONSUMER = (
     SpanKind.INTERNAL, SpanKind.SERVER, SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.CONSUMER)
 SCOPE = "eventing.telemetry.tracing"
-DEFAULT_BUSINESS_IDS: Mapping[str, str] = {"payment_id": "payment.id"}
+# Business ids come from the topology (`traceIds`), never from the platform.
+DEFAULT_BUSINESS_IDS: Mapping[str, str] = {}
 PROTOCOLS = ("http/protobuf", "grpc")
 
 # Re-exported for callers and tests: the W3C rules live in eventing.cloudevent.tracecontext.
@@ -148,7 +149,7 @@ class TracingSettings:
     full traces URL (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), used as given. `sampler` is an
     `OTEL_TRACES_SAMPLER` name (default `parentbased_traceidratio` with `sampling`).
     `data_attributes` is the hook that turns an event's data into extra span attributes
-    (default: `business_ids`).
+    (default: `business_ids`, the topology's `traceIds`, e.g. `order_id` -> `order.id`).
     """
 
     endpoint: str | None = None

@@ -44,6 +44,7 @@ kn service create validate \
     --env OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318 \
     --env OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf \
     --env OTEL_SERVICE_NAME=validate \
+    --env 'SLUICE_TRACE_IDS={"payment_id": "payment.id"}' \
     --request cpu=100m,memory=256Mi \
     --limit memory=512Mi \
     --probe-readiness tcp::8080 \
@@ -82,6 +83,7 @@ kn service create enrich \
     --env OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318 \
     --env OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf \
     --env OTEL_SERVICE_NAME=enrich \
+    --env 'SLUICE_TRACE_IDS={"payment_id": "payment.id"}' \
     --request cpu=100m,memory=256Mi \
     --limit memory=512Mi \
     --probe-readiness tcp::8080 \
@@ -120,6 +122,7 @@ kn service create score \
     --env OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318 \
     --env OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf \
     --env OTEL_SERVICE_NAME=score \
+    --env 'SLUICE_TRACE_IDS={"payment_id": "payment.id"}' \
     --request cpu=100m,memory=256Mi \
     --limit memory=512Mi \
     --probe-readiness tcp::8080 \
