@@ -292,8 +292,11 @@ def gateway(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def latency(bench: Bench, args: argparse.Namespace, batch_size: int | None = None
+def latency(bench: Bench, args: argparse.Namespace, batch_size: int | None = None,
+            relay_linger_ms: float | None = None, extra: tuple[str, ...] = ()
             ) -> dict[str, Any]:
+    """validate -> convert through two `sluice run` processes at `--rate`; or, with
+    `relay_linger_ms`, the floor: two plain relays (contenders/relay.py) on the same path."""
     ids = bench.fresh("e2e")
     mid = ids["input"].replace(".in", ".mid")
     ensure_topics(bench.bootstrap, {ids["input"]: 4, mid: 4, ids["output"]: 4, ids["dlq"]: 1})
@@ -305,7 +308,10 @@ def latency(bench: Bench, args: argparse.Namespace, batch_size: int | None = Non
            "--input", ids["input"], "--mid", mid, "--output", ids["output"],
            "--dlq", ids["dlq"], "--group", ids["group"], "--rate", str(args.rate),
            "--seconds", str(args.latency_seconds),
-           *(["--batch-size", str(batch_size)] if batch_size else [])]
+           *(["--batch-size", str(batch_size)] if batch_size else []),
+           *(["--relay-linger-ms", str(relay_linger_ms), "--relay-wait-ms",
+              str(args.relay_wait_ms)] if relay_linger_ms is not None else ["--probe"]),
+           *extra]
     try:
         return run_contender(cmd, bench.logs / f"e2e-{ids['run']}.log", 240)
     finally:
@@ -366,6 +372,14 @@ def main() -> int:
                         "dispatcher waits for a full batch or 100 ms per hop")
     p.add_argument("--rate", type=int, default=5000, help="latency: events per second")
     p.add_argument("--latency-seconds", type=float, default=10.0)
+    p.add_argument("--relay-lingers", default="5,10,20",
+                   help="latency floor: producer linger.ms values tried for the plain relays "
+                        "(comma-separated; the best p99 is the floor)")
+    p.add_argument("--sluice-lingers", default="",
+                   help="latency what-if: also run Sluice with these producer linger.ms "
+                        "values (comma-separated)")
+    p.add_argument("--relay-wait-ms", type=float, default=2.0,
+                   help="latency floor: the relays' consume() timeout")
     p.add_argument("--gateway-events", type=int, default=10_000)
     p.add_argument("--gateway-batch-events", type=int, default=200_000)
     p.add_argument("--job-timeout", type=float, default=300.0, help="per contender run")
@@ -421,7 +435,17 @@ def main() -> int:
                 "skipped: needs --state-dir of the stack"]
         if "latency" in parts:
             print(f"end-to-end latency at {args.rate:,} ev/s ...", flush=True)
+            floors = {}
+            for linger in (float(x) for x in args.relay_lingers.split(",") if x.strip()):
+                print(f"  floor relays, linger.ms {linger:g} ...", flush=True)
+                floors[linger] = latency(bench, args, relay_linger_ms=linger)
+            report["latency_floor"] = floors
+            print("  sluice ...", flush=True)
             report["latency"] = latency(bench, args)
+            for linger in (float(x) for x in args.sluice_lingers.split(",") if x.strip()):
+                print(f"  what-if: Sluice producer linger.ms {linger:g} ...", flush=True)
+                report[f"latency_linger{linger:g}"] = latency(
+                    bench, args, extra=("--linger-ms", str(linger)))
             if args.what_if:
                 print("  what-if: batchSize 100 ...", flush=True)
                 report["latency_batch100"] = latency(bench, args, batch_size=100)
@@ -441,12 +465,30 @@ def main() -> int:
             print("\nGateway (benchmarks/gateway_bench.py):")
             for line in report["gateway"]:
                 print("  " + line)
-        for key in ("latency", "latency_batch100"):
-            if key not in report:
-                continue
+        if report.get("latency_floor"):
+            print(f"\nLatency floor: two plain confluent-kafka relays (consume -> produce, "
+                  f"each its own process, consume wait {args.relay_wait_ms:g} ms), "
+                  f"{args.rate:,} ev/s for {args.latency_seconds:g} s, produce -> consumed:")
+            for linger, r in report["latency_floor"].items():
+                print(f"  linger.ms {linger:>4g}: received {r['received']:,}/{r['events']:,}  "
+                      f"p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  "
+                      f"p99.9 {r['p999_ms']:.1f} ms  relays CPU "
+                      f"{r['functions_cpu_s'] / r['events'] * 1e6:.0f} us/event (both)")
+            complete = [r for r in report["latency_floor"].values()
+                        if r["received"] == r["events"]] or list(report["latency_floor"].values())
+            best = min(complete, key=lambda r: r["p99_ms"])
+            report["latency_floor_best"] = best
+            if "latency" in report:
+                lat = report["latency"]
+                print(f"  Sluice / best floor (linger {best['relay_linger_ms']:g}): p50 "
+                      f"{lat['p50_ms'] / best['p50_ms']:.2f}x  p99 "
+                      f"{lat['p99_ms'] / best['p99_ms']:.2f}x")
+        for key in [k for k in report if k.startswith("latency") and "floor" not in k]:
             lat = report[key]
             what = ("" if key == "latency" else
-                    f" — WHAT-IF, topology batchSize {lat['batch_size']} (default 500)")
+                    f" — WHAT-IF, topology batchSize {lat['batch_size']}"
+                    if lat.get("batch_size") else
+                    f" — WHAT-IF, producer linger.ms {lat.get('linger_ms')}")
             print(f"\nEnd-to-end latency, validate → convert in process (two `sluice run` "
                   f"processes), {lat['rate']:,} ev/s for {args.latency_seconds:g} s{what}:")
             print(f"  received {lat['received']:,}/{lat['events']:,}  p50 {lat['p50_ms']:.1f} ms"
@@ -456,6 +498,14 @@ def main() -> int:
             for name, h in lat.get("hops", {}).items():
                 print(f"    produce → {name.removeprefix('to_').replace('_', ' '):<24} "
                       f"p50 {h['p50_ms']:.1f} ms  p99 {h['p99_ms']:.1f} ms")
+            for fn, parts in (lat.get("probe") or {}).items():
+                if not parts:
+                    continue
+                print(f"    {fn} cycle parts (ms, p50/p99/max, calls): " + "; ".join(
+                    f"{part} {v['p50']}/{v['p99']}/{v['max']} x{v['calls']}"
+                    for part, v in parts.items() if part != "batch")
+                    + (f"; records per consume p50 {parts['batch']['p50']:g}"
+                       if "batch" in parts else ""))
         if "profile" in parts:
             profile(bench, args)
         if args.json:
