@@ -375,9 +375,10 @@ def main() -> int:
     p.add_argument("--relay-lingers", default="5,10,20",
                    help="latency floor: producer linger.ms values tried for the plain relays "
                         "(comma-separated; the best p99 is the floor)")
-    p.add_argument("--sluice-lingers", default="",
-                   help="latency what-if: also run Sluice with these producer linger.ms "
-                        "values (comma-separated)")
+    p.add_argument("--sluice-whatif", action="append",
+                   help="latency what-if (repeatable): also run Sluice with these "
+                        "contenders/whatif_run.py flags, e.g. '--linger-ms 5' or "
+                        "'--batch-wait-ms 5'")
     p.add_argument("--relay-wait-ms", type=float, default=2.0,
                    help="latency floor: the relays' consume() timeout")
     p.add_argument("--gateway-events", type=int, default=10_000)
@@ -442,10 +443,10 @@ def main() -> int:
             report["latency_floor"] = floors
             print("  sluice ...", flush=True)
             report["latency"] = latency(bench, args)
-            for linger in (float(x) for x in args.sluice_lingers.split(",") if x.strip()):
-                print(f"  what-if: Sluice producer linger.ms {linger:g} ...", flush=True)
-                report[f"latency_linger{linger:g}"] = latency(
-                    bench, args, extra=("--linger-ms", str(linger)))
+            for i, whatif in enumerate(args.sluice_whatif or []):
+                print(f"  what-if: Sluice with {whatif} ...", flush=True)
+                report[f"latency_whatif{i}"] = {**latency(bench, args, extra=tuple(
+                    whatif.split())), "whatif": whatif}
             if args.what_if:
                 print("  what-if: batchSize 100 ...", flush=True)
                 report["latency_batch100"] = latency(bench, args, batch_size=100)
@@ -488,7 +489,7 @@ def main() -> int:
             what = ("" if key == "latency" else
                     f" — WHAT-IF, topology batchSize {lat['batch_size']}"
                     if lat.get("batch_size") else
-                    f" — WHAT-IF, producer linger.ms {lat.get('linger_ms')}")
+                    f" — WHAT-IF, {lat.get('whatif')}")
             print(f"\nEnd-to-end latency, validate → convert in process (two `sluice run` "
                   f"processes), {lat['rate']:,} ev/s for {args.latency_seconds:g} s{what}:")
             print(f"  received {lat['received']:,}/{lat['events']:,}  p50 {lat['p50_ms']:.1f} ms"
