@@ -385,6 +385,9 @@ def main() -> int:
     p.add_argument("--gateway-batch-events", type=int, default=200_000)
     p.add_argument("--job-timeout", type=float, default=300.0, help="per contender run")
     p.add_argument("--log-dir", default="/tmp/sluice-bench-logs")
+    p.add_argument("--before", help="also run the in-process throughput and latency "
+                   "contenders from this checkout of Sluice (e.g. a `git archive` of the "
+                   "base commit), side by side in the same run")
     p.add_argument("--json", help="also write all results to this file")
     args = p.parse_args()
     parts = set(args.only or ["floor", "quix", "sluice", "sluice-http-batch", "sluice-http",
@@ -412,10 +415,14 @@ def main() -> int:
             "floor": ([py, str(HERE / "contenders" / "floor.py")], args.events, args.repeat),
             "quix": ([str(QUIX_PY), str(HERE / "quix_job.py")], args.events, args.repeat),
             "sluice": ([py, disp, "--invoke", "inprocess"], args.events, args.repeat),
+            **({"sluice-before": ([py, str(Path(args.before) / "benchmarks" / "contenders" /
+                                            "sluice_dispatch.py"), "--invoke", "inprocess"],
+                                  args.events, args.repeat)} if args.before else {}),
             "sluice-http-batch": ([py, disp, "--invoke", "http-batch"], args.batch_events, 1),
             "sluice-http": ([py, disp, "--invoke", "http"], args.http_events, 1),
         }
-        jobs = {k: v for k, v in jobs.items() if k in parts}
+        jobs = {k: v for k, v in jobs.items()
+                if k in parts or (k == "sluice-before" and "sluice" in parts)}
         runs: dict[str, list[dict]] = {k: [] for k in jobs}
         # Round-robin the repeated contenders so drift (broker memory, heat) hits all alike.
         for rep in range(max((v[2] for v in jobs.values()), default=0)):
@@ -443,10 +450,14 @@ def main() -> int:
             report["latency_floor"] = floors
             print("  sluice ...", flush=True)
             report["latency"] = latency(bench, args)
+            if args.before:
+                print(f"  sluice from {args.before} (before) ...", flush=True)
+                report["latency_before"] = {**latency(bench, args, extra=(
+                    "--sluice-root", args.before)), "whatif": f"BEFORE: Sluice of {args.before}"}
             for i, whatif in enumerate(args.sluice_whatif or []):
                 print(f"  what-if: Sluice with {whatif} ...", flush=True)
                 report[f"latency_whatif{i}"] = {**latency(bench, args, extra=tuple(
-                    whatif.split())), "whatif": whatif}
+                    whatif.split())), "whatif": f"WHAT-IF {whatif}"}
             if args.what_if:
                 print("  what-if: batchSize 100 ...", flush=True)
                 report["latency_batch100"] = latency(bench, args, batch_size=100)
@@ -489,7 +500,7 @@ def main() -> int:
             what = ("" if key == "latency" else
                     f" — WHAT-IF, topology batchSize {lat['batch_size']}"
                     if lat.get("batch_size") else
-                    f" — WHAT-IF, {lat.get('whatif')}")
+                    f" — {lat.get('whatif')}")
             print(f"\nEnd-to-end latency, validate → convert in process (two `sluice run` "
                   f"processes), {lat['rate']:,} ev/s for {args.latency_seconds:g} s{what}:")
             print(f"  received {lat['received']:,}/{lat['events']:,}  p50 {lat['p50_ms']:.1f} ms"

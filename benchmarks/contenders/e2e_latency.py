@@ -91,7 +91,9 @@ def start_functions(args, tmp: Path) -> list[subprocess.Popen]:
     procs = []
     for name in ("validate", "convert"):
         probe = ["--probe", str(tmp / f"{name}.probe.json")] if args.probe else []
-        if not whatif and not probe:
+        if args.sluice_root:  # another checkout's Sluice (e.g. before a change)
+            launcher = [sys.executable, "-m", "eventing.cli"]
+        elif not whatif and not probe:
             launcher = [str(Path(sys.executable).parent / "sluice")]
         else:  # the same CLI with dispatcher settings varied or timed (whatif_run.py)
             launcher = [sys.executable, str(Path(__file__).parent / "whatif_run.py"),
@@ -101,7 +103,9 @@ def start_functions(args, tmp: Path) -> list[subprocess.Popen]:
             [*launcher, "--state-dir", str(tmp / "state"), "run", "--topology", str(topology),
              "--function", name,
              "--bootstrap", args.bootstrap, "--registry", args.registry],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            cwd=args.sluice_root or ROOT,
+            env={**env, "PYTHONPATH": args.sluice_root} if args.sluice_root else env,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     return procs
 
 
@@ -154,6 +158,8 @@ def main() -> None:
     p.add_argument("--cap-ms", type=float, help="what-if: cap the dispatcher's consume wait")
     p.add_argument("--linger-ms", type=float, help="what-if: the dispatcher producer's linger")
     p.add_argument("--batch-wait-ms", type=float, help="what-if: the dispatcher's idle wait")
+    p.add_argument("--sluice-root", help="run `python -m eventing.cli` from this checkout "
+                   "(before/after comparisons in one run; no what-ifs or probe)")
     p.add_argument("--probe", action="store_true",
                    help="time the parts of each dispatcher cycle (whatif_run.py --probe)")
     p.add_argument("--relay-linger-ms", type=float,

@@ -109,6 +109,9 @@ class StackSettings:
     # Trace store bounds; None leaves `eventing.telemetry.traces.RetentionPolicy`'s default.
     trace_retention_s: float | None = None
     trace_max_bytes: int | None = None
+    # Processes per function in one consumer group, where `--replicas NAME=N` overrides the
+    # topology's `scale.min` (at least 1): see `pipeline.replica_count`.
+    replicas: tuple[tuple[str, int], ...] = ()
 
     @property
     def bootstrap(self) -> str:
@@ -184,6 +187,7 @@ class StackSettings:
             "broker_storage": self.broker_storage,
             "pipeline": self.pipeline,
             "generator": self.generator,
+            "replicas": [list(r) for r in self.replicas],
         }
         self.settings_file.write_text(json.dumps(data, indent=2))
 
@@ -203,6 +207,8 @@ class StackSettings:
             broker_storage=data.get("broker_storage", self.broker_storage),
             pipeline=self.pipeline if keep_pipeline else data.get("pipeline", self.pipeline),
             generator=self.generator if keep_pipeline else data.get("generator", self.generator),
+            replicas=self.replicas if keep_pipeline and self.replicas else tuple(
+                (str(n), int(c)) for n, c in data.get("replicas", self.replicas)),
         )
 
 
@@ -243,6 +249,7 @@ def load_settings(
     trace_sampling: float | None = None,
     trace_retention_s: float | None = None,
     trace_max_bytes: int | None = None,
+    replicas: dict[str, int] | None = None,
 ) -> StackSettings:
     """Build settings from explicit values; the CLI maps flags and env vars onto these.
 
@@ -262,6 +269,7 @@ def load_settings(
         trace_max_bytes=trace_max_bytes,
         gateway_token=gateway_token or None,
         query_token=query_token or None,
+        replicas=tuple(sorted((replicas or {}).items())),
         **{k: v for k, v in optional.items() if v is not None},
     )
     if broker_storage:
