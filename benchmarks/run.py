@@ -510,14 +510,14 @@ def main() -> int:
             for name, h in lat.get("hops", {}).items():
                 print(f"    produce → {name.removeprefix('to_').replace('_', ' '):<24} "
                       f"p50 {h['p50_ms']:.1f} ms  p99 {h['p99_ms']:.1f} ms")
-            for fn, parts in (lat.get("probe") or {}).items():
-                if not parts:
+            for fn, cycle in (lat.get("probe") or {}).items():
+                if not cycle:
                     continue
                 print(f"    {fn} cycle parts (ms, p50/p99/max, calls): " + "; ".join(
                     f"{part} {v['p50']}/{v['p99']}/{v['max']} x{v['calls']}"
-                    for part, v in parts.items() if part != "batch")
-                    + (f"; records per consume p50 {parts['batch']['p50']:g}"
-                       if "batch" in parts else ""))
+                    for part, v in cycle.items() if part != "batch")
+                    + (f"; records per consume p50 {cycle['batch']['p50']:g}"
+                       if "batch" in cycle else ""))
         if "profile" in parts:
             profile(bench, args)
         if args.json:

@@ -1,7 +1,8 @@
 """Two replicas of a function with keyed state in one consumer group, rebalanced mid-stream.
 
 A second `sluice run` of the same function joins while events flow (the group moves
-partitions to it), then the first one stops (they all move back). Keyed state must
+partitions to it; the stream goes on until both have produced outputs), then the first
+one stops (all partitions move to the second). Keyed state must
 follow its partitions through the changelog (`eventing.fn.state` restores on every
 assignment): every key's count must end at exactly the number of events sent for it,
 nothing lost, nothing counted twice, and every count from 1 up must have been emitted.
@@ -26,7 +27,7 @@ from tests.helpers import ROOT, stop_process, unique, wait_until
 
 COUNTER = ROOT / "tests" / "functions" / "counter"
 KEYS = 24
-PHASE = 600  # events per phase; three phases
+PHASE = 600  # events before the second replica joins, and after the first leaves
 
 
 def start_replica(topology: Path, stack, tmp: Path, n: int) -> subprocess.Popen:
@@ -46,12 +47,16 @@ class Outputs:
         self.consumer = Consumer(consumer_config(bootstrap, unique("probe-")))
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(4)])
         self.counts: dict[str, list[int]] = defaultdict(list)
+        self.pids: dict[int, int] = defaultdict(int)  # process -> outputs, events >= since
+        self.since = 0
 
     def read(self) -> dict[str, list[int]]:
         for msg in self.consumer.consume(5000, 0.2):
             if msg.error() is None:
                 v = orjson.loads(msg.value())
                 self.counts[v["key"]].append(v["n"])
+                if int(v["id"].rsplit("-", 1)[1]) >= self.since:
+                    self.pids[v["pid"]] += 1
         return self.counts
 
 
@@ -93,9 +98,18 @@ def test_keyed_state_follows_partitions_across_rebalances(stack, tmp_path) -> No
         send(PHASE, 0)
         wait_until(caught_up, 90, "replica 1 to count phase 1")
         second = start_replica(topology, stack, tmp_path, 2)  # joins: rebalance
-        send(PHASE, PHASE)
+        outputs.since = sent_total = PHASE
+        deadline = time.monotonic() + 90
+        while True:  # the stream goes on until both replicas have produced outputs
+            send(100, sent_total)
+            sent_total += 100
+            outputs.read()
+            if len(outputs.pids) == 2 or time.monotonic() > deadline:
+                break
+        assert len(outputs.pids) == 2, "the second replica never got partitions"
         stop_process(first, timeout=30, group=True)  # leaves: rebalance again
-        send(PHASE, 2 * PHASE)
+        send(PHASE, sent_total)
+        sent_total += PHASE
         wait_until(caught_up, 120, "replica 2 to count every key to its end")
         time.sleep(1.0)
         counts = outputs.read()
@@ -104,7 +118,7 @@ def test_keyed_state_follows_partitions_across_rebalances(stack, tmp_path) -> No
         if second is not None:
             stop_process(second, timeout=30, group=True)
     logs = "\n".join((tmp_path / f"replica-{n}.log").read_text()[-2000:] for n in (1, 2))
-    assert len(sent) == KEYS and sum(sent.values()) == 3 * PHASE
+    assert len(sent) == KEYS and sum(sent.values()) == sent_total
     for key, n in sent.items():
         emitted = counts[key]
         assert max(emitted) == n, f"{key}: counted {max(emitted)} of {n} events\n{logs}"

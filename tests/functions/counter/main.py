@@ -4,6 +4,8 @@ The state value keeps the last ids it counted, so a replayed event (at-least-onc
 recognised and not counted twice, the way the fraud scorer keeps recent payment ids.
 """
 
+import os
+
 import functions_framework
 from cloudevents.http import CloudEvent
 
@@ -21,4 +23,4 @@ def counter(event: CloudEvent) -> dict | None:
         return None  # a replay: already counted
     state = {"n": state["n"] + 1, "ids": [*state["ids"], event["id"]][-KEEP_IDS:]}
     COUNTS.put(key, state)
-    return {"key": key, "n": state["n"], "id": event["id"]}
+    return {"key": key, "n": state["n"], "id": event["id"], "pid": os.getpid()}
