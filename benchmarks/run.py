@@ -292,8 +292,11 @@ def gateway(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def latency(bench: Bench, args: argparse.Namespace, batch_size: int | None = None
+def latency(bench: Bench, args: argparse.Namespace, batch_size: int | None = None,
+            relay_linger_ms: float | None = None, extra: tuple[str, ...] = ()
             ) -> dict[str, Any]:
+    """validate -> convert through two `sluice run` processes at `--rate`; or, with
+    `relay_linger_ms`, the floor: two plain relays (contenders/relay.py) on the same path."""
     ids = bench.fresh("e2e")
     mid = ids["input"].replace(".in", ".mid")
     ensure_topics(bench.bootstrap, {ids["input"]: 4, mid: 4, ids["output"]: 4, ids["dlq"]: 1})
@@ -305,7 +308,10 @@ def latency(bench: Bench, args: argparse.Namespace, batch_size: int | None = Non
            "--input", ids["input"], "--mid", mid, "--output", ids["output"],
            "--dlq", ids["dlq"], "--group", ids["group"], "--rate", str(args.rate),
            "--seconds", str(args.latency_seconds),
-           *(["--batch-size", str(batch_size)] if batch_size else [])]
+           *(["--batch-size", str(batch_size)] if batch_size else []),
+           *(["--relay-linger-ms", str(relay_linger_ms), "--relay-wait-ms",
+              str(args.relay_wait_ms)] if relay_linger_ms is not None else ["--probe"]),
+           *extra]
     try:
         return run_contender(cmd, bench.logs / f"e2e-{ids['run']}.log", 240)
     finally:
@@ -366,10 +372,22 @@ def main() -> int:
                         "dispatcher waits for a full batch or 100 ms per hop")
     p.add_argument("--rate", type=int, default=5000, help="latency: events per second")
     p.add_argument("--latency-seconds", type=float, default=10.0)
+    p.add_argument("--relay-lingers", default="5,10,20",
+                   help="latency floor: producer linger.ms values tried for the plain relays "
+                        "(comma-separated; the best p99 is the floor)")
+    p.add_argument("--sluice-whatif", action="append",
+                   help="latency what-if (repeatable): also run Sluice with these "
+                        "contenders/whatif_run.py flags, e.g. '--linger-ms 5' or "
+                        "'--batch-wait-ms 5'")
+    p.add_argument("--relay-wait-ms", type=float, default=2.0,
+                   help="latency floor: the relays' consume() timeout")
     p.add_argument("--gateway-events", type=int, default=10_000)
     p.add_argument("--gateway-batch-events", type=int, default=200_000)
     p.add_argument("--job-timeout", type=float, default=300.0, help="per contender run")
     p.add_argument("--log-dir", default="/tmp/sluice-bench-logs")
+    p.add_argument("--before", help="also run the in-process throughput and latency "
+                   "contenders from this checkout of Sluice (e.g. a `git archive` of the "
+                   "base commit), side by side in the same run")
     p.add_argument("--json", help="also write all results to this file")
     args = p.parse_args()
     parts = set(args.only or ["floor", "quix", "sluice", "sluice-http-batch", "sluice-http",
@@ -397,10 +415,14 @@ def main() -> int:
             "floor": ([py, str(HERE / "contenders" / "floor.py")], args.events, args.repeat),
             "quix": ([str(QUIX_PY), str(HERE / "quix_job.py")], args.events, args.repeat),
             "sluice": ([py, disp, "--invoke", "inprocess"], args.events, args.repeat),
+            **({"sluice-before": ([py, str(Path(args.before) / "benchmarks" / "contenders" /
+                                            "sluice_dispatch.py"), "--invoke", "inprocess"],
+                                  args.events, args.repeat)} if args.before else {}),
             "sluice-http-batch": ([py, disp, "--invoke", "http-batch"], args.batch_events, 1),
             "sluice-http": ([py, disp, "--invoke", "http"], args.http_events, 1),
         }
-        jobs = {k: v for k, v in jobs.items() if k in parts}
+        jobs = {k: v for k, v in jobs.items()
+                if k in parts or (k == "sluice-before" and "sluice" in parts)}
         runs: dict[str, list[dict]] = {k: [] for k in jobs}
         # Round-robin the repeated contenders so drift (broker memory, heat) hits all alike.
         for rep in range(max((v[2] for v in jobs.values()), default=0)):
@@ -421,7 +443,21 @@ def main() -> int:
                 "skipped: needs --state-dir of the stack"]
         if "latency" in parts:
             print(f"end-to-end latency at {args.rate:,} ev/s ...", flush=True)
+            floors = {}
+            for linger in (float(x) for x in args.relay_lingers.split(",") if x.strip()):
+                print(f"  floor relays, linger.ms {linger:g} ...", flush=True)
+                floors[linger] = latency(bench, args, relay_linger_ms=linger)
+            report["latency_floor"] = floors
+            print("  sluice ...", flush=True)
             report["latency"] = latency(bench, args)
+            if args.before:
+                print(f"  sluice from {args.before} (before) ...", flush=True)
+                report["latency_before"] = {**latency(bench, args, extra=(
+                    "--sluice-root", args.before)), "whatif": f"BEFORE: Sluice of {args.before}"}
+            for i, whatif in enumerate(args.sluice_whatif or []):
+                print(f"  what-if: Sluice with {whatif} ...", flush=True)
+                report[f"latency_whatif{i}"] = {**latency(bench, args, extra=tuple(
+                    whatif.split())), "whatif": f"WHAT-IF {whatif}"}
             if args.what_if:
                 print("  what-if: batchSize 100 ...", flush=True)
                 report["latency_batch100"] = latency(bench, args, batch_size=100)
@@ -441,12 +477,30 @@ def main() -> int:
             print("\nGateway (benchmarks/gateway_bench.py):")
             for line in report["gateway"]:
                 print("  " + line)
-        for key in ("latency", "latency_batch100"):
-            if key not in report:
-                continue
+        if report.get("latency_floor"):
+            print(f"\nLatency floor: two plain confluent-kafka relays (consume -> produce, "
+                  f"each its own process, consume wait {args.relay_wait_ms:g} ms), "
+                  f"{args.rate:,} ev/s for {args.latency_seconds:g} s, produce -> consumed:")
+            for linger, r in report["latency_floor"].items():
+                print(f"  linger.ms {linger:>4g}: received {r['received']:,}/{r['events']:,}  "
+                      f"p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  "
+                      f"p99.9 {r['p999_ms']:.1f} ms  relays CPU "
+                      f"{r['functions_cpu_s'] / r['events'] * 1e6:.0f} us/event (both)")
+            complete = [r for r in report["latency_floor"].values()
+                        if r["received"] == r["events"]] or list(report["latency_floor"].values())
+            best = min(complete, key=lambda r: r["p99_ms"])
+            report["latency_floor_best"] = best
+            if "latency" in report:
+                lat = report["latency"]
+                print(f"  Sluice / best floor (linger {best['relay_linger_ms']:g}): p50 "
+                      f"{lat['p50_ms'] / best['p50_ms']:.2f}x  p99 "
+                      f"{lat['p99_ms'] / best['p99_ms']:.2f}x")
+        for key in [k for k in report if k.startswith("latency") and "floor" not in k]:
             lat = report[key]
             what = ("" if key == "latency" else
-                    f" — WHAT-IF, topology batchSize {lat['batch_size']} (default 500)")
+                    f" — WHAT-IF, topology batchSize {lat['batch_size']}"
+                    if lat.get("batch_size") else
+                    f" — {lat.get('whatif')}")
             print(f"\nEnd-to-end latency, validate → convert in process (two `sluice run` "
                   f"processes), {lat['rate']:,} ev/s for {args.latency_seconds:g} s{what}:")
             print(f"  received {lat['received']:,}/{lat['events']:,}  p50 {lat['p50_ms']:.1f} ms"
@@ -456,6 +510,14 @@ def main() -> int:
             for name, h in lat.get("hops", {}).items():
                 print(f"    produce → {name.removeprefix('to_').replace('_', ' '):<24} "
                       f"p50 {h['p50_ms']:.1f} ms  p99 {h['p99_ms']:.1f} ms")
+            for fn, cycle in (lat.get("probe") or {}).items():
+                if not cycle:
+                    continue
+                print(f"    {fn} cycle parts (ms, p50/p99/max, calls): " + "; ".join(
+                    f"{part} {v['p50']}/{v['p99']}/{v['max']} x{v['calls']}"
+                    for part, v in cycle.items() if part != "batch")
+                    + (f"; records per consume p50 {cycle['batch']['p50']:g}"
+                       if "batch" in cycle else ""))
         if "profile" in parts:
             profile(bench, args)
         if args.json:

@@ -9,6 +9,15 @@ The defaults here exist because of measured broker behaviour (see
   ~5 MB per partition, overfilling librdkafka's queue; the default 1 s backoff starves
   fast consumers.
 - `session.timeout.ms=6000`: a group join is held for half the session timeout.
+- `linger.ms=20` for a producer that relays a steady stream (`STREAM_PRODUCER`, the
+  dispatcher's): Tansu serves many small produce requests slowly, so a short linger
+  makes it fall behind and latency grows without bound. Measured by
+  `benchmarks/run.py --only latency` (two hops at 5K ev/s, plain relays and Sluice in
+  the same run, shared 2 cores, 2026-11-30): relays linger 5 p99 2.1 s vs linger 20
+  p99 0.33 s; Sluice linger 5 p99 3.1 s vs linger 20 p99 0.89 s. An idle machine gave
+  linger 1 > 1 s, 5 ms 165-219 ms, 10 ms 109 ms, 20 ms 80 ms (shared/notes/local-parts.md).
+  Producers that wait for each request's acks (the gateway, the HTTP host) keep the
+  general default: there linger is added to every answer.
 
 They are harmless on Apache Kafka, so one configuration serves both. Every broker
 address comes from the caller: nothing here knows where the broker is.
@@ -45,6 +54,11 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "linger.ms": 5,
     "enable.idempotence": False,
 }
+
+
+# The dispatcher's producer: a steady stream of outputs, whose latency is bounded by
+# how fast the broker takes them (see the module docstring for the measurements).
+STREAM_PRODUCER: dict[str, Any] = {"linger.ms": 20}
 
 
 def consumer_config(bootstrap: str, group_id: str, **overrides: Any) -> dict[str, Any]:

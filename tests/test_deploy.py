@@ -178,7 +178,9 @@ def test_overlays_build_and_stay_valid(bundle, crds, overlay):
         base_mx = int(base["metadata"]["annotations"][knative.SERVING + "max-scale"])
         res = svc["spec"]["template"]["spec"]["containers"][0]["resources"]
         assert ann[knative.SERVING + "min-scale"] == "0"
-        if overlay == "prod":
+        if name == "score":  # keyed state: one pod in every environment
+            assert mx == base_mx == 1
+        elif overlay == "prod":
             assert mx > base_mx and res == kustomize.PROD_RESOURCES
         else:
             assert mx <= base_mx and res == kustomize.DEV_RESOURCES
@@ -306,7 +308,9 @@ def test_scale_to_zero_and_keda_annotations(bundle, topology):
     for name, fn in topology.functions.items():
         ann = bundle.services[name]["spec"]["template"]["metadata"]["annotations"]
         assert ann[knative.SERVING + "min-scale"] == "0"
-        assert ann[knative.SERVING + "max-scale"] == str(fn.scale.max)
+        stateful = knative.has_keyed_state(fn)
+        assert stateful == (name == "score")  # the example's one function with a store
+        assert ann[knative.SERVING + "max-scale"] == ("1" if stateful else str(fn.scale.max))
         assert ann[knative.SERVING + "target"] == str(fn.scale.target_concurrency)
         src = bundle.sources[name]["metadata"]["annotations"]
         assert src[knative.EVENTING + "class"] == "keda.autoscaling.knative.dev"
@@ -369,7 +373,9 @@ def test_kn_script_creates_what_the_yaml_declares(bundle, topology, tmp_path):
         shim = bin_dir / tool
         shim.write_text(f"#!{sys.executable}\nimport json, sys\n"
                         f"open({str(log)!r}, 'a').write(json.dumps(sys.argv) + '\\n')\n"
-                        "if sys.argv[1:3] == ['create', 'namespace']: print('kind: Namespace')\n")
+                        "if sys.argv[1:3] == ['create', 'namespace']: print('kind: Namespace')\n"
+                        # read a piped manifest, or its writer may hit a closed pipe
+                        "if sys.argv[-2:] == ['-f', '-']: sys.stdin.read()\n")
         shim.chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
     proc = subprocess.run(["bash", str(bundle.out / "kn.sh")], env=env, capture_output=True,
@@ -577,3 +583,39 @@ def test_checked_in_infra_cluster_is_current(topology, tmp_path):
     stale = sorted(str(p) for p in set(want) | set(have) if want.get(p) != have.get(p))
     assert not stale, f"infra/cluster is stale ({stale[:5]}...); regenerate: {REGENERATE}"
     assert os.access(STATIC / "kn.sh", os.X_OK)
+
+
+def test_no_two_pods_ever_share_a_key_of_a_function_with_keyed_state(tmp_path):
+    """A Service spreads a KafkaSource's events over its pods, and each pod holds its own
+    in-memory copy of a keyed store: with two pods, one key's events would update two
+    diverging copies. So a function with a `store` is pinned to one pod in the base and
+    in every overlay, whatever its topology asks; a stateless one keeps its scale."""
+    (tmp_path / "topology.yaml").write_text(yaml.safe_dump({
+        "topics": {"in": {"partitions": 8}, "out": {"partitions": 8}},
+        "functions": {
+            "counter": {"source": str(ROOT / "tests" / "functions" / "counter"),
+                        "topics": ["in"], "outputs": ["out"], "scale": {"min": 2, "max": 8}},
+            "flaky": {"source": str(ROOT / "tests" / "functions" / "flaky"),
+                      "topics": ["in"], "outputs": ["out"], "scale": {"min": 2, "max": 8}},
+        }}))
+    t = topo.load(tmp_path / "topology.yaml")
+    b = write_bundle(t, tmp_path / "out", DeploySettings(), include_code=False)
+
+    def scale(svc: dict) -> tuple[str, str]:
+        ann = svc["spec"]["template"]["metadata"]["annotations"]
+        return ann[knative.SERVING + "min-scale"], ann[knative.SERVING + "max-scale"]
+
+    assert scale(b.services["counter"]) == ("1", "1")
+    assert scale(b.services["flaky"]) == ("2", "8")
+    for env in ("dev", "prod"):
+        doc = yaml.safe_load((tmp_path / "out" / "overlays" / env / "kustomization.yaml")
+                             .read_text())
+        for patch in doc["patches"]:
+            if patch["target"].get("kind") != "Service":
+                continue
+            ops = {op["path"]: op.get("value") for op in yaml.safe_load(patch["patch"])}
+            mx = ops["/spec/template/metadata/annotations/autoscaling.knative.dev~1max-scale"]
+            assert (mx == "1") == (patch["target"]["name"] == "counter"), (env, patch)
+    kn = (tmp_path / "out" / "kn.sh").read_text()
+    counter_cmd = kn.split("kn service create counter", 1)[1].split("kn service create", 1)[0]
+    assert "--scale-max 1 " in counter_cmd.replace("\\\n", " ").replace("  ", " ")

@@ -65,7 +65,8 @@ def test_store_indexes_by_trace_event_and_payment_id_and_renders_a_tree(tmp_path
                    "messaging.kafka.message.offset": 7}),
         _stored(tid, "3" * 16, "2" * 16, "process payments.raw", 200, err="boom"),
     ])
-    reader = traces.TraceStore(tmp_path / "t.db", readonly=True, ref_attributes=REFS)  # another connection
+    # another connection reads what the first wrote
+    reader = traces.TraceStore(tmp_path / "t.db", readonly=True, ref_attributes=REFS)
     for ref in (tid, "e1", "p1"):
         assert list(reader.lookup(ref)) == [tid]
     assert reader.lookup("nope") == {}

@@ -15,6 +15,7 @@ Before the window, events are sent until one comes out the far end (both groups 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -50,7 +51,25 @@ def records(serde: AvroSerde, topic: str, prefix: str, n: int) -> list[tuple]:
     return out
 
 
+def start_relays(args, tmp: Path, env: dict[str, str]) -> list[subprocess.Popen]:
+    """The floor: two plain confluent-kafka relays (relay.py) on the same topics."""
+    procs = []
+    for name, src, dst in (("relay1", args.input, args.mid), ("relay2", args.mid, args.output)):
+        log = (tmp / f"{name}.log").open("w")
+        procs.append(subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "relay.py"),
+             "--bootstrap", args.bootstrap, "--input", src, "--output", dst,
+             "--group", f"{args.group}-{name}", "--linger-ms", str(args.relay_linger_ms),
+             "--consume-wait-ms", str(args.relay_wait_ms)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
 def start_functions(args, tmp: Path) -> list[subprocess.Popen]:
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+           "PYTHONUNBUFFERED": "1"}
+    if args.relay_linger_ms is not None:
+        return start_relays(args, tmp, env)
     topology = tmp / "topology.yaml"
     delivery = {"ordering": "ordered", "deadLetterSink": args.dlq}
     tuning = {"batchSize": args.batch_size} if args.batch_size else {}
@@ -65,22 +84,28 @@ def start_functions(args, tmp: Path) -> list[subprocess.Popen]:
                         "outputs": [args.output], "consumerGroup": f"{args.group}-convert",
                         "delivery": delivery, **tuning},
         }}))
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
-           "PYTHONUNBUFFERED": "1"}
     whatif = [*(["--cap-ms", str(args.cap_ms)] if args.cap_ms is not None else []),
-              *(["--linger-ms", str(args.linger_ms)] if args.linger_ms is not None else [])]
-    if not whatif:
-        launcher = [str(Path(sys.executable).parent / "sluice")]
-    else:  # what-if: the same CLI with dispatcher settings varied (see whatif_run.py)
-        launcher = [sys.executable, str(Path(__file__).parent / "whatif_run.py"), *whatif, "--"]
+              *(["--linger-ms", str(args.linger_ms)] if args.linger_ms is not None else []),
+              *(["--batch-wait-ms", str(args.batch_wait_ms)]
+                if args.batch_wait_ms is not None else [])]
     procs = []
     for name in ("validate", "convert"):
+        probe = ["--probe", str(tmp / f"{name}.probe.json")] if args.probe else []
+        if args.sluice_root:  # another checkout's Sluice (e.g. before a change)
+            launcher = [sys.executable, "-m", "eventing.cli"]
+        elif not whatif and not probe:
+            launcher = [str(Path(sys.executable).parent / "sluice")]
+        else:  # the same CLI with dispatcher settings varied or timed (whatif_run.py)
+            launcher = [sys.executable, str(Path(__file__).parent / "whatif_run.py"),
+                        *whatif, *probe, "--"]
         log = (tmp / f"{name}.log").open("w")
         procs.append(subprocess.Popen(
             [*launcher, "--state-dir", str(tmp / "state"), "run", "--topology", str(topology),
              "--function", name,
              "--bootstrap", args.bootstrap, "--registry", args.registry],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            cwd=args.sluice_root or ROOT,
+            env={**env, "PYTHONPATH": args.sluice_root} if args.sluice_root else env,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     return procs
 
 
@@ -132,6 +157,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, help="topology batchSize (default: Sluice's)")
     p.add_argument("--cap-ms", type=float, help="what-if: cap the dispatcher's consume wait")
     p.add_argument("--linger-ms", type=float, help="what-if: the dispatcher producer's linger")
+    p.add_argument("--batch-wait-ms", type=float, help="what-if: the dispatcher's idle wait")
+    p.add_argument("--sluice-root", help="run `python -m eventing.cli` from this checkout "
+                   "(before/after comparisons in one run; no what-ifs or probe)")
+    p.add_argument("--probe", action="store_true",
+                   help="time the parts of each dispatcher cycle (whatif_run.py --probe)")
+    p.add_argument("--relay-linger-ms", type=float,
+                   help="run the floor instead: two plain relays with this producer linger")
+    p.add_argument("--relay-wait-ms", type=float, default=2.0,
+                   help="the floor relays' consume() timeout")
     args = p.parse_args()
     total = int(args.rate * args.seconds)
     serde = AvroSerde(args.registry)
@@ -185,11 +219,14 @@ def main() -> None:
         hops = {"to_validate_output_created": hop(sent, middle.seen, lambda a: a[1]),
                 "to_convert_output_created": hop(sent, arrivals.seen, lambda a: a[1]),
                 "to_validate_output_consumed": hop(sent, middle.seen, lambda a: a[0])}
-        emit({"events": total, "received": len(lat), "send_seconds": send_s,
+        result = {"events": total, "received": len(lat), "send_seconds": send_s,
               "rate": args.rate, "cap_ms": args.cap_ms, "linger_ms": args.linger_ms,
-              "batch_size": args.batch_size, "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
+              "batch_size": args.batch_size,
+              "relay_linger_ms": args.relay_linger_ms,
+              "relay_wait_ms": args.relay_wait_ms if args.relay_linger_ms is not None
+              else None, "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
               "p999_ms": pct(lat, 0.999), "max_ms": max(lat) * 1000 if lat else None,
-              "functions_cpu_s": cpu1 - cpu0, "hops": hops})
+              "functions_cpu_s": cpu1 - cpu0, "hops": hops}
     finally:
         for probe in (arrivals, middle):
             probe.stop.set()
@@ -203,6 +240,13 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(pr.pid, signal.SIGKILL)
                 pr.wait(5)
+    if args.probe and args.relay_linger_ms is None:
+        probes = {}
+        for name in ("validate", "convert"):
+            f = tmp / f"{name}.probe.json"
+            probes[name] = json.loads(f.read_text()) if f.exists() else None
+        result["probe"] = probes
+    emit(result)
 
 
 if __name__ == "__main__":

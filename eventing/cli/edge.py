@@ -99,6 +99,7 @@ class Edge:
             trace_max_bytes=getattr(a, "trace_max_size", None),
             topology=(getattr(a, "topology", None) if a.command == "up"
                       else None) or os.environ.get(ENV_TOPOLOGY),
+            replicas=self.replicas,
         )
         if settings.settings_file.exists():
             # A state folder keeps the ports and broker storage it was first started
@@ -123,6 +124,18 @@ class Edge:
             return path
         cwd = Path.cwd()
         return cwd if (cwd / "functions" / "topology.yaml").exists() else None
+
+    @property
+    def replicas(self) -> dict[str, int]:
+        """`--replicas NAME=N` flags, checked: a bad one stops the command with the fix."""
+        out: dict[str, int] = {}
+        for item in getattr(self.args, "replicas", None) or ():
+            name, sep, count = item.partition("=")
+            if not sep or not name or not count.isdigit() or int(count) < 1:
+                raise SystemExit(f"--replicas {item!r}: expected NAME=N with N >= 1, "
+                                 "e.g. --replicas score=2")
+            out[name] = int(count)
+        return out
 
     def given(self, *names: str, **renamed: str) -> dict[str, Any]:
         """The flags the user gave, as settings keywords (`field=flag dest` to rename).

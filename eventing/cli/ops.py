@@ -32,7 +32,11 @@ def up(edge: Edge) -> int:
     _check_trace_bounds(s)
     print(f"Starting the Sluice stack (state in {s.state_dir}, broker storage {s.broker_storage})")
     try:
-        Stack(s).up()
+        stack = Stack(s)
+    except ValueError as exc:  # the topology and `--replicas` disagree: nothing started
+        raise CommandFailed(str(exc), 2) from None
+    try:
+        stack.up()
     except (StackError, IncompatibleSchema, MissingBinary) as exc:
         raise CommandFailed(f"{exc}\nParts already started keep running; `sluice down` "
                             "stops them.", 1) from None
@@ -274,6 +278,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                   default_of="eventing.telemetry.traces:RetentionPolicy.max_bytes",
                   help="the trace store deletes its oldest traces above this size "
                        "(1GiB, 200MB; bytes)")
+    p.add_argument("--replicas", action="append", metavar="NAME=N",
+                   help="run function NAME as N processes in one consumer group (repeatable; "
+                        "default: the topology's scale.min, at least 1)")
 
     p = add_command(sub, "status", status,
                     help="report each part: pid, endpoint, health, uptime (exit 3 if one "

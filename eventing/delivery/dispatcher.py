@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from eventing.cloudevent import kafka as ce_kafka
 from eventing.delivery.checkpoint import Checkpoint, DeliveryFailed
 from eventing.delivery.invoke import Failure, Invoker, record_event
-from eventing.kafka import consumer_config, produce, producer_config
+from eventing.kafka import STREAM_PRODUCER, consumer_config, produce, producer_config
 from eventing.telemetry import tracing
 from eventing.topology import Function
 
@@ -109,7 +109,7 @@ class Dispatcher:
         # spans themselves).
         traced = tracing.get_tracer().enabled
         self.producer = Producer(producer_config(
-            bootstrap, **{"delivery.report.only.error": not traced,
+            bootstrap, **{**STREAM_PRODUCER, "delivery.report.only.error": not traced,
                           "on_delivery": self._on_delivery}
         ))
         self.invoker = invoker_factory(self.producer)

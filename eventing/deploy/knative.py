@@ -74,15 +74,45 @@ def _probe(settings: DeploySettings, period: int, failures: int, delay: int = 0)
             "periodSeconds": period, "timeoutSeconds": 1, "failureThreshold": failures}
 
 
+def has_keyed_state(function: Function) -> bool:
+    """Whether the function's module holds a `KeyedState` (found the way the host finds it).
+
+    Imports the function's source file, as `sluice run` does; a function whose code is
+    not importable here cannot be checked, so that is an error, not a guess.
+    """
+    import sys
+
+    from eventing.fn.runtime import load_target
+    from eventing.fn.state import KeyedState
+
+    fn = load_target(function.source, function.target)
+    module = sys.modules.get(getattr(fn, "__module__", ""), None)
+    return module is not None and any(isinstance(v, KeyedState) for v in vars(module).values())
+
+
+def service_max_scale(max_scale: int, *, stateful: bool) -> int:
+    """At most one pod for a function with keyed state.
+
+    Its state is an in-memory copy per pod (restored from the changelog when the pod
+    starts). A KafkaSource delivers a partition in order but the Service spreads requests
+    over its pods, so with two pods one card's events would update two diverging copies
+    of its window. One pod is the price of correct windows: no scale-out beyond one
+    pod's throughput, and a cold start on the first event after scale-to-zero.
+    """
+    return 1 if stateful else max_scale
+
+
 def service(function: Function, settings: DeploySettings,
-            trace_ids: dict[str, str] | None = None) -> dict:
-    """A Knative Service running the function's image, scaling to zero."""
+            trace_ids: dict[str, str] | None = None, *, stateful: bool = False) -> dict:
+    """A Knative Service running the function's image, scaling to zero (to one pod at
+    most when the function has keyed state: `service_max_scale`)."""
     scale = function.scale
     annotations = {
         SERVING + "class": KPA_CLASS,
         SERVING + "metric": "concurrency",
-        SERVING + "min-scale": str(scale.min),
-        SERVING + "max-scale": str(scale.max),
+        SERVING + "min-scale": str(service_max_scale(scale.min, stateful=stateful)
+                                   if scale.min else 0),
+        SERVING + "max-scale": str(service_max_scale(scale.max, stateful=stateful)),
         SERVING + "target": str(scale.target_concurrency),
     }
     container = {

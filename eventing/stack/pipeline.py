@@ -77,19 +77,51 @@ def gateway_spec(settings: StackSettings) -> PartSpec:
 
 
 def function_metrics_port(settings: StackSettings, index: int) -> int:
-    return settings.ports.dispatcher_metrics + index
+    """The metrics port of the `index`-th function process (`function_processes` order)."""
+    port = settings.ports.dispatcher_metrics + index
+    if port >= settings.ports.lake_metrics:
+        raise ValueError(
+            f"too many function processes ({index + 1}): their metrics ports run from "
+            f"{settings.ports.dispatcher_metrics} into the lake sink's "
+            f"{settings.ports.lake_metrics}; lower `--replicas` or a topology `scale.min`")
+    return port
+
+
+def replica_count(function: topo.Function, overrides: dict[str, int]) -> int:
+    """How many processes run `function` locally, in one consumer group.
+
+    `sluice up --replicas NAME=N` wins; else the topology's `scale.min` (the number the
+    cluster manifests keep running too), at least one. The group spreads the partitions
+    over them; keyed state follows its partitions through the changelog
+    (`eventing.fn.state`: every assignment restores).
+    """
+    return max(1, overrides.get(function.name, function.scale.min))
+
+
+def function_processes(settings: StackSettings) -> list[tuple[str, str]]:
+    """(function name, part name) of every function process, in a stable order:
+    functions by name, then replicas (`fn-NAME`, `fn-NAME-2`, ...)."""
+    topology = topo.load(settings.topology_path)
+    overrides = dict(settings.replicas)
+    unknown = sorted(set(overrides) - set(topology.functions))
+    if unknown:
+        raise ValueError(f"--replicas names no function of the topology: {', '.join(unknown)} "
+                         f"(functions: {', '.join(sorted(topology.functions))})")
+    return [(name, f"fn-{name}" if r == 1 else f"fn-{name}-{r}")
+            for name in sorted(topology.functions)
+            for r in range(1, replica_count(topology.functions[name], overrides) + 1)]
 
 
 def function_specs(settings: StackSettings) -> list[Callable[[StackSettings], PartSpec]]:
-    """One factory per function of the topology, in name order (stable metrics ports)."""
-    topology = topo.load(settings.topology_path)
+    """One factory per function process (`function_processes`: stable metrics ports)."""
     factories = []
-    for index, name in enumerate(sorted(topology.functions)):
-        def factory(s: StackSettings, name: str = name, index: int = index) -> PartSpec:
+    for index, (name, part) in enumerate(function_processes(settings)):
+        def factory(s: StackSettings, name: str = name, part: str = part,
+                    index: int = index) -> PartSpec:
             port = function_metrics_port(s, index)
             url = f"http://{s.host}:{port}/metrics"
             return _python_part(
-                s, f"fn-{name}",
+                s, part,
                 ["run", "--function", name, "--topology", str(s.topology_path),
                  "--bootstrap", s.bootstrap, "--registry", s.registry_url,
                  "--metrics-port", str(port), "--metrics-host", s.host,

@@ -47,13 +47,12 @@ def scrape_config(settings: StackSettings) -> dict:
 
 def _function_ports(settings: StackSettings) -> list[int]:
     """The metrics port of every function process `sluice up` starts."""
-    from eventing import topology as topo
-    from eventing.stack.pipeline import function_metrics_port
+    from eventing.stack.pipeline import function_metrics_port, function_processes
 
     if not settings.pipeline:
         return []
-    names = sorted(topo.load(settings.topology_path).functions)
-    return [function_metrics_port(settings, i) for i in range(len(names))]
+    return [function_metrics_port(settings, i)
+            for i in range(len(function_processes(settings)))]
 
 
 def write_config(settings: StackSettings) -> Path:

@@ -111,6 +111,9 @@ class StackSettings:
     trace_max_bytes: int | None = None
     # The pipeline this stack runs (`sluice up --topology`); None: the payments example.
     topology_file: Path | None = None
+    # Processes per function in one consumer group, where `--replicas NAME=N` overrides the
+    # topology's `scale.min` (at least 1): see `pipeline.replica_count`.
+    replicas: tuple[tuple[str, int], ...] = ()
 
     @property
     def bootstrap(self) -> str:
@@ -191,6 +194,7 @@ class StackSettings:
             "pipeline": self.pipeline,
             "generator": self.generator,
             "topology": str(self.topology_file) if self.topology_file else None,
+            "replicas": [list(r) for r in self.replicas],
         }
         self.settings_file.write_text(json.dumps(data, indent=2))
 
@@ -213,6 +217,8 @@ class StackSettings:
             topology_file=(self.topology_file if keep_pipeline and self.topology_file
                            else Path(data["topology"]) if data.get("topology")
                            else self.topology_file),
+            replicas=self.replicas if keep_pipeline and self.replicas else tuple(
+                (str(n), int(c)) for n, c in data.get("replicas", self.replicas)),
         )
 
 
@@ -254,6 +260,7 @@ def load_settings(
     trace_retention_s: float | None = None,
     trace_max_bytes: int | None = None,
     topology: str | os.PathLike[str] | None = None,
+    replicas: dict[str, int] | None = None,
 ) -> StackSettings:
     """Build settings from explicit values; the CLI maps flags and env vars onto these.
 
@@ -274,6 +281,7 @@ def load_settings(
         gateway_token=gateway_token or None,
         query_token=query_token or None,
         topology_file=Path(topology).resolve() if topology else None,
+        replicas=tuple(sorted((replicas or {}).items())),
         **{k: v for k, v in optional.items() if v is not None},
     )
     if broker_storage:
