@@ -28,6 +28,7 @@ from eventing.tables.lake import (
     LakeSink,
     LakeSinkConfig,
     LakeWriter,
+    Unconvertible,
     UnsupportedSchema,
     committed_offsets,
     head_offsets,
@@ -88,6 +89,31 @@ def test_batch_builder_converts_epoch_ms_and_filters_replayed_rows():
     pairs = zip(kept["kafka_partition"].to_pylist(), kept["kafka_offset"].to_pylist(),
                 strict=True)
     assert sorted(pairs) == [(0, 2), (1, 0), (1, 1), (1, 2)]
+
+
+def test_batch_builder_refuses_times_no_timestamp_column_holds():
+    schema = iceberg_schema(SCORED, "event_time").as_arrow()
+    builder = BatchBuilder(schema, "event_time", time_is_ms=True)
+    builder.add(scored(0), partition=0, offset=0)
+    for poison in (10**16, 253_402_300_800_000, -62_135_596_800_001):
+        with pytest.raises(Unconvertible, match="event_time"):
+            builder.add(scored(1) | {"event_time": poison}, partition=0, offset=1)
+    builder.add(scored(2), partition=0, offset=2)
+    assert builder.build()["kafka_offset"].to_pylist() == [0, 2]  # nothing of the poison
+
+
+def test_batch_builder_drops_only_the_rows_that_do_not_convert():
+    schema = iceberg_schema(SCORED, "event_time").as_arrow()
+    builder = BatchBuilder(schema, "event_time", time_is_ms=True)
+    for i in range(5):
+        builder.add(scored(i) | ({"amount": "not a number"} if i in (1, 3) else {}),
+                    partition=0, offset=i)
+    with pytest.raises(pa.ArrowException):
+        builder.build()
+    bad = builder.drop_unconvertible()
+    assert [i for i, _ in bad] == [1, 3]
+    assert "not a number" in bad[0][1] or "double" in bad[0][1]
+    assert builder.build()["kafka_offset"].to_pylist() == [0, 2, 4]
 
 
 # --------------------------------------------------------------------------- stack helpers

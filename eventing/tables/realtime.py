@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("sluice.realtime")
 
 LAKE_ALIAS = query.DEFAULT_NAMES.lake_alias
+# Exit status of a server whose ingest thread died (the supervisor shows it as the reason).
+EXIT_INGEST_DIED = 70
 
 
 def parse_duration(text: str) -> float:
@@ -111,6 +114,9 @@ class Metrics:
         self.undecodable = Counter("sluice_realtime_undecodable_records",
                                    "Records skipped: not a decodable CloudEvent/Avro value",
                                    registry=r)
+        self.unconvertible = Counter("sluice_realtime_unconvertible_records",
+                                     "Records skipped: values the table cannot hold "
+                                     "(the lake sink dead-letters them)", registry=r)
         self.duplicates = Counter("sluice_realtime_duplicate_records",
                                   "Records skipped: an event (source+id) seen recently",
                                   registry=r)
@@ -222,13 +228,27 @@ class RealtimeTable:
         Records older than the retention are left out. `timestamps_ms` (the Kafka
         timestamps) feed the ingest-lag metrics. Returns the rows appended.
         """
+        import pyarrow as pa
+
+        from eventing.tables.lake import Unconvertible
+
         builder = self.builder
         builder.clear()
         for record, partition, offset in records:
-            builder.add(record, partition, offset)
+            try:
+                builder.add(record, partition, offset)
+            except Unconvertible as exc:  # the lake sink dead-letters it; here: skip, count
+                self._skip(partition, offset, str(exc))
         if not len(builder):
             return 0
-        batch = builder.build()
+        try:
+            batch = builder.build()
+        except (pa.ArrowException, ValueError, TypeError, OverflowError):
+            for i, reason in builder.drop_unconvertible():
+                self._skip(-1, i, reason)
+            if not len(builder):
+                return 0
+            batch = builder.build()
         builder.clear()
         cutoff = self._cutoff()
         with self._write_lock:
@@ -250,6 +270,11 @@ class RealtimeTable:
         self.metrics.rows_ingested.inc(n)
         self.metrics.rows.set(self.rows)
         return n
+
+    def _skip(self, partition: int, offset: int, reason: str) -> None:
+        self.metrics.unconvertible.inc()
+        log.warning("skipping the row of partition %d offset %d: %s", partition, offset,
+                    reason[:200])
 
     def _cutoff(self) -> Any:
         import datetime as dt
@@ -417,7 +442,10 @@ class Ingest:
         except Exception as exc:
             self.error = repr(exc)
             log.exception("real-time ingest failed")
-            raise
+            # The HTTP server would live on with a table that no longer fills: exit, so the
+            # stack's supervisor restarts the process (which reloads the last hour).
+            logging.shutdown()
+            os._exit(EXIT_INGEST_DIED)
         finally:
             consumer.close()
 
