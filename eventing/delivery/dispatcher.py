@@ -110,6 +110,7 @@ class Dispatcher:
         self.consumer = Consumer(consumer_config(bootstrap, function.consumer_group, **overrides))
         self.checkpoint = Checkpoint(self.producer, self.consumer, name=function.name,
                                      on_rewind=self.lanes.clear)
+        self.last_cycle = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -120,6 +121,7 @@ class Dispatcher:
         try:
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 self.step()
+                self.last_cycle = time.monotonic()  # read by /healthz
         finally:
             self.close()
         return self.stats

@@ -27,6 +27,8 @@ def spec(settings: StackSettings, *, topic: str = TOPIC, table: str = TABLE) -> 
             "--metrics-port", str(port), "--metrics-host", settings.host,
             *tracing_args(settings, "sluice-lake-sink")]
     part = _python_part(settings, NAME, args, f"lake sink {topic} -> sluice.{table} "
-                        f"(metrics {url})", lambda: http_status(url) == 200, [port])
+                        f"(metrics {url})",
+                        lambda: http_status(f"http://{settings.host}:{port}/healthz") == 200,
+                        [port])
     part.start_timeout = 60.0  # creating the table and the first group join take seconds
     return part

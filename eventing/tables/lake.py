@@ -527,6 +527,7 @@ class LakeSink:
         self._traced: list[Any] = []          # records of the batch, when tracing is on
         self._batch_started = 0.0
         self._consumer: Any = None
+        self.last_loop = time.monotonic()     # read by /healthz
         self._rows: list[Any] = []            # the message of each row in `builder`
         self._producer: Any = None            # dead letters; made on first use
         self._dead_acks: Any = None           # their delivery reports, awaited in flush
@@ -581,6 +582,7 @@ class LakeSink:
         interval = cfg.interval_ms / 1000
         try:
             while not stop.is_set():
+                self.last_loop = time.monotonic()
                 if max_rows is not None and self.stats.rows_written >= max_rows:
                     break
                 wait = 0.1
@@ -757,7 +759,6 @@ def is_plain_long(avro_type: Any) -> bool:
 
 def serve_metrics(sink: LakeSink, host: str, port: int) -> None:
     """Expose the sink's counters for Prometheus, read at scrape time."""
-    from prometheus_client import start_http_server
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     from prometheus_client.registry import REGISTRY, Collector
 
@@ -799,4 +800,16 @@ def serve_metrics(sink: LakeSink, host: str, port: int) -> None:
             yield gauge
 
     REGISTRY.register(_Collector())
-    start_http_server(port, addr=host)
+
+    def health() -> tuple[bool, dict[str, Any]]:
+        # Alive and looping; a store outage is reported, not "unhealthy": the sink waits
+        # it out, and a restart would not help.
+        age = time.monotonic() - sink.last_loop
+        since = sink.writer.failing_since
+        return age < 120, {"seconds_since_loop": round(age, 1),
+                           "store_failing_s": None if since is None
+                           else round(time.monotonic() - since, 1)}
+
+    from eventing.telemetry import metrics
+
+    metrics.serve_metrics(host, port, health)
