@@ -42,11 +42,17 @@ def status(edge: Edge) -> int:
     if edge.args.json:
         print(json.dumps([p.as_dict() for p in parts], indent=2))
     else:
-        print(f"{'PART':<12} {'PID':>8}  {'HEALTH':<9} {'UPTIME':>8}  ENDPOINT")
+        print(f"{'PART':<12} {'PID':>8}  {'HEALTH':<9} {'UPTIME':>8} {'RESTARTS':>8}  "
+              "ENDPOINT")
         for p in parts:
             health = "healthy" if p.healthy else ("unhealthy" if p.running else "stopped")
+            if p.state and p.state != "Running":
+                health = p.state  # Waiting / CrashLoopBackOff, as the supervisor sees it
             uptime = f"{p.uptime_s:.0f}s" if p.uptime_s is not None else "-"
-            print(f"{p.name:<12} {p.pid or '-':>8}  {health:<9} {uptime:>8}  {p.endpoint}")
+            print(f"{p.name:<12} {p.pid or '-':>8}  {health:<9} {uptime:>8} {p.restarts:>8}  "
+                  f"{p.endpoint}")
+            if p.last_exit_reason:
+                print(f"{'':<12} {'':>8}  last exit: {p.last_exit_reason}")
     return 0 if all(p.healthy for p in parts) else 3
 
 
@@ -136,7 +142,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                   help="share of new traces the pipeline records, 0..1")
 
     p = add_command(sub, "status", status,
-                    help="report each part: pid, endpoint, health, uptime")
+                    help="report each part: pid, endpoint, health, uptime, restarts and "
+                    "the reason of its last exit")
     p.add_argument("--json", action="store_true")
 
     p = add_command(sub, "down", down, help="stop what `sluice up` started")

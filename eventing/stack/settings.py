@@ -28,6 +28,7 @@ class Ports:
     dispatcher_metrics: int = 9464  # one port per function from here upwards
     realtime: int = 8090
     lake_metrics: int = 9480
+    supervisor: int = 9479  # the supervisor's /metrics and /healthz
     s3: int = 8333
     iceberg: int = 8181
     prometheus: int = 9090
@@ -178,11 +179,19 @@ class StackSettings:
         return replace(
             self,
             host=data.get("host", self.host),
-            ports=Ports(**data["ports"]),
+            ports=saved_ports(data["ports"]),
             broker_storage=data.get("broker_storage", self.broker_storage),
             pipeline=self.pipeline if keep_pipeline else data.get("pipeline", self.pipeline),
             generator=self.generator if keep_pipeline else data.get("generator", self.generator),
         )
+
+
+def saved_ports(saved: dict[str, int]) -> Ports:
+    """The ports a state folder was started with; ports added to Sluice since then take
+    the same offset (read from the broker's port) so an older state folder still works."""
+    offset = saved.get("broker", Ports.broker) - Ports.broker
+    known = {f.name for f in fields(Ports)}
+    return replace(Ports().shifted(offset), **{k: v for k, v in saved.items() if k in known})
 
 
 def generator_path(topology_path: Path) -> Path:
