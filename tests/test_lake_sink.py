@@ -195,6 +195,38 @@ def test_sink_appends_every_record_once_and_duckdb_agrees(stack, lake):
 
 
 @pytest.mark.stack
+def test_a_poison_time_among_good_rows_is_dead_lettered_and_the_rest_lands(stack, lake):
+    """Year 10000 (and 1e16 ms) passed the schema but broke the Parquet write: the sink
+    crash-looped on that batch and nothing after it reached the table."""
+    import base64
+
+    from tests.pipeline import consume_all, headers_of
+
+    topic, n = _topic(stack), 1_000
+    dead = unique("lake-dead-")
+    setup_topics(stack.bootstrap, {dead: 1})
+    poison = {500: 10**16, 700: 253_402_300_800_000}
+    rows = [scored(i) | ({"event_time": poison[i]} if i in poison else {})
+            for i in range(n + len(poison))]
+    produce_payments(stack.bootstrap, AvroSerde(stack.registry_url), topic, rows)
+    table_name = unique("lake_poison_")
+    config = LakeSinkConfig(topic=topic, table=table_name, batch_size=300, interval_ms=300,
+                            maintenance=None, dead_letter_topic=dead)
+    sink = _run_sink(config, lake, stack, n)
+    table = catalog(lake).load_table(lake.qualified(table_name))
+    assert _ids(table) == Counter(f"p-{i}" for i in range(n + 2) if i not in poison)
+    assert sink.stats.dead_lettered == 2 and sink.stats.rows_written == n
+    letters = consume_all(stack.bootstrap, dead, 2, timeout=30)
+    assert sorted(headers_of(m)["ce_id"] for m in letters) == ["p-500", "p-700"]
+    for m in letters:
+        h = headers_of(m)
+        assert h["ce_knativeerrorcode"] == "422"
+        assert h["ce_knativeerrordest"] == f"lake:{lake.qualified(table_name)}"
+        assert "outside the years 1-9999" in base64.b64decode(h["ce_knativeerrordata"]).decode()
+        assert m.value()  # the original Avro data, for a replay after a fix
+
+
+@pytest.mark.stack
 def test_writer_commit_is_idempotent_by_offsets(stack, lake):
     table = open_table(catalog(lake), lake.qualified(unique("lake_idem_")), SCORED,
                        "event_time")
