@@ -62,6 +62,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("sluice.lake")
 
 OFFSETS_PROPERTY = "sluice.kafka-offsets"
+# The Kafka topic id (a new one each time the topic is created) the offsets belong to: a
+# memory broker's restart recreates the topic empty, and offsets of the old log must not
+# make the sink skip the new one's records as "already in the table".
+TOPIC_IDS_PROPERTY = "sluice.kafka-topic-ids"
 PARTITION_COLUMN = "kafka_partition"
 OFFSET_COLUMN = "kafka_offset"
 
@@ -181,24 +185,38 @@ def open_table(cat: Catalog, identifier: str, avro: dict[str, Any], time_field: 
 # --------------------------------------------------------------------------- offsets
 
 
-def _offsets_of(summary: Any, topic: str) -> dict[int, int]:
-    raw = None if summary is None else summary.additional_properties.get(OFFSETS_PROPERTY)
+def _offsets_of(summary: Any, topic: str, topic_id: str | None = None) -> dict[int, int]:
+    """The offsets a snapshot recorded for `topic`; none when they belong to another
+    incarnation of the topic than `topic_id` (a snapshot that recorded no id counts)."""
+    props = None if summary is None else summary.additional_properties
+    raw = props.get(OFFSETS_PROPERTY) if props else None
     if not raw:
         return {}
+    if topic_id is not None:
+        recorded = json.loads(props.get(TOPIC_IDS_PROPERTY) or "{}").get(topic)
+        if recorded is not None and recorded != topic_id:
+            return {}
     return {int(p): int(o) for p, o in json.loads(raw).get(topic, {}).items()}
 
 
-def head_offsets(table: Table, topic: str) -> dict[int, int]:
+def recorded_topic_id(table: Table, topic: str) -> str | None:
+    """The topic id the head snapshot's offsets belong to (None: not recorded)."""
+    snapshot = table.current_snapshot()
+    raw = snapshot.summary.additional_properties.get(TOPIC_IDS_PROPERTY) if snapshot else None
+    return json.loads(raw).get(topic) if raw else None
+
+
+def head_offsets(table: Table, topic: str, topic_id: str | None = None) -> dict[int, int]:
     """Last offset included per partition, as the head snapshot records it."""
     snapshot = table.current_snapshot()
-    return _offsets_of(snapshot.summary if snapshot else None, topic)
+    return _offsets_of(snapshot.summary if snapshot else None, topic, topic_id)
 
 
-def committed_offsets(table: Table, topic: str) -> dict[int, int]:
+def committed_offsets(table: Table, topic: str, topic_id: str | None = None) -> dict[int, int]:
     """Highest last-included offset per partition over every snapshot still in history."""
     found: dict[int, int] = {}
     for snapshot in table.metadata.snapshots:
-        for p, o in _offsets_of(snapshot.summary, topic).items():
+        for p, o in _offsets_of(snapshot.summary, topic, topic_id).items():
             if o > found.get(p, -1):
                 found[p] = o
     return found
@@ -329,6 +347,7 @@ class LakeWriter:
         # (the sink's metrics show it), never turned into an exit that loses the batch's
         # place; `sluice_lake_commit_failures` and the SluiceLakeStoreUnavailable alert say so.
         self.stop = stop or threading.Event()
+        self.topic_id: str | None = None  # the topic incarnation being read (see above)
         self.failures = 0             # failed attempts whose outcome was unknown, in total
         self.failing_since: float | None = None  # monotonic start of the current outage
         # Held around each catalog commit; shared with this sink's maintenance thread.
@@ -348,7 +367,7 @@ class LakeWriter:
             try:
                 self.table.refresh()
                 self.failing_since = None
-                return committed_offsets(self.table, self.topic)
+                return committed_offsets(self.table, self.topic, self.topic_id)
             except Exception:
                 if self.stop.is_set() or (self.attempts is not None
                                           and attempt + 1 >= self.attempts):
@@ -381,7 +400,7 @@ class LakeWriter:
             try:
                 if attempt:
                     self.table.refresh()
-                done = head_offsets(self.table, self.topic)
+                done = head_offsets(self.table, self.topic, self.topic_id)
                 pending = rows_after(rows, done)
                 if pending.num_rows == 0:
                     self._delete(files)  # the head already holds these rows
@@ -398,6 +417,10 @@ class LakeWriter:
                 previous = (snapshot.summary.additional_properties.get(OFFSETS_PROPERTY)
                             if snapshot else None)
                 props = {OFFSETS_PROPERTY: _offsets_json(done, offsets, self.topic, previous)}
+                if self.topic_id is not None:
+                    ids = (json.loads(snapshot.summary.additional_properties.get(
+                        TOPIC_IDS_PROPERTY) or "{}") if snapshot else {})
+                    props[TOPIC_IDS_PROPERTY] = json.dumps(ids | {self.topic: self.topic_id})
                 tx = self.table.transaction()
                 with tx.update_snapshot(snapshot_properties=props).fast_append() as append:
                     for f in files:
@@ -471,6 +494,7 @@ class SinkStats:
     skipped_duplicate_ids: int = 0
     undecodable: int = 0
     dead_lettered: int = 0
+    topic_resets: int = 0
     commits: int = 0
     commit_conflicts: int = 0
     kafka_commit_errors: int = 0
@@ -485,7 +509,8 @@ class SinkStats:
             "consumed": self.consumed, "rows_written": self.rows_written,
             "skipped_replayed": self.skipped_replayed,
             "skipped_duplicate_ids": self.skipped_duplicate_ids, "undecodable": self.undecodable,
-            "dead_lettered": self.dead_lettered, "commits": self.commits,
+            "dead_lettered": self.dead_lettered, "topic_resets": self.topic_resets,
+            "commits": self.commits,
             "commit_conflicts": self.commit_conflicts,
             "flush_p50_ms": _pct(flush, 50), "flush_p99_ms": _pct(flush, 99),
             "commit_p50_ms": _pct(commit, 50), "commit_p99_ms": _pct(commit, 99),
@@ -531,6 +556,8 @@ class LakeSink:
         self._rows: list[Any] = []            # the message of each row in `builder`
         self._producer: Any = None            # dead letters; made on first use
         self._dead_acks: Any = None           # their delivery reports, awaited in flush
+        self._admin: Any = None               # reads the topic's id (a recreated topic)
+        self._topic_checked = 0.0
         self.recent = dedupe.RecentIds(config.dedupe_window_ms, config.dedupe_max_ids)
         self._maintenance: MaintenanceThread | None = None
         if config.maintenance is not None:
@@ -542,6 +569,7 @@ class LakeSink:
     # -- Kafka callbacks
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        self._check_topic_id()
         self._done = self.writer.committed()
         for tp in partitions:
             if tp.partition in self._done:
@@ -613,8 +641,11 @@ class LakeSink:
         p, o = msg.partition(), msg.offset()
         self.stats.consumed += 1
         if o <= self._done.get(p, -1):
-            self.stats.skipped_replayed += 1
-            return
+            # After the seek past the table's offsets this means a replay, or a topic that
+            # was recreated under us (broker restart): the records are new then.
+            if not self._check_topic_id(min_interval_s=5.0):
+                self.stats.skipped_replayed += 1
+                return
         if not self._batch:
             self._batch_started = time.monotonic()
         self._batch[p] = o
@@ -647,7 +678,7 @@ class LakeSink:
         if self._tracer.enabled:
             self._traced.append(msg)  # spans for sampled records, made at commit
 
-    def flush(self) -> CommitResult | None:
+    def flush(self, *, commit_kafka: bool = True) -> CommitResult | None:
         """Commit the pending batch to the table, then its offsets to Kafka."""
         if not self._batch:
             return None
@@ -668,9 +699,10 @@ class LakeSink:
         for p, o in self._batch.items():
             self._done[p] = max(o, self._done.get(p, -1))
         try:
-            self._consumer.commit(offsets=[TopicPartition(self.config.topic, p, o + 1)
-                                           for p, o in self._batch.items()],
-                                  asynchronous=False)
+            if commit_kafka:
+                self._consumer.commit(offsets=[TopicPartition(self.config.topic, p, o + 1)
+                                               for p, o in self._batch.items()],
+                                      asynchronous=False)
         except KafkaException as exc:  # harmless: the table's offsets skip the replay
             self.stats.kafka_commit_errors += 1
             log.warning("Kafka offset commit failed: %s", exc)
@@ -683,6 +715,52 @@ class LakeSink:
             self.on_flush(result)
         return result
 
+
+    # -- a recreated topic
+
+    def _current_topic_id(self) -> str | None:
+        from confluent_kafka import TopicCollection
+        from confluent_kafka.admin import AdminClient
+
+        from eventing.kafka import admin_config
+
+        if self._admin is None:
+            self._admin = AdminClient(admin_config(self.bootstrap))
+        try:
+            [future] = self._admin.describe_topics(
+                TopicCollection([self.config.topic]), request_timeout=10).values()
+            topic_id = future.result().topic_id
+        except Exception as exc:  # noqa: BLE001 - unknown: keep the offsets we have
+            log.warning("cannot read the id of topic %s: %s", self.config.topic, exc)
+            return None
+        return None if topic_id is None else str(topic_id)
+
+    def _check_topic_id(self, min_interval_s: float = 0.0) -> bool:
+        """Read the topic's id; when it is not the one the table's offsets belong to, the
+        log was reset: forget those offsets (counted, logged). True when it was reset."""
+        now = time.monotonic()
+        if now - self._topic_checked < min_interval_s:
+            return False
+        self._topic_checked = now
+        current = self._current_topic_id()
+        if current is None:
+            return False
+        known = self.writer.topic_id or recorded_topic_id(self.writer.table, self.config.topic)
+        self.writer.topic_id = current
+        if known is None or known == current:
+            return False
+        self.stats.topic_resets += 1
+        log.warning("topic %s was recreated (id %s, the table's offsets are of %s): reading "
+                    "the new log from its start; records of the old log not yet in the "
+                    "table were lost with it", self.config.topic, current, known)
+        # What was consumed from the old log and not yet committed belongs to that log:
+        # commit it to the table under the old id, but not to Kafka (its offsets would
+        # point into the new log).
+        self.writer.topic_id = known
+        self.flush(commit_kafka=False)
+        self.writer.topic_id = current
+        self._done = {}
+        return True
 
     # -- records the table cannot hold
 
@@ -776,6 +854,8 @@ def serve_metrics(sink: LakeSink, host: str, port: int) -> None:
                 ("sluice_lake_records_undecodable", s.undecodable, "Records that did not decode"),
                 ("sluice_lake_records_dead_lettered", s.dead_lettered,
                  "Records the table cannot hold, sent to the dead-letter topic with the reason"),
+                ("sluice_lake_topic_resets", s.topic_resets,
+                 "Times the topic was found recreated (a new log): read from its start"),
                 ("sluice_lake_commit_failures", sink.writer.failures,
                  "Catalog/object-store attempts that failed and were retried"),
                 ("sluice_lake_commits", s.commits, "Iceberg commits"),

@@ -117,6 +117,10 @@ class Metrics:
         self.unconvertible = Counter("sluice_realtime_unconvertible_records",
                                      "Records skipped: values the table cannot hold "
                                      "(the lake sink dead-letters them)", registry=r)
+        self.topic_resets = Counter("sluice_realtime_topic_resets",
+                                    "Partitions whose offsets went back: the topic was "
+                                    "recreated (a broker restart); read from the new log",
+                                    registry=r)
         self.duplicates = Counter("sluice_realtime_duplicate_records",
                                   "Records skipped: an event (source+id) seen recently",
                                   registry=r)
@@ -411,6 +415,7 @@ class Ingest:
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, name="realtime-ingest", daemon=True)
         self.assigned: set[int] = set()
+        self.last_offsets: dict[int, int] = {}  # per partition: a step back = a new log
         self.last_poll = 0.0
         self.error: str | None = None
 
@@ -471,9 +476,18 @@ class Ingest:
             if not msgs:
                 continue
             records, stamps = [], []
+            last = self.last_offsets
             for msg in msgs:
                 if msg.error():
                     continue
+                p, o = msg.partition(), msg.offset()
+                if o < last.get(p, -1):
+                    # Only a recreated log goes back (this consumer never seeks back);
+                    # the consumer already reads it from its start (auto.offset.reset).
+                    self.table.metrics.topic_resets.inc()
+                    log.warning("%s[%d] went back from offset %d to %d: the topic was "
+                                "recreated; reading the new log", msg.topic(), p, last[p], o)
+                last[p] = o
                 record = decode(msg)
                 if record is None:
                     continue

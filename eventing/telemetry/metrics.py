@@ -29,6 +29,8 @@ _COUNTERS = {
                       "Records sent to the dead-letter topic"),
     "commits": ("sluice_function_commits_total", "Offset commits"),
     "batches": ("sluice_function_batches_total", "Invocation batches"),
+    "topic_resets": ("sluice_function_topic_resets_total",
+                     "Source partitions found recreated (a new log, e.g. a broker restart)"),
 }
 
 
