@@ -150,3 +150,27 @@ def test_a_later_part_waits_for_an_earlier_one_to_be_healthy(procs, tmp_path) ->
     healthy["ok"] = True
     sup.tick()
     assert is_alive(procs.record("second"))
+
+
+def test_up_refuses_a_layout_with_a_taken_port_before_starting_anything(tmp_path) -> None:
+    """Offsets 1000 apart: weed's master gRPC port of one stack is the other's S3 gRPC
+    port (19333 + 3000 = 18333 + 4000). `up` names the port and a free offset."""
+    import socket
+
+    from eventing.stack.settings import Ports, load_settings
+    from eventing.stack.supervisor import Stack, StackError
+    from tests.helpers import free_port_offset
+
+    offset = free_port_offset()
+    settings = load_settings(state_dir=tmp_path / "state", port_offset=offset,
+                             pipeline=False)
+    other_master_grpc = Ports().shifted(offset - 1000).weed_master_grpc
+    assert other_master_grpc == settings.ports.weed_s3_grpc
+    stack = Stack(settings)
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", other_master_grpc))
+        other.listen()
+        taken = rf"objectstore {other_master_grpc}.*--port-offset \d+"
+        with pytest.raises(StackError, match=taken):
+            stack.up(log=lambda _: None)
+    assert stack.procs.records() == []  # nothing was started
