@@ -36,4 +36,7 @@ def spec(settings: StackSettings) -> PartSpec:
         endpoint=f"real-time table {url} (POST /query)",
         health=lambda: http_status(url + "/healthz") == 200,
         ports=[settings.ports.realtime],
+        # DuckDB extensions, the lake ATTACH and the schema fetch: 30 s was too short on a
+        # loaded 2-core machine.
+        start_timeout=60.0,
     )

@@ -448,8 +448,8 @@ class Ingest:
             self.error = repr(exc)
             log.exception("real-time ingest failed")
             # The HTTP server would live on with a table that no longer fills: exit, so the
-            # stack's supervisor restarts the process (which reloads the last hour).
-            logging.shutdown()
+            # stack's supervisor restarts the process (which reloads the last hour). The
+            # log handler flushed the traceback already (a StreamHandler flushes each record).
             os._exit(EXIT_INGEST_DIED)
         finally:
             consumer.close()
