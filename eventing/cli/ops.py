@@ -42,14 +42,14 @@ def status(edge: Edge) -> int:
     if edge.args.json:
         print(json.dumps([p.as_dict() for p in parts], indent=2))
     else:
-        print(f"{'PART':<12} {'PID':>8}  {'HEALTH':<9} {'UPTIME':>8} {'RESTARTS':>8}  "
+        print(f"{'PART':<12} {'PID':>8}  {'HEALTH':<16} {'UPTIME':>8} {'RESTARTS':>8}  "
               "ENDPOINT")
         for p in parts:
             health = "healthy" if p.healthy else ("unhealthy" if p.running else "stopped")
             if p.state and p.state != "Running":
                 health = p.state  # Waiting / CrashLoopBackOff, as the supervisor sees it
             uptime = f"{p.uptime_s:.0f}s" if p.uptime_s is not None else "-"
-            print(f"{p.name:<12} {p.pid or '-':>8}  {health:<9} {uptime:>8} {p.restarts:>8}  "
+            print(f"{p.name:<12} {p.pid or '-':>8}  {health:<16} {uptime:>8} {p.restarts:>8}  "
                   f"{p.endpoint}")
             if p.last_exit_reason:
                 print(f"{'':<12} {'':>8}  last exit: {p.last_exit_reason}")
