@@ -719,21 +719,13 @@ class LakeSink:
     # -- a recreated topic
 
     def _current_topic_id(self) -> str | None:
-        from confluent_kafka import TopicCollection
         from confluent_kafka.admin import AdminClient
 
-        from eventing.kafka import admin_config
+        from eventing.kafka import admin_config, topic_id
 
         if self._admin is None:
             self._admin = AdminClient(admin_config(self.bootstrap))
-        try:
-            [future] = self._admin.describe_topics(
-                TopicCollection([self.config.topic]), request_timeout=10).values()
-            topic_id = future.result().topic_id
-        except Exception as exc:  # noqa: BLE001 - unknown: keep the offsets we have
-            log.warning("cannot read the id of topic %s: %s", self.config.topic, exc)
-            return None
-        return None if topic_id is None else str(topic_id)
+        return topic_id(self._admin, self.config.topic)  # None: keep the offsets we have
 
     def _check_topic_id(self, min_interval_s: float = 0.0) -> bool:
         """Read the topic's id; when it is not the one the table's offsets belong to, the

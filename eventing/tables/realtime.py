@@ -416,6 +416,8 @@ class Ingest:
         self.thread = threading.Thread(target=self._run, name="realtime-ingest", daemon=True)
         self.assigned: set[int] = set()
         self.last_offsets: dict[int, int] = {}  # per partition: a step back = a new log
+        self.topic_id: str | None = None        # the incarnation of the topic being read
+        self._admin: Any = None
         self.last_poll = 0.0
         self.error: str | None = None
 
@@ -514,6 +516,31 @@ class Ingest:
             log.debug("skipping %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
             return None
 
+    def _check_topic_id(self, consumer: Any) -> None:
+        """A recreated topic (memory broker restart): read every partition of the new log
+        from its start. A fetch past the new log's end would wait, not fail, on Tansu."""
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+        from confluent_kafka.admin import AdminClient
+
+        from eventing.kafka import admin_config, topic_id
+
+        if self._admin is None:
+            self._admin = AdminClient(admin_config(self.settings.bootstrap))
+        current = topic_id(self._admin, self.settings.topic, timeout_s=5.0)
+        if current is None:
+            return
+        known, self.topic_id = self.topic_id, current
+        if known is None or known == current or not self.assigned:
+            return
+        self.table.metrics.topic_resets.inc()
+        log.warning("topic %s was recreated (id %s, was %s): reading the new log from its "
+                    "start", self.settings.topic, current, known)
+        consumer.incremental_unassign([TopicPartition(self.settings.topic, p)
+                                       for p in sorted(self.assigned)])
+        consumer.incremental_assign([TopicPartition(self.settings.topic, p, OFFSET_BEGINNING)
+                                     for p in sorted(self.assigned)])
+        self.last_offsets.clear()
+
     def _assign_new(self, consumer: Any) -> None:
         """Assign partitions not yet assigned, each from the retention's start."""
         from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
@@ -526,6 +553,7 @@ class Ingest:
             return
         if meta is None or meta.error is not None:
             return
+        self._check_topic_id(consumer)
         new = sorted(set(meta.partitions) - self.assigned)
         if not new:
             return
