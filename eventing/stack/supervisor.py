@@ -34,7 +34,6 @@ from eventing.stack.process import (
     PartSpec,
     ProcessDir,
     is_alive,
-    port_open,
     tail,
     wait_healthy,
 )
@@ -113,7 +112,7 @@ class Stack:
         """
         busy = [f"{spec.name} {p}" for spec in specs
                 if not ((r := self.procs.record(spec.name)) and is_alive(r))
-                for p in spec.ports if port_open(self.settings.host, p, timeout=0.1)]
+                for p in spec.ports if not can_bind(self.settings.host, p)]
         if busy:
             hint = free_offset(self.settings.host, {p for s in specs for p in s.ports},
                                self.settings.ports.broker - Ports().broker)
@@ -252,11 +251,25 @@ def watchdog_spec(settings: StackSettings) -> PartSpec:
     return spec
 
 
+def can_bind(host: str, port: int) -> bool:
+    """Whether a server could listen on `port` now. Stricter than a connect probe: a port
+    bound by a socket that does not listen (yet) counts as taken too."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_offset(host: str, ports: set[int], current: int) -> int | None:
     """A port offset (multiple of 100, 20000 at most) whose shift of `ports` is all free."""
     base = {p - current for p in ports}
     for offset in range(100, 20001, 100):
-        if offset != current and not any(port_open(host, p + offset, 0.02) for p in base):
+        if offset != current and all(can_bind(host, p + offset) for p in base):
             return offset
     return None
 
