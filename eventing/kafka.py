@@ -108,6 +108,24 @@ def ensure_topics(
                 raise RuntimeError(f"could not create topic {name!r}: {exc}") from exc
 
 
+def topic_id(admin: Any, topic: str, timeout_s: float = 10.0) -> str | None:
+    """The topic's id (a new one each time the topic is created), or None if unknown.
+
+    How a reader tells a recreated log (a memory broker's restart) from its own: offsets
+    start again at 0, and Tansu's high watermark cannot be trusted to show it (a fetch
+    past the new end waits instead of failing with "offset out of range").
+    """
+    from confluent_kafka import TopicCollection
+
+    try:
+        [future] = admin.describe_topics(TopicCollection([topic]),
+                                         request_timeout=timeout_s).values()
+        found = future.result().topic_id
+    except Exception:  # noqa: BLE001 - broker down, topic missing: unknown for now
+        return None
+    return None if found is None else str(found)
+
+
 # --------------------------------------------------------------------------- producing
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from eventing.stack.process import port_open
 from eventing.stack.settings import Ports
+from eventing.stack.supervisor import can_bind
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +51,8 @@ def free_port_offset(start: int = 20000, step: int = 700, exclude: set[int] = fr
     for offset in range(start, 31000, step):
         if offset in exclude:
             continue
-        if not any(port_open("127.0.0.1", p, 0.05) for p in Ports().shifted(offset).all().values()):
+        # Bind, not connect: a stack that is starting has its ports bound before it listens.
+        if all(can_bind("127.0.0.1", p) for p in Ports().shifted(offset).all().values()):
             return offset
     raise RuntimeError("no free port layout found for a test stack")
 

@@ -219,3 +219,21 @@ def test_dispatcher_commits_nothing_when_an_output_fails_and_replays(fake_kafka)
     assert d.lanes == {} and d.checkpoint.partitions == {} and d.stats.commits == 1
     d.close()  # the final sync commit finds nothing new: no error, no commit
     assert [c for c in d.consumer.calls if c[0] == "commit"] == [("commit", [("t", 0, 3)], True)]
+
+
+def test_a_recreated_topic_resumes_on_the_new_log_instead_of_committing_old_offsets(
+        fake_kafka) -> None:
+    """A memory broker's restart recreates the topic: offsets start again from 0. Keeping
+    the old progress would commit offset 1000 into the new log and skip its records."""
+    d = unordered_dispatcher(failing=set())
+    d.consumer.pending = records(range(995, 1000))
+    d.step()
+    assert d.consumer.calls[-1] == ("commit", [("t", 0, 1000)], True)
+    d.consumer.pending = records(range(0, 3))  # the new log
+    d.step()
+    assert d.consumer.calls[-1] == ("commit", [("t", 0, 3)], True)
+    assert d.stats.topic_resets == 1 and d.stats.succeeded == 8
+    d.consumer.pending = records(range(3, 5))
+    d.step()  # a normal step after it: no reset counted
+    assert d.stats.topic_resets == 1
+    assert d.consumer.calls[-1] == ("commit", [("t", 0, 5)], True)

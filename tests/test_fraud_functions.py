@@ -44,7 +44,10 @@ def test_validate_rejects_impossible_values() -> None:
             "currency": "EUR", "country": "DE", "event_time": 0}
     assert validate.validate(_event(good)) == good
     for bad, reason in [({"amount": -1.0}, "amount"), ({"currency": "XXX"}, "currency"),
-                        ({"country": "DEU"}, "country"), ({"card_id": ""}, "card_id")]:
+                        ({"country": "DEU"}, "country"), ({"card_id": ""}, "card_id"),
+                        ({"event_time": 10**16}, "event_time"),
+                        ({"event_time": 253_402_300_800_000}, "event_time"),  # year 10000
+                        ({"event_time": -1}, "event_time")]:
         with pytest.raises(Reject, match=reason):
             validate.validate(_event(good | bad))
 

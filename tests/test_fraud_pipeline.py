@@ -10,6 +10,7 @@ run with `-s`.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -31,7 +32,8 @@ from eventing.stack.settings import Ports, StackSettings
 from eventing.tables.lakehouse import LakeConfig, duckdb_connect
 from eventing.tables.query import EXAMPLES
 from functions.generate import Generator, Reference, event_for, reference
-from tests.helpers import ROOT, sluice
+from tests.helpers import ROOT, sluice, wait_until
+from tests.pipeline import consume_all, headers_of
 
 pytestmark = pytest.mark.stack
 
@@ -178,10 +180,19 @@ def part_pid(settings: StackSettings, name: str) -> int:
 
 
 def kill_and_restart(settings: StackSettings, name: str) -> float:
-    """SIGKILL the part, then `sluice up` (starts only what is missing); seconds taken."""
-    os.kill(part_pid(settings, name), signal.SIGKILL)
+    """SIGKILL the part and wait, with no manual step, until the stack's supervisor has
+    it running and healthy again; seconds taken."""
+    pid = part_pid(settings, name)
+    os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
-    sluice("up", "--no-generator", state_dir=settings.state_dir, offset=_offset(settings))
+
+    def back() -> bool:
+        status = sluice("status", "--json", state_dir=settings.state_dir,
+                        offset=_offset(settings), check=False)
+        part = next(p for p in json.loads(status.stdout) if p["name"] == name)
+        return part["pid"] not in (None, pid) and part["healthy"] and part["restarts"] >= 1
+
+    wait_until(back, 90, f"the supervisor to restart {name}", interval=0.5)
     return time.monotonic() - t0
 
 
@@ -369,3 +380,90 @@ def test_killing_the_lake_sink_mid_stream_loses_nothing_duplicates_nothing(
         f"{sum(1 for v in lake.values() if v > 1)} duplicated")
     print(f"lake sink killed and restarted ({result['restart_s']:.1f}s): each of "
           f"{len(ids)} payments once in the lake, {result['injected']} replays dropped")
+
+
+def test_killing_the_realtime_table_mid_stream_loses_nothing(pipeline, lake_con) -> None:
+    result = _stream_and_kill(pipeline, lake_con, "realtime", slice(4600, 5000), 2000, 43)
+    ids, lake = result["ids"], result["lake"]
+    assert lake == Counter(dict.fromkeys(ids, 1))
+    rt = query_cli(pipeline, "SELECT count(*) AS n, count(DISTINCT payment_id) AS ids "
+                   f"FROM payments_scored_rt WHERE starts_with(payment_id, '{result['prefix']}')")
+    assert rt == [{"n": len(ids), "ids": len(ids)}]
+    print(f"real-time table killed and restarted by the supervisor "
+          f"({result['restart_s']:.1f}s): each of {len(ids)} payments once in both tables")
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def _rt_count(settings: StackSettings, prefix: str) -> int:
+    [row] = query_cli(settings, "SELECT count(*) AS n FROM payments_scored_rt "
+                      f"WHERE starts_with(payment_id, '{prefix}')")
+    return row["n"]
+
+
+def test_a_poison_event_time_among_1000_good_ones_is_one_dead_letter(pipeline, lake_con):
+    """event_time 1e16 passed the gateway and every function, then stopped the lake sink
+    for good (and killed the real-time ingest thread)."""
+    payments = [p for p, _ in traffic(slice(0, 300), 1000, seed=51, fraud_share=0.0)]
+    prefix = payments[0]["payment_id"].rsplit("-", 1)[0]
+    poison = dict(payments[0], payment_id=f"{prefix}-poison", event_time=10**16)
+    assert publish(pipeline, [*payments[:500], poison, *payments[500:]]) == 1001
+    lake = wait_lake(lake_con, prefix, 1000, timeout=120)
+    assert lake == Counter(p["payment_id"] for p in payments)
+    assert wait_until(lambda: _rt_count(pipeline, prefix) == 1000 or None, 30, "1000 rt rows")
+    letters = consume_all(pipeline.bootstrap, "sluice.deadletter", 1, timeout=30,
+                          match=lambda m: headers_of(m).get("ce_id") == poison["payment_id"])
+    assert len(letters) == 1
+    h = headers_of(letters[0])
+    assert h["ce_knativeerrorcode"] == "422"
+    assert "event_time" in base64.b64decode(h["ce_knativeerrordata"]).decode()
+
+
+def test_an_object_store_outage_is_waited_out_and_the_lake_catches_up(pipeline, lake_con):
+    """The object store frozen (SIGSTOP) for ~45 s while payments keep coming: the lake
+    sink used to give up after ~40 s; now it waits, and every payment lands once."""
+    payments = [p for p, _ in traffic(slice(300, 700), 1500, seed=61, fraud_share=0.0)]
+    prefix = payments[0]["payment_id"].rsplit("-", 1)[0]
+    weed = part_pid(pipeline, "objectstore")
+    sent: list[int] = []
+    publisher = threading.Thread(
+        target=lambda: sent.append(publish(pipeline, paced(payments, 30), batch_size=30)))
+    os.kill(weed, signal.SIGSTOP)
+    try:
+        publisher.start()
+        time.sleep(45)
+    finally:
+        os.kill(weed, signal.SIGCONT)
+    publisher.join(60)
+    assert sent == [len(payments)]
+    lake = wait_lake(lake_con, prefix, len(payments), timeout=240)
+    assert lake == Counter(p["payment_id"] for p in payments)
+    lake_url = f"http://{pipeline.host}:{pipeline.ports.lake_metrics}/metrics"
+    print(f"object store frozen 45 s: all {len(payments)} payments in the lake once; "
+          f"{metric(lake_url, 'sluice_lake_commit_failures'):.0f} commit attempts failed "
+          "and were retried")
+
+
+def test_a_memory_broker_restart_then_new_traffic_all_lands(pipeline, lake_con):
+    """kill -9 of the (memory) broker: the supervisor restarts it and recreates the topics;
+    the sinks used to seek to offsets of the old log and drop 3,000 of 4,500 new events."""
+    os.kill(part_pid(pipeline, "broker"), signal.SIGKILL)
+
+    def healthy() -> bool:
+        status = sluice("status", "--json", state_dir=pipeline.state_dir,
+                        offset=_offset(pipeline), check=False)
+        parts = json.loads(status.stdout)
+        broker = next(p for p in parts if p["name"] == "broker")
+        return broker["restarts"] >= 1 and all(p["healthy"] for p in parts)
+
+    wait_until(healthy, 120, "the stack to be healthy after the broker restart", interval=1)
+    payments = [p for p, _ in traffic(slice(700, 1000), 1500, seed=71, fraud_share=0.0)]
+    prefix = payments[0]["payment_id"].rsplit("-", 1)[0]
+    assert publish(pipeline, payments) == len(payments)
+    lake = wait_lake(lake_con, prefix, len(payments), timeout=180)
+    assert lake == Counter(p["payment_id"] for p in payments)
+    assert wait_until(lambda: _rt_count(pipeline, prefix) == len(payments) or None, 60,
+                      "every payment in the real-time table")
+    lake_url = f"http://{pipeline.host}:{pipeline.ports.lake_metrics}/metrics"
+    assert metric(lake_url, "sluice_lake_topic_resets") >= 1

@@ -28,6 +28,7 @@ from eventing.tables.lake import (
     LakeSink,
     LakeSinkConfig,
     LakeWriter,
+    Unconvertible,
     UnsupportedSchema,
     committed_offsets,
     head_offsets,
@@ -88,6 +89,31 @@ def test_batch_builder_converts_epoch_ms_and_filters_replayed_rows():
     pairs = zip(kept["kafka_partition"].to_pylist(), kept["kafka_offset"].to_pylist(),
                 strict=True)
     assert sorted(pairs) == [(0, 2), (1, 0), (1, 1), (1, 2)]
+
+
+def test_batch_builder_refuses_times_no_timestamp_column_holds():
+    schema = iceberg_schema(SCORED, "event_time").as_arrow()
+    builder = BatchBuilder(schema, "event_time", time_is_ms=True)
+    builder.add(scored(0), partition=0, offset=0)
+    for poison in (10**16, 253_402_300_800_000, -62_135_596_800_001):
+        with pytest.raises(Unconvertible, match="event_time"):
+            builder.add(scored(1) | {"event_time": poison}, partition=0, offset=1)
+    builder.add(scored(2), partition=0, offset=2)
+    assert builder.build()["kafka_offset"].to_pylist() == [0, 2]  # nothing of the poison
+
+
+def test_batch_builder_drops_only_the_rows_that_do_not_convert():
+    schema = iceberg_schema(SCORED, "event_time").as_arrow()
+    builder = BatchBuilder(schema, "event_time", time_is_ms=True)
+    for i in range(5):
+        builder.add(scored(i) | ({"amount": "not a number"} if i in (1, 3) else {}),
+                    partition=0, offset=i)
+    with pytest.raises(pa.ArrowException):
+        builder.build()
+    bad = builder.drop_unconvertible()
+    assert [i for i, _ in bad] == [1, 3]
+    assert "not a number" in bad[0][1] or "double" in bad[0][1]
+    assert builder.build()["kafka_offset"].to_pylist() == [0, 2, 4]
 
 
 # --------------------------------------------------------------------------- stack helpers
@@ -166,6 +192,38 @@ def test_sink_appends_every_record_once_and_duckdb_agrees(stack, lake):
           f"{d['commits']} commits, flush p50 {d['flush_p50_ms']} ms p99 {d['flush_p99_ms']} "
           f"ms, catalog commit p50 {d['commit_p50_ms']} ms p99 {d['commit_p99_ms']} ms; "
           f"DuckDB GROUP BY {query_s * 1000:.0f} ms")
+
+
+@pytest.mark.stack
+def test_a_poison_time_among_good_rows_is_dead_lettered_and_the_rest_lands(stack, lake):
+    """Year 10000 (and 1e16 ms) passed the schema but broke the Parquet write: the sink
+    crash-looped on that batch and nothing after it reached the table."""
+    import base64
+
+    from tests.pipeline import consume_all, headers_of
+
+    topic, n = _topic(stack), 1_000
+    dead = unique("lake-dead-")
+    setup_topics(stack.bootstrap, {dead: 1})
+    poison = {500: 10**16, 700: 253_402_300_800_000}
+    rows = [scored(i) | ({"event_time": poison[i]} if i in poison else {})
+            for i in range(n + len(poison))]
+    produce_payments(stack.bootstrap, AvroSerde(stack.registry_url), topic, rows)
+    table_name = unique("lake_poison_")
+    config = LakeSinkConfig(topic=topic, table=table_name, batch_size=300, interval_ms=300,
+                            maintenance=None, dead_letter_topic=dead)
+    sink = _run_sink(config, lake, stack, n)
+    table = catalog(lake).load_table(lake.qualified(table_name))
+    assert _ids(table) == Counter(f"p-{i}" for i in range(n + 2) if i not in poison)
+    assert sink.stats.dead_lettered == 2 and sink.stats.rows_written == n
+    letters = consume_all(stack.bootstrap, dead, 2, timeout=30)
+    assert sorted(headers_of(m)["ce_id"] for m in letters) == ["p-500", "p-700"]
+    for m in letters:
+        h = headers_of(m)
+        assert h["ce_knativeerrorcode"] == "422"
+        assert h["ce_knativeerrordest"] == f"lake:{lake.qualified(table_name)}"
+        assert "outside the years 1-9999" in base64.b64decode(h["ce_knativeerrordata"]).decode()
+        assert m.value()  # the original Avro data, for a replay after a fix
 
 
 @pytest.mark.stack

@@ -93,6 +93,40 @@ def test_append_leaves_out_and_expires_rows_older_than_the_retention(
     assert table.rows == 1
 
 
+def test_a_row_no_timestamp_holds_is_skipped_and_counted_not_fatal(
+        table: RealtimeTable) -> None:
+    rows = [(scored(1), 0, 0), (scored(2, at_ms=10**16), 0, 1), (scored(3), 0, 2)]
+    assert table.append(rows) == 2
+    assert table.metrics.unconvertible._value.get() == 1
+    result = table.query("SELECT payment_id FROM payments_scored_rt ORDER BY 1")
+    assert result["rows"] == [["p-1"], ["p-3"]]
+
+
+def test_a_dead_ingest_thread_ends_the_process(table: RealtimeTable, monkeypatch) -> None:
+    """The HTTP server used to live on with a table that no longer filled."""
+    from eventing.tables import realtime
+
+    exits: list[int] = []
+    monkeypatch.setattr(realtime.os, "_exit", exits.append)
+
+    class Broken:
+        def __init__(self, *_a, **_k) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    def boom(self, consumer) -> None:
+        raise RuntimeError("ingest broke")
+
+    monkeypatch.setattr("confluent_kafka.Consumer", Broken)
+    monkeypatch.setattr(realtime.Ingest, "_loop", boom)
+    ingest = realtime.Ingest(table, serde=None)
+    ingest._run()
+    assert exits == [realtime.EXIT_INGEST_DIED]
+    assert "ingest broke" in ingest.error
+
+
 def test_queries_cannot_change_the_database(table: RealtimeTable) -> None:
     with pytest.raises(query.TranslationError, match="only queries"):
         table.query("DELETE FROM payments_scored_rt", engine="duckdb")

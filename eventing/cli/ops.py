@@ -92,10 +92,13 @@ def status(edge: Edge) -> int:
         rows = []
         for p in parts:
             health = "healthy" if p.healthy else ("unhealthy" if p.running else "stopped")
+            if p.state and p.state != "Running":
+                health = p.state  # Waiting / CrashLoopBackOff, as the supervisor sees it
             uptime = f"{p.uptime_s:.0f}s" if p.uptime_s is not None else "-"
-            rows.append([p.name, p.pid or "-", health, uptime, p.endpoint])
-        output.emit(["PART", "PID", "HEALTH", "UPTIME", "ENDPOINT"], rows, fmt,
-                    numeric=[False, True, False, True, False])
+            rows.append([p.name, p.pid or "-", health, uptime, p.restarts, p.endpoint,
+                         p.last_exit_reason or ""])
+        output.emit(["PART", "PID", "HEALTH", "UPTIME", "RESTARTS", "ENDPOINT", "LAST EXIT"],
+                    rows, fmt, numeric=[False, True, False, True, True, False, False])
     return 0 if all(p.healthy for p in parts) else 3
 
 
@@ -283,8 +286,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "default: the topology's scale.min, at least 1)")
 
     p = add_command(sub, "status", status,
-                    help="report each part: pid, endpoint, health, uptime (exit 3 if one "
-                         "is not healthy)",
+                    help="report each part: pid, endpoint, health, uptime, restarts and the "
+                         "reason of its last exit (exit 3 if one is not healthy)",
                     example="sluice status\nsluice status -o json | jq '.[].name'")
     output.output_flag(p)
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # = -o json

@@ -312,6 +312,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", help="metrics listen host (default: the local stack's)")
 
+    add_command(sub, "supervise", supervise, help="restart the local stack's parts when "
+                "they exit, with backoff (foreground; `sluice up` runs it)",
+                example="sluice supervise --state-dir .state")
+
     p = add_command(sub, "realtime", realtime,
                     help="run the real-time table server (foreground)",
                     example="sluice realtime --topic payments.scored --retention 1h")
@@ -330,6 +334,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-lake", action="store_true", help="do not ATTACH the Iceberg catalog")
     settings_flag(p, "--log-level", choices=LOG_LEVELS, default_of=f"{REALTIME}.log_level",
                   help="log level")
+
+
+def supervise(edge: Edge) -> int:
+    """The stack's supervisor (foreground): restart parts that exit (`sluice up` runs it)."""
+    from eventing.stack.supervisor import Stack
+    from eventing.stack.watchdog import serve_metrics
+
+    stop = edge.foreground("sluice-supervisor")
+    s = edge.settings
+    sup = Stack(s).supervise()
+    serve_metrics(sup, s.host, s.ports.supervisor)
+    sup.run(stop)
+    return 0
 
 
 def _no_sink(edge: Edge) -> int:  # argparse requires a sink kind; never reached

@@ -86,6 +86,15 @@ class PartitionProgress:
     def committed(self, offset: int) -> None:
         self._committed = offset
 
+    def log_was_reset(self, offset: int) -> bool:
+        """Whether a record at `offset` means the topic's log was recreated under us.
+
+        A rewind replays from the last commit, never before it; a record below the
+        committed offset can only come from a new log (a memory broker's restart), whose
+        offsets start again from 0.
+        """
+        return self._committed is not None and offset < self._committed
+
     @property
     def next_offset(self) -> int | None:
         return self._next

@@ -76,6 +76,7 @@ class Stats:
     dead_lettered: int = 0
     commits: int = 0
     batches: int = 0
+    topic_resets: int = 0
     started_at: float = field(default_factory=time.time)
     # Record timestamp -> done, per lane per batch (weighted by the lane's records).
     delivery_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
@@ -124,6 +125,7 @@ class Dispatcher:
         self.consumer = Consumer(consumer_config(bootstrap, function.consumer_group, **overrides))
         self.checkpoint = Checkpoint(self.producer, self.consumer, name=function.name,
                                      on_rewind=self.lanes.clear)
+        self.last_cycle = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -134,6 +136,7 @@ class Dispatcher:
         try:
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 self.step()
+                self.last_cycle = time.monotonic()  # read by /healthz
         finally:
             self.close()
         return self.stats
@@ -227,13 +230,32 @@ class Dispatcher:
                 log.warning("%s: consumer error: %s", self.function.name, err)
                 continue
             key = (msg.topic(), msg.partition())
+            progress = self.checkpoint.progress(*key)
+            if progress.log_was_reset(msg.offset()):
+                self._topic_reset(key, msg.offset())
+                progress = self.checkpoint.progress(*key)
             lane = self.lanes.get(key)
             if lane is None:
                 lane = self.lanes[key] = Lane()
             lane.queue.append(msg)
-            self.checkpoint.progress(*key).seen(msg.offset())
+            progress.seen(msg.offset())
             self.stats.consumed += 1
         self._apply_backpressure()
+
+    def _topic_reset(self, key: tuple[str, int], offset: int) -> None:
+        """The partition's log was recreated: start its bookkeeping afresh from `offset`.
+
+        Records of the old log still queued here belonged to that log and went with it
+        (the README's memory-broker caveat); keeping their progress would commit offsets
+        of the old log into the new one and skip its first records after a restart.
+        """
+        stale = self.lanes.pop(key, None)
+        self.checkpoint.forget(*key)
+        self.stats.topic_resets += 1
+        log.warning("%s: %s[%d] was recreated (a record at offset %d, below the committed "
+                    "offset): resuming on the new log, %d queued records of the old one "
+                    "dropped", self.function.name, key[0], key[1], offset,
+                    len(stale.queue) if stale else 0)
 
     def _due_work(self, now: float) -> tuple[list[list[Message]], list[tuple[str, int]]]:
         work: list[list[Message]] = []

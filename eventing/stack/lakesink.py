@@ -34,6 +34,7 @@ def spec(settings: StackSettings) -> PartSpec:
             *tracing_args(settings, "sluice-lake-sink")]
     listed = ", ".join(f"{t.topic} -> sluice.{t.name}" for t in tables.values())
     part = _python_part(settings, NAME, args, f"lake sink {listed} (metrics {url})",
-                        lambda: http_status(url) == 200, [port])
+                        lambda: http_status(f"http://{settings.host}:{port}/healthz") == 200,
+                        [port])
     part.start_timeout = 60.0  # creating the tables and the first group joins take seconds
     return part

@@ -95,5 +95,9 @@ def spec(settings: StackSettings) -> PartSpec:
         endpoint=f"s3 {settings.s3_endpoint}  iceberg {settings.iceberg_url}",
         health=healthy,
         start_timeout=60.0,
-        ports=[p.s3, p.iceberg, p.weed_master, p.weed_volume, p.weed_filer, p.weed_admin],
+        # Every listener: a clash on any of them (a gRPC port of another stack whose
+        # offset differs by 1000, say) would break weed after start, not before.
+        ports=[p.s3, p.iceberg, p.weed_master, p.weed_master_grpc, p.weed_volume,
+               p.weed_volume_grpc, p.weed_filer, p.weed_filer_grpc, p.weed_s3_grpc,
+               p.weed_metrics, p.weed_debug, p.weed_admin, p.weed_admin_grpc],
     )

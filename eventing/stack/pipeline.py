@@ -120,6 +120,7 @@ def function_specs(settings: StackSettings) -> list[Callable[[StackSettings], Pa
                     index: int = index) -> PartSpec:
             port = function_metrics_port(s, index)
             url = f"http://{s.host}:{port}/metrics"
+            health = f"http://{s.host}:{port}/healthz"  # cheap; a scrape can take seconds
             return _python_part(
                 s, part,
                 ["run", "--function", name, "--topology", str(s.topology_path),
@@ -127,7 +128,7 @@ def function_specs(settings: StackSettings) -> list[Callable[[StackSettings], Pa
                  "--metrics-port", str(port), "--metrics-host", s.host,
                  *tracing_args(s, f"sluice-{name}")],
                 f"function {name} (metrics {url})",
-                lambda: http_status(url) == 200,
+                lambda: http_status(health) == 200,
                 [port],
             )
         factories.append(factory)

@@ -88,6 +88,15 @@ class ProcessDir:
     def __init__(self, state_dir: Path) -> None:
         self.run_dir = state_dir / "run"
         self.log_dir = state_dir / "logs"
+        # The Popen of the last `start`: the supervisor keeps it to read the exit status.
+        self.last_child: subprocess.Popen | None = None
+
+    def stopping_path(self, name: str) -> Path:
+        return self.run_dir / f"{name}.stopping"
+
+    def stopping(self, name: str) -> bool:
+        """Whether `stop` is under way for `name` (the supervisor must not restart it)."""
+        return self.stopping_path(name).exists()
 
     def record_path(self, name: str) -> Path:
         return self.run_dir / f"{name}.json"
@@ -138,6 +147,7 @@ class ProcessDir:
             argv=spec.argv,
         )
         self.record_path(spec.name).write_text(json.dumps(asdict(record), indent=2))
+        self.last_child = proc
         return record
 
     def stop(self, record: PartRecord, timeout: float = 15.0) -> bool:
@@ -146,6 +156,15 @@ class ProcessDir:
         Returns True if something was stopped. A record whose pid now belongs to another
         process (start time differs) is only forgotten: that process is not ours.
         """
+        marker = self.stopping_path(record.name)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        try:
+            return self._stop(record, timeout)
+        finally:
+            marker.unlink(missing_ok=True)
+
+    def _stop(self, record: PartRecord, timeout: float) -> bool:
         stopped = False
         if is_alive(record):
             stopped = True

@@ -40,6 +40,8 @@ def scrape_config(settings: StackSettings) -> dict:
              "static_configs": [{"targets": [f"{h}:{p.lake_metrics}"]}]},
             {"job_name": "sluice-realtime",
              "static_configs": [{"targets": [f"{h}:{p.realtime}"]}]},
+            {"job_name": "sluice-supervisor",
+             "static_configs": [{"targets": [f"{h}:{p.supervisor}"]}]},
             {"job_name": "seaweedfs", "static_configs": [{"targets": [f"{h}:{p.weed_metrics}"]}]},
         ],
     }

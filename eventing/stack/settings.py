@@ -31,6 +31,7 @@ class Ports:
     dispatcher_metrics: int = 9464  # one port per function from here upwards
     realtime: int = 8090
     lake_metrics: int = 9480
+    supervisor: int = 9479  # the supervisor's /metrics and /healthz
     s3: int = 8333
     iceberg: int = 8181
     prometheus: int = 9090
@@ -210,7 +211,7 @@ class StackSettings:
         return replace(
             self,
             host=data.get("host", self.host),
-            ports=_saved_ports(data["ports"]),
+            ports=saved_ports(data["ports"]),
             broker_storage=data.get("broker_storage", self.broker_storage),
             pipeline=self.pipeline if keep_pipeline else data.get("pipeline", self.pipeline),
             generator=self.generator if keep_pipeline else data.get("generator", self.generator),
@@ -222,12 +223,12 @@ class StackSettings:
         )
 
 
-def _saved_ports(saved: dict[str, int]) -> Ports:
-    """The saved layout; a port added since it was saved moves by the same offset."""
-    offset = saved.get("broker", Ports().broker) - Ports().broker
+def saved_ports(saved: dict[str, int]) -> Ports:
+    """The ports a state folder was started with; ports added to Sluice since then take
+    the same offset (read from the broker's port) so an older state folder still works."""
+    offset = saved.get("broker", Ports.broker) - Ports.broker
     known = {f.name for f in fields(Ports)}
-    return Ports(**(Ports().shifted(offset).all() | {k: v for k, v in saved.items()
-                                                       if k in known}))
+    return replace(Ports().shifted(offset), **{k: v for k, v in saved.items() if k in known})
 
 
 def generator_path(topology_path: Path) -> Path:

@@ -28,17 +28,17 @@ from eventing.stack import (
     realtime,
     registry,
     tracestore,
+    watchdog,
 )
 from eventing.stack.process import (
     PartRecord,
     PartSpec,
     ProcessDir,
     is_alive,
-    port_open,
     tail,
     wait_healthy,
 )
-from eventing.stack.settings import StackSettings
+from eventing.stack.settings import Ports, StackSettings
 
 SpecFactory = Callable[[StackSettings], PartSpec]
 
@@ -56,6 +56,10 @@ class PartStatus:
     healthy: bool
     uptime_s: float | None
     log: str | None
+    # From the supervisor: Running | Waiting | CrashLoopBackOff, restarts, why it last exited.
+    state: str | None = None
+    restarts: int = 0
+    last_exit_reason: str | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -66,6 +70,9 @@ class PartStatus:
             "healthy": self.healthy,
             "uptime_s": None if self.uptime_s is None else round(self.uptime_s, 1),
             "log": self.log,
+            "state": self.state,
+            "restarts": self.restarts,
+            "last_exit_reason": self.last_exit_reason,
         }
 
 
@@ -98,23 +105,57 @@ class Stack:
     def running(self) -> list[PartRecord]:
         return [r for r in self.procs.records() if is_alive(r)]
 
+    def check_ports(self, specs: list[PartSpec]) -> None:
+        """Refuse, before anything starts, when a port of a part still to start is taken.
+
+        Two stacks whose port offsets differ by the distance between two of Sluice's
+        ports (8333 + 4000 = 9333 + 3000) would share a listener; no layout avoids that
+        for every pair of offsets, so `up` checks the whole layout first and names a
+        free offset, rather than failing half-way (or, on a gRPC port, after start).
+        """
+        busy = [f"{spec.name} {p}" for spec in specs
+                if not ((r := self.procs.record(spec.name)) and is_alive(r))
+                for p in spec.ports if not can_bind(self.settings.host, p)]
+        if busy:
+            hint = free_offset(self.settings.host, {p for s in specs for p in s.ports},
+                               self.settings.ports.broker - Ports().broker)
+            raise StackError(
+                f"port(s) already in use on {self.settings.host}: {', '.join(busy)} (another "
+                "program, or another Sluice stack whose --port-offset collides with this "
+                "one's). Stop it, or start this stack on other ports: "
+                + (f"`sluice up --port-offset {hint}` is free now." if hint is not None
+                   else "`sluice up --port-offset N`."))
+
+    def after_healthy(self, spec: PartSpec, log: Callable[[str], None] = print
+                      ) -> list[Registered]:
+        """What a part needs once it is healthy (also after the supervisor restarted it):
+        the broker its topics (a memory broker comes back empty), the registry the
+        project's schemas."""
+        if spec.name == broker.NAME:
+            topics = {self.settings.schemas_topic: 1}
+            if self.settings.pipeline:
+                topics |= topo.load(self.settings.topology_path).all_topics()
+            ensure_topics(self.settings.bootstrap, topics)
+        if spec.name == registry.NAME:
+            registered = register_all(self.settings.registry_url, self.settings.schemas_dir)
+            for r in registered:
+                log(f"  {'':<12} schema {r.subject} -> id {r.schema_id}")
+            return registered
+        return []
+
     def up(self, log: Callable[[str], None] = print) -> list[Registered]:
-        """Start every part not already running; wait for health; register schemas."""
+        """Start every part not already running; wait for health; register schemas;
+        leave the supervisor running. It is stopped first, so it never races `up`."""
+        self.stop_supervisor()
         self.settings.save()
         registered: list[Registered] = []
-        for factory in self.factories:
-            spec = factory(self.settings)
+        specs = [factory(self.settings) for factory in self.factories]
+        self.check_ports([*specs, watchdog_spec(self.settings)])
+        for spec in specs:
             record = self.procs.record(spec.name)
             if record and is_alive(record):
                 log(f"  {spec.name:<12} already running (pid {record.pid})")
                 continue
-            busy = [p for p in spec.ports if port_open(self.settings.host, p, timeout=0.2)]
-            if busy:
-                raise StackError(
-                    f"{spec.name}: port(s) {', '.join(map(str, busy))} on {self.settings.host} "
-                    "are already in use by another program. Stop it, or start Sluice on "
-                    "other ports with `sluice up --port-offset N`."
-                )
             record = self.procs.start(spec)
             problem = wait_healthy(spec, record)
             if problem:
@@ -124,23 +165,37 @@ class Stack:
                     f"--- last lines of {record.log} ---\n{tail(record.log)}"
                 )
             log(f"  {spec.name:<12} up   {spec.endpoint}")
-            if spec.name == broker.NAME:
-                topics = {self.settings.schemas_topic: 1}
-                if self.settings.pipeline:
-                    topics |= topo.load(self.settings.topology_path).all_topics()
-                ensure_topics(self.settings.bootstrap, topics)
-            if spec.name == registry.NAME:
-                registered = register_all(self.settings.registry_url, self.settings.schemas_dir)
-                for r in registered:
-                    log(f"  {'':<12} schema {r.subject} -> id {r.schema_id}")
+            registered = self.after_healthy(spec, log) or registered
         # Parts added to a running stack (`up` after `up --no-pipeline`) get scraped too.
         prometheus.reload(self.settings)
+        spec = watchdog_spec(self.settings)
+        record = self.procs.start(spec)
+        problem = wait_healthy(spec, record)
+        if problem:
+            raise StackError(f"{spec.name} failed to start: {problem}\n"
+                             f"--- last lines of {record.log} ---\n{tail(record.log)}")
+        log(f"  {spec.name:<12} up   {spec.endpoint}")
         return registered
+
+    def stop_supervisor(self) -> bool:
+        record = self.procs.record(watchdog.NAME)
+        return bool(record) and self.procs.stop(record, timeout=5)
+
+    def supervise(self) -> watchdog.Supervisor:
+        """The supervisor of this stack (what `sluice supervise` runs)."""
+        def parts():
+            for factory in self.factories:
+                spec = factory(self.settings)
+                yield spec.name, (lambda f=factory: f(self.settings))
+
+        return watchdog.Supervisor(parts, self.procs, self.settings.state_dir,
+                                   after_healthy=lambda spec: self.after_healthy(spec, _quiet))
 
     def status(self) -> list[PartStatus]:
         out: list[PartStatus] = []
         now = time.time()
-        for factory in self.factories:
+        supervised = watchdog.load_states(self.settings.state_dir)
+        for factory in [*self.factories, watchdog_spec]:
             spec = factory(self.settings)
             record = self.procs.record(spec.name)
             alive = bool(record and is_alive(record))
@@ -158,11 +213,17 @@ class Stack:
                 healthy=healthy,
                 uptime_s=(now - record.started_at) if alive and record else None,
                 log=record.log if record else None,
+                state=supervised.get(spec.name, {}).get("state"),
+                restarts=supervised.get(spec.name, {}).get("restarts", 0),
+                last_exit_reason=supervised.get(spec.name, {}).get("last_exit_reason"),
             ))
         return out
 
     def down(self, purge: bool = False, log: Callable[[str], None] = print) -> None:
         """Stop, in reverse start order, every process this state folder started."""
+        # The supervisor first, or it would restart what is being stopped.
+        if self.stop_supervisor():
+            log(f"  {watchdog.NAME:<12} stopped")
         known = {r.name: r for r in self.procs.records()}
         order = [f(self.settings).name for f in self.factories]
         names = [n for n in reversed(order) if n in known]
@@ -173,6 +234,47 @@ class Stack:
         if purge:
             _purge(self.settings.state_dir)
             log(f"  removed {self.settings.state_dir}")
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def watchdog_spec(settings: StackSettings) -> PartSpec:
+    """The supervisor as a part: `sluice supervise`, metrics on `ports.supervisor`."""
+    from eventing.stack.health import http_status
+    from eventing.stack.pipeline import _python_part
+
+    port = settings.ports.supervisor
+    url = f"http://{settings.host}:{port}"
+    spec = _python_part(
+        settings, watchdog.NAME, ["--state-dir", str(settings.state_dir), "supervise"],
+        f"supervisor: restarts parts that exit (metrics {url}/metrics)",
+        lambda: http_status(url + "/healthz") == 200, [port])
+    return spec
+
+
+def can_bind(host: str, port: int) -> bool:
+    """Whether a server could listen on `port` now. Stricter than a connect probe: a port
+    bound by a socket that does not listen (yet) counts as taken too."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_offset(host: str, ports: set[int], current: int) -> int | None:
+    """A port offset (multiple of 100, 20000 at most) whose shift of `ports` is all free."""
+    base = {p - current for p in ports}
+    for offset in range(100, 20001, 100):
+        if offset != current and all(can_bind(host, p + offset) for p in base):
+            return offset
+    return None
 
 
 def _purge(state_dir: Path) -> None:

@@ -62,12 +62,30 @@ if TYPE_CHECKING:
 log = logging.getLogger("sluice.lake")
 
 OFFSETS_PROPERTY = "sluice.kafka-offsets"
+# The Kafka topic id (a new one each time the topic is created) the offsets belong to: a
+# memory broker's restart recreates the topic empty, and offsets of the old log must not
+# make the sink skip the new one's records as "already in the table".
+TOPIC_IDS_PROPERTY = "sluice.kafka-topic-ids"
 PARTITION_COLUMN = "kafka_partition"
 OFFSET_COLUMN = "kafka_offset"
 
 
 class UnsupportedSchema(ValueError):
     """An Avro schema the lake sink cannot map to an Iceberg table (yet)."""
+
+
+class Unconvertible(ValueError):
+    """One record whose values the table cannot hold (e.g. a time past year 9999).
+
+    The schema let it through, so no retry can fix it: the sink dead-letters the record
+    with this reason and goes on, rather than failing the whole batch for ever.
+    """
+
+
+# The instants Iceberg, Arrow (microseconds in int64) and Python's datetime all represent:
+# 0001-01-01 to 9999-12-31. A time outside breaks the Parquet write or partition path.
+TIME_MIN_MS = -62_135_596_800_000
+TIME_MAX_MS = 253_402_300_799_999
 
 
 # --------------------------------------------------------------------------- schema
@@ -175,24 +193,38 @@ def open_table(cat: Catalog, identifier: str, avro: dict[str, Any], time_field: 
 # --------------------------------------------------------------------------- offsets
 
 
-def _offsets_of(summary: Any, topic: str) -> dict[int, int]:
-    raw = None if summary is None else summary.additional_properties.get(OFFSETS_PROPERTY)
+def _offsets_of(summary: Any, topic: str, topic_id: str | None = None) -> dict[int, int]:
+    """The offsets a snapshot recorded for `topic`; none when they belong to another
+    incarnation of the topic than `topic_id` (a snapshot that recorded no id counts)."""
+    props = None if summary is None else summary.additional_properties
+    raw = props.get(OFFSETS_PROPERTY) if props else None
     if not raw:
         return {}
+    if topic_id is not None:
+        recorded = json.loads(props.get(TOPIC_IDS_PROPERTY) or "{}").get(topic)
+        if recorded is not None and recorded != topic_id:
+            return {}
     return {int(p): int(o) for p, o in json.loads(raw).get(topic, {}).items()}
 
 
-def head_offsets(table: Table, topic: str) -> dict[int, int]:
+def recorded_topic_id(table: Table, topic: str) -> str | None:
+    """The topic id the head snapshot's offsets belong to (None: not recorded)."""
+    snapshot = table.current_snapshot()
+    raw = snapshot.summary.additional_properties.get(TOPIC_IDS_PROPERTY) if snapshot else None
+    return json.loads(raw).get(topic) if raw else None
+
+
+def head_offsets(table: Table, topic: str, topic_id: str | None = None) -> dict[int, int]:
     """Last offset included per partition, as the head snapshot records it."""
     snapshot = table.current_snapshot()
-    return _offsets_of(snapshot.summary if snapshot else None, topic)
+    return _offsets_of(snapshot.summary if snapshot else None, topic, topic_id)
 
 
-def committed_offsets(table: Table, topic: str) -> dict[int, int]:
+def committed_offsets(table: Table, topic: str, topic_id: str | None = None) -> dict[int, int]:
     """Highest last-included offset per partition over every snapshot still in history."""
     found: dict[int, int] = {}
     for snapshot in table.metadata.snapshots:
-        for p, o in _offsets_of(snapshot.summary, topic).items():
+        for p, o in _offsets_of(snapshot.summary, topic, topic_id).items():
             if o > found.get(p, -1):
                 found[p] = o
     return found
@@ -249,7 +281,13 @@ class BatchBuilder:
         return len(self.offsets)
 
     def add(self, record: dict[str, Any], partition: int, offset: int) -> None:
+        """Add one row; raises `Unconvertible` (nothing added) for a row no table holds."""
         get = record.get
+        if self.time_is_ms:
+            t = get(self.time_field)
+            if t is not None and not TIME_MIN_MS <= t <= TIME_MAX_MS:
+                raise Unconvertible(f"{self.time_field} {t} (epoch ms) is outside the years "
+                                    "1-9999 a timestamp column holds")
         for name, column in self.columns.items():
             column.append(get(name))
         self.partitions.append(partition)
@@ -272,6 +310,28 @@ class BatchBuilder:
                 arrays.append(pa.array(values, f.type))
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
+    def drop_unconvertible(self) -> list[tuple[int, str]]:
+        """Remove the rows that fail `build` on their own; return (index, reason) of each.
+
+        The slow path after a batch failed to build: one Arrow table per row finds the
+        offenders (a value of the wrong type for its column, say) so the rest still lands.
+        """
+        bad: list[tuple[int, str]] = []
+        columns, partitions, offsets = self.columns, self.partitions, self.offsets
+        for i in range(len(offsets)):
+            self.columns = {n: [c[i]] for n, c in columns.items()}
+            self.partitions, self.offsets = [partitions[i]], [offsets[i]]
+            try:
+                self.build()
+            except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+                bad.append((i, f"{type(exc).__name__}: {exc}"))
+        drop = {i for i, _ in bad}
+        self.columns = {n: [v for i, v in enumerate(c) if i not in drop]
+                        for n, c in columns.items()}
+        self.partitions = [v for i, v in enumerate(partitions) if i not in drop]
+        self.offsets = [v for i, v in enumerate(offsets) if i not in drop]
+        return bad
+
 
 # --------------------------------------------------------------------------- writer
 
@@ -287,9 +347,17 @@ class CommitResult:
 class LakeWriter:
     """Appends Arrow batches to the table with the offsets in the same snapshot."""
 
-    def __init__(self, table: Table, topic: str, *, attempts: int = 10,
-                 max_backoff_s: float = 5.0, commit_lock: threading.Lock | None = None) -> None:
+    def __init__(self, table: Table, topic: str, *, attempts: int | None = None,
+                 max_backoff_s: float = 10.0, commit_lock: threading.Lock | None = None,
+                 stop: threading.Event | None = None) -> None:
         self.table = table
+        # None: retry until `stop` is set. An object-store or catalog outage is waited out
+        # (the sink's metrics show it), never turned into an exit that loses the batch's
+        # place; `sluice_lake_commit_failures` and the SluiceLakeStoreUnavailable alert say so.
+        self.stop = stop or threading.Event()
+        self.topic_id: str | None = None  # the topic incarnation being read (see above)
+        self.failures = 0             # failed attempts whose outcome was unknown, in total
+        self.failing_since: float | None = None  # monotonic start of the current outage
         # Held around each catalog commit; shared with this sink's maintenance thread.
         self.commit_lock = commit_lock or threading.Lock()
         self.topic = topic
@@ -297,9 +365,28 @@ class LakeWriter:
         self.max_backoff_s = max_backoff_s
 
     def committed(self) -> dict[int, int]:
-        """Reload the table and return the offsets over its snapshot history."""
-        self.table.refresh()
-        return committed_offsets(self.table, self.topic)
+        """Reload the table and return the offsets over its snapshot history.
+
+        Waits out a catalog outage like `commit` (until `stop`), since a sink that does not
+        know where the table ends must not read on.
+        """
+        attempt = 0
+        while True:
+            try:
+                self.table.refresh()
+                self.failing_since = None
+                return committed_offsets(self.table, self.topic, self.topic_id)
+            except Exception:
+                if self.stop.is_set() or (self.attempts is not None
+                                          and attempt + 1 >= self.attempts):
+                    raise
+                self.failures += 1
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                log.warning("cannot read %s's offsets (attempt %d), retrying",
+                            self.table.name(), attempt + 1, exc_info=attempt < 3)
+            self.stop.wait(min(self.max_backoff_s, 0.05 * 2 ** min(attempt, 20)))
+            attempt += 1
 
     def commit(self, rows: pa.Table, offsets: dict[int, int]) -> CommitResult:
         """Commit `rows` (consumed up to `offsets`, per partition) exactly once.
@@ -314,11 +401,14 @@ class LakeWriter:
         files_rows = -1
         write_s = commit_s = 0.0
         conflicts = 0
-        for attempt in range(self.attempts):
+        attempt = 0
+        while self.attempts is None or attempt < self.attempts:
+            if attempt and self.stop.is_set():
+                break
             try:
                 if attempt:
                     self.table.refresh()
-                done = head_offsets(self.table, self.topic)
+                done = head_offsets(self.table, self.topic, self.topic_id)
                 pending = rows_after(rows, done)
                 if pending.num_rows == 0:
                     self._delete(files)  # the head already holds these rows
@@ -335,6 +425,10 @@ class LakeWriter:
                 previous = (snapshot.summary.additional_properties.get(OFFSETS_PROPERTY)
                             if snapshot else None)
                 props = {OFFSETS_PROPERTY: _offsets_json(done, offsets, self.topic, previous)}
+                if self.topic_id is not None:
+                    ids = (json.loads(snapshot.summary.additional_properties.get(
+                        TOPIC_IDS_PROPERTY) or "{}") if snapshot else {})
+                    props[TOPIC_IDS_PROPERTY] = json.dumps(ids | {self.topic: self.topic_id})
                 tx = self.table.transaction()
                 with tx.update_snapshot(snapshot_properties=props).fast_append() as append:
                     for f in files:
@@ -345,6 +439,7 @@ class LakeWriter:
                         tx.commit_transaction()
                 finally:
                     commit_s += time.monotonic() - t0
+                self.failing_since = None
                 return CommitResult(pending.num_rows, write_s, commit_s, conflicts)
             except CommitFailedException:
                 # The head moved (maintenance, another writer); nothing was applied, so the
@@ -356,10 +451,16 @@ class LakeWriter:
                 # a commit that did land shows in its offsets and is never repeated. The
                 # files may be live now, so they are not deleted (orphan cleanup decides).
                 files, files_rows = [], -1
-                log.warning("commit to %s failed, retrying", self.table.name(), exc_info=True)
-            time.sleep(min(self.max_backoff_s, 0.05 * 2 ** attempt))
+                self.failures += 1
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                log.warning("commit to %s failed (attempt %d, failing for %.0fs), retrying",
+                            self.table.name(), attempt + 1,
+                            time.monotonic() - self.failing_since, exc_info=attempt < 3)
+            self.stop.wait(min(self.max_backoff_s, 0.05 * 2 ** min(attempt, 20)))
+            attempt += 1
         raise RuntimeError(f"could not commit to {self.table.name()} after "
-                           f"{self.attempts} attempts")
+                           f"{attempt} attempts" + (" (stopping)" if self.stop.is_set() else ""))
 
     def _delete(self, files: list[Any]) -> None:
         for f in files:
@@ -387,6 +488,8 @@ class LakeSinkConfig:
     dedupe_window_ms: int = dedupe.DEFAULT_WINDOW_MS
     dedupe_max_ids: int = dedupe.DEFAULT_MAX_IDS
     dedupe_key: tuple[str, ...] = dedupe.DEFAULT_KEY  # CloudEvent attributes
+    # Where records the table cannot hold go, with the reason (Knative's extensions).
+    dead_letter_topic: str = "sluice.deadletter"
 
     @property
     def group(self) -> str:
@@ -400,6 +503,8 @@ class SinkStats:
     skipped_replayed: int = 0
     skipped_duplicate_ids: int = 0
     undecodable: int = 0
+    dead_lettered: int = 0
+    topic_resets: int = 0
     commits: int = 0
     commit_conflicts: int = 0
     kafka_commit_errors: int = 0
@@ -414,7 +519,9 @@ class SinkStats:
             "consumed": self.consumed, "rows_written": self.rows_written,
             "skipped_replayed": self.skipped_replayed,
             "skipped_duplicate_ids": self.skipped_duplicate_ids, "undecodable": self.undecodable,
-            "commits": self.commits, "commit_conflicts": self.commit_conflicts,
+            "dead_lettered": self.dead_lettered, "topic_resets": self.topic_resets,
+            "commits": self.commits,
+            "commit_conflicts": self.commit_conflicts,
             "flush_p50_ms": _pct(flush, 50), "flush_p99_ms": _pct(flush, 99),
             "commit_p50_ms": _pct(commit, 50), "commit_p99_ms": _pct(commit, 99),
             "maintenance_runs": len(self.maintenance),
@@ -456,6 +563,12 @@ class LakeSink:
         self._traced: list[Any] = []          # records of the batch, when tracing is on
         self._batch_started = 0.0
         self._consumer: Any = None
+        self.last_loop = time.monotonic()     # read by /healthz
+        self._rows: list[Any] = []            # the message of each row in `builder`
+        self._producer: Any = None            # dead letters; made on first use
+        self._dead_acks: Any = None           # their delivery reports, awaited in flush
+        self._admin: Any = None               # reads the topic's id (a recreated topic)
+        self._topic_checked = 0.0
         self.recent = dedupe.RecentIds(config.dedupe_window_ms, config.dedupe_max_ids)
         self._maintenance: MaintenanceThread | None = None
         if config.maintenance is not None:
@@ -467,6 +580,7 @@ class LakeSink:
     # -- Kafka callbacks
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        self._check_topic_id()
         self._done = self.writer.committed()
         for tp in partitions:
             if tp.partition in self._done:
@@ -500,6 +614,7 @@ class LakeSink:
         conf = consumer_config(self.bootstrap, cfg.group, **{
             "max.poll.interval.ms": 600_000, "topic.metadata.refresh.interval.ms": 5_000,
             **cfg.consumer_overrides})
+        self.writer.stop = stop
         self._consumer = consumer = Consumer(conf)
         consumer.subscribe([cfg.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         if self._maintenance:
@@ -507,6 +622,7 @@ class LakeSink:
         interval = cfg.interval_ms / 1000
         try:
             while not stop.is_set():
+                self.last_loop = time.monotonic()
                 if max_rows is not None and self.stats.rows_written >= max_rows:
                     break
                 wait = 0.1
@@ -526,6 +642,8 @@ class LakeSink:
             if self._maintenance:
                 self._maintenance.stop()
             consumer.close()
+            if self._producer is not None:
+                self._producer.flush(10)
         return self.stats
 
     def _add(self, msg: Any) -> None:
@@ -535,8 +653,11 @@ class LakeSink:
         p, o = msg.partition(), msg.offset()
         self.stats.consumed += 1
         if o <= self._done.get(p, -1):
-            self.stats.skipped_replayed += 1
-            return
+            # After the seek past the table's offsets this means a replay, or a topic that
+            # was recreated under us (broker restart): the records are new then.
+            if not self._check_topic_id(min_interval_s=5.0):
+                self.stats.skipped_replayed += 1
+                return
         if not self._batch:
             self._batch_started = time.monotonic()
         self._batch[p] = o
@@ -560,11 +681,16 @@ class LakeSink:
             self.stats.undecodable += 1
             log.warning("skipping %s[%d]@%d: %s", msg.topic(), p, o, exc)
             return
-        self.builder.add(record, p, o)
+        try:
+            self.builder.add(record, p, o)
+        except Unconvertible as exc:
+            self._dead_letter(msg, event, str(exc))
+            return
+        self._rows.append(msg)
         if self._tracer.enabled:
             self._traced.append(msg)  # spans for sampled records, made at commit
 
-    def flush(self) -> CommitResult | None:
+    def flush(self, *, commit_kafka: bool = True) -> CommitResult | None:
         """Commit the pending batch to the table, then its offsets to Kafka."""
         if not self._batch:
             return None
@@ -572,9 +698,11 @@ class LakeSink:
 
         t0 = time.monotonic()
         result = None
-        if len(self.builder):
+        rows = self._build()
+        self._await_dead_letters()  # before the commit records these offsets as done
+        if rows is not None:
             with self._tracer.sink_span("lake", self._traced, table=self.config.table):
-                result = self.writer.commit(self.builder.build(), self._batch)
+                result = self.writer.commit(rows, self._batch)
             self._traced = []
             self.stats.rows_written += result.rows
             self.stats.commits += 1
@@ -583,19 +711,123 @@ class LakeSink:
         for p, o in self._batch.items():
             self._done[p] = max(o, self._done.get(p, -1))
         try:
-            self._consumer.commit(offsets=[TopicPartition(self.config.topic, p, o + 1)
-                                           for p, o in self._batch.items()],
-                                  asynchronous=False)
+            if commit_kafka:
+                self._consumer.commit(offsets=[TopicPartition(self.config.topic, p, o + 1)
+                                               for p, o in self._batch.items()],
+                                      asynchronous=False)
         except KafkaException as exc:  # harmless: the table's offsets skip the replay
             self.stats.kafka_commit_errors += 1
             log.warning("Kafka offset commit failed: %s", exc)
         self.builder.clear()
+        self._rows = []
         self._batch = {}
         if self._maintenance and result:
             self._maintenance.notify_commit()
         if self.on_flush and result:
             self.on_flush(result)
         return result
+
+
+    # -- a recreated topic
+
+    def _current_topic_id(self) -> str | None:
+        from confluent_kafka.admin import AdminClient
+
+        from eventing.kafka import admin_config, topic_id
+
+        if self._admin is None:
+            self._admin = AdminClient(admin_config(self.bootstrap))
+        return topic_id(self._admin, self.config.topic)  # None: keep the offsets we have
+
+    def _check_topic_id(self, min_interval_s: float = 0.0) -> bool:
+        """Read the topic's id; when it is not the one the table's offsets belong to, the
+        log was reset: forget those offsets (counted, logged). True when it was reset."""
+        now = time.monotonic()
+        if now - self._topic_checked < min_interval_s:
+            return False
+        self._topic_checked = now
+        current = self._current_topic_id()
+        if current is None:
+            return False
+        known = self.writer.topic_id or recorded_topic_id(self.writer.table, self.config.topic)
+        self.writer.topic_id = current
+        if known is None or known == current:
+            return False
+        self.stats.topic_resets += 1
+        log.warning("topic %s was recreated (id %s, the table's offsets are of %s): reading "
+                    "the new log from its start; records of the old log not yet in the "
+                    "table were lost with it", self.config.topic, current, known)
+        # What was consumed from the old log and not yet committed belongs to that log:
+        # commit it to the table under the old id, but not to Kafka (its offsets would
+        # point into the new log).
+        self.writer.topic_id = known
+        self.flush(commit_kafka=False)
+        self.writer.topic_id = current
+        self._done = {}
+        return True
+
+    # -- records the table cannot hold
+
+    def _build(self) -> pa.Table | None:
+        """The batch as Arrow; rows that cannot convert are dead-lettered, the rest kept."""
+        if not len(self.builder):
+            return None
+        try:
+            return self.builder.build()
+        except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+            log.warning("batch of %d rows does not convert (%s); finding the rows",
+                        len(self.builder), exc)
+        bad = self.builder.drop_unconvertible()
+        drop = {i for i, _ in bad}
+        for i, reason in bad:
+            msg = self._rows[i]
+            self._dead_letter(msg, _event_of(msg), reason)
+        self._rows = [m for i, m in enumerate(self._rows) if i not in drop]
+        return self.builder.build() if len(self.builder) else None
+
+    def _dead_letter(self, msg: Any, event: Any, reason: str) -> None:
+        """Send `msg` to the dead-letter topic with `reason`; `flush` awaits the ack."""
+        from confluent_kafka import Producer
+
+        from eventing.cloudevent import kafka as ce_kafka
+        from eventing.kafka import Acks, produce, producer_config
+
+        if self._producer is None:
+            self._producer = Producer(producer_config(self.bootstrap))
+        if self._dead_acks is None:
+            self._dead_acks = Acks()
+        key, value, headers = ce_kafka.to_dead_letter(
+            event, msg.headers(), destination=f"lake:{self.identifier}", code=422,
+            message=reason)
+        produce(self._producer, self.config.dead_letter_topic, value, msg.key() or key,
+                headers=headers, on_delivery=self._dead_acks)
+        self._dead_acks.sent()
+        self.stats.dead_lettered += 1
+        log.warning("dead-lettered %s[%d]@%d to %s: %s", msg.topic(), msg.partition(),
+                    msg.offset(), self.config.dead_letter_topic, reason[:200])
+
+    def _await_dead_letters(self) -> None:
+        """Block until the batch's dead letters are acknowledged; raise if they were not.
+
+        Their offsets are committed with the batch, so an unacknowledged dead letter would
+        be a lost record: the sink exits instead and replays it after the restart.
+        """
+        acks, self._dead_acks = self._dead_acks, None
+        if acks is None:
+            return
+        acks.seal()
+        self._producer.flush(30)  # serves the delivery reports
+        problem = acks.wait(time.monotonic())
+        if problem:
+            raise RuntimeError(f"dead letters of {self.identifier}: {problem}")
+
+
+def _event_of(msg: Any) -> Any:
+    from eventing.cloudevent import kafka as ce_kafka
+
+    return ce_kafka.from_record(
+        msg.key(), msg.value(), msg.headers(), topic=msg.topic(), partition=msg.partition(),
+        offset=msg.offset(), timestamp_ms=None, wrap_invalid=True, validate=False)
 
 
 def is_plain_long(avro_type: Any) -> bool:
@@ -609,8 +841,7 @@ def is_plain_long(avro_type: Any) -> bool:
 
 def serve_metrics(sinks: LakeSink | Sequence[LakeSink], host: str, port: int) -> None:
     """Expose the sinks' counters for Prometheus (one sample per table), read at scrape
-    time: one lake-sink process serves every declared table."""
-    from prometheus_client import start_http_server
+    time: one lake-sink process serves every declared table; and a cheap `/healthz`."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     from prometheus_client.registry import REGISTRY, Collector
 
@@ -623,6 +854,10 @@ def serve_metrics(sinks: LakeSink | Sequence[LakeSink], host: str, port: int) ->
         ("sluice_lake_records_skipped_duplicate_id", "skipped_duplicate_ids",
          "Records of an event (its dedupe key) written recently"),
         ("sluice_lake_records_undecodable", "undecodable", "Records that did not decode"),
+        ("sluice_lake_records_dead_lettered", "dead_lettered",
+         "Records the table cannot hold, sent to the dead-letter topic with the reason"),
+        ("sluice_lake_topic_resets", "topic_resets",
+         "Times the topic was found recreated (a new log): read from its start"),
         ("sluice_lake_commits", "commits", "Iceberg commits"),
         ("sluice_lake_commit_conflicts", "commit_conflicts", "Commits retried"),
         ("sluice_lake_maintenance_runs", "maintenance_runs", "Maintenance runs"),
@@ -637,6 +872,12 @@ def serve_metrics(sinks: LakeSink | Sequence[LakeSink], host: str, port: int) ->
                     value = len(s.maintenance) if attr == "maintenance_runs" else getattr(s, attr)
                     fam.add_metric([table], value)
                 yield fam
+            fam = CounterMetricFamily(
+                "sluice_lake_commit_failures",
+                "Catalog/object-store attempts that failed and were retried", labels=["table"])
+            for sink in all_sinks:
+                fam.add_metric([sink.identifier], sink.writer.failures)
+            yield fam
             dicts = [(table, s.as_dict()) for table, s in stats]
             for key in ("commit_p50_ms", "commit_p99_ms", "flush_p50_ms", "flush_p99_ms"):
                 gauge = GaugeMetricFamily(f"sluice_lake_{key}", f"{key} over recent commits",
@@ -644,6 +885,28 @@ def serve_metrics(sinks: LakeSink | Sequence[LakeSink], host: str, port: int) ->
                 for table, d in dicts:
                     gauge.add_metric([table], d[key] or 0.0)
                 yield gauge
+            gauge = GaugeMetricFamily(
+                "sluice_lake_store_unavailable_seconds",
+                "How long the catalog/object store has been failing (0 when it answers)",
+                labels=["table"])
+            now = time.monotonic()
+            for sink in all_sinks:
+                since = sink.writer.failing_since
+                gauge.add_metric([sink.identifier], 0.0 if since is None else now - since)
+            yield gauge
 
     REGISTRY.register(_Collector())
-    start_http_server(port, addr=host)
+
+    def health() -> tuple[bool, dict[str, Any]]:
+        # Alive and looping; a store outage is reported, not "unhealthy": the sinks wait
+        # it out, and a restart would not help.
+        now = time.monotonic()
+        ages = {sink.identifier: round(now - sink.last_loop, 1) for sink in all_sinks}
+        failing = {sink.identifier: round(now - sink.writer.failing_since, 1)
+                   for sink in all_sinks if sink.writer.failing_since is not None}
+        return all(age < 120 for age in ages.values()), {"seconds_since_loop": ages,
+                                                         "store_failing_s": failing}
+
+    from eventing.telemetry import metrics
+
+    metrics.serve_metrics(host, port, health)

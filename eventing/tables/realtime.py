@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -68,6 +69,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("sluice.realtime")
 
 LAKE_ALIAS = query.DEFAULT_NAMES.lake_alias
+# Exit status of a server whose ingest thread died (the supervisor shows it as the reason).
+EXIT_INGEST_DIED = 70
 
 
 def table_for_topic(topic: str, suffix: str = query.DEFAULT_NAMES.realtime_suffix) -> str:
@@ -116,6 +119,13 @@ class Metrics:
         self.undecodable = Counter("sluice_realtime_undecodable_records",
                                    "Records skipped: not a decodable CloudEvent/Avro value",
                                    registry=r)
+        self.unconvertible = Counter("sluice_realtime_unconvertible_records",
+                                     "Records skipped: values the table cannot hold "
+                                     "(the lake sink dead-letters them)", registry=r)
+        self.topic_resets = Counter("sluice_realtime_topic_resets",
+                                    "Partitions whose offsets went back: the topic was "
+                                    "recreated (a broker restart); read from the new log",
+                                    registry=r)
         self.duplicates = Counter("sluice_realtime_duplicate_records",
                                   "Records skipped: an event (source+id) seen recently",
                                   registry=r)
@@ -164,13 +174,27 @@ class TableTarget:
         Records older than the retention are left out. `timestamps_ms` (the Kafka
         timestamps) feed the ingest-lag metrics. Returns the rows appended.
         """
+        import pyarrow as pa
+
+        from eventing.tables.lake import Unconvertible
+
         builder = self.builder
         builder.clear()
         for record, partition, offset in records:
-            builder.add(record, partition, offset)
+            try:
+                builder.add(record, partition, offset)
+            except Unconvertible as exc:  # the lake sink dead-letters it; here: skip, count
+                self._skip(partition, offset, str(exc))
         if not len(builder):
             return 0
-        batch = builder.build()
+        try:
+            batch = builder.build()
+        except (pa.ArrowException, ValueError, TypeError, OverflowError):
+            for i, reason in builder.drop_unconvertible():
+                self._skip(-1, i, reason)
+            if not len(builder):
+                return 0
+            batch = builder.build()
         builder.clear()
         cutoff = self._cutoff()
         db = self.db
@@ -193,6 +217,11 @@ class TableTarget:
         self.metrics.rows_ingested.inc(n)
         self.metrics.rows.set(db.rows)
         return n
+
+    def _skip(self, partition: int, offset: int, reason: str) -> None:
+        self.metrics.unconvertible.inc()
+        log.warning("%s: skipping the row of partition %d offset %d: %s", self.name,
+                    partition, offset, reason[:200])
 
     def _cutoff(self) -> Any:
         import datetime as dt
@@ -498,6 +527,9 @@ class Ingest:
         self.thread = threading.Thread(target=self._run, name=f"realtime-{table.name}",
                                        daemon=True)
         self.assigned: set[int] = set()
+        self.last_offsets: dict[int, int] = {}  # per partition: a step back = a new log
+        self.topic_id: str | None = None        # the incarnation of the topic being read
+        self._admin: Any = None
         self.last_poll = 0.0
         self.error: str | None = None
 
@@ -529,7 +561,10 @@ class Ingest:
         except Exception as exc:
             self.error = repr(exc)
             log.exception("real-time ingest failed")
-            raise
+            # The HTTP server would live on with a table that no longer fills: exit, so the
+            # stack's supervisor restarts the process (which reloads the last hour). The
+            # log handler flushed the traceback already (a StreamHandler flushes each record).
+            os._exit(EXIT_INGEST_DIED)
         finally:
             consumer.close()
 
@@ -555,9 +590,18 @@ class Ingest:
             if not msgs:
                 continue
             records, stamps = [], []
+            last = self.last_offsets
             for msg in msgs:
                 if msg.error():
                     continue
+                p, o = msg.partition(), msg.offset()
+                if o < last.get(p, -1):
+                    # Only a recreated log goes back (this consumer never seeks back);
+                    # the consumer already reads it from its start (auto.offset.reset).
+                    self.table.metrics.topic_resets.inc()
+                    log.warning("%s[%d] went back from offset %d to %d: the topic was "
+                                "recreated; reading the new log", msg.topic(), p, last[p], o)
+                last[p] = o
                 record = decode(msg)
                 if record is None:
                     continue
@@ -584,6 +628,31 @@ class Ingest:
             log.debug("skipping %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
             return None
 
+    def _check_topic_id(self, consumer: Any) -> None:
+        """A recreated topic (memory broker restart): read every partition of the new log
+        from its start. A fetch past the new log's end would wait, not fail, on Tansu."""
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+        from confluent_kafka.admin import AdminClient
+
+        from eventing.kafka import admin_config, topic_id
+
+        if self._admin is None:
+            self._admin = AdminClient(admin_config(self.settings.bootstrap))
+        current = topic_id(self._admin, self.settings.topic, timeout_s=5.0)
+        if current is None:
+            return
+        known, self.topic_id = self.topic_id, current
+        if known is None or known == current or not self.assigned:
+            return
+        self.table.metrics.topic_resets.inc()
+        log.warning("topic %s was recreated (id %s, was %s): reading the new log from its "
+                    "start", self.settings.topic, current, known)
+        consumer.incremental_unassign([TopicPartition(self.settings.topic, p)
+                                       for p in sorted(self.assigned)])
+        consumer.incremental_assign([TopicPartition(self.settings.topic, p, OFFSET_BEGINNING)
+                                     for p in sorted(self.assigned)])
+        self.last_offsets.clear()
+
     def _assign_new(self, consumer: Any) -> None:
         """Assign partitions not yet assigned, each from the retention's start."""
         from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
@@ -596,6 +665,7 @@ class Ingest:
             return
         if meta is None or meta.error is not None:
             return
+        self._check_topic_id(consumer)
         new = sorted(set(meta.partitions) - self.assigned)
         if not new:
             return

@@ -6,10 +6,13 @@ collector), so the per-record hot path pays nothing for being observed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -27,6 +30,8 @@ _COUNTERS = {
                       "Records sent to the dead-letter topic"),
     "commits": ("sluice_function_commits_total", "Offset commits"),
     "batches": ("sluice_function_batches_total", "Invocation batches"),
+    "topic_resets": ("sluice_function_topic_resets_total",
+                     "Source partitions found recreated (a new log, e.g. a broker restart)"),
 }
 
 
@@ -83,6 +88,49 @@ def _buckets(h) -> list[tuple]:
     return out
 
 
+# How long a dispatcher may go without finishing a cycle before /healthz says so. A cycle
+# waits at most for one batch's invocations (HTTP modes: the per-attempt timeout).
+STALL_S = 120.0
+
+Health = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+def serve_metrics(host: str, port: int, health: Health | None = None) -> None:
+    """`/metrics` (the default registry) and a cheap `/healthz` on one port, in a thread.
+
+    Why a separate `/healthz`: a scrape runs every collector (consumer lag per partition,
+    histograms) and took 0.1-3.8 s here, so a probe on `/metrics` with a 1 s timeout
+    flapped on a working process. `health()` reads a few fields and answers at once:
+    200 with its detail when healthy, 503 when not.
+    """
+    from wsgiref.simple_server import make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+    metrics_app = make_wsgi_app(REGISTRY)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/healthz":
+            ok, detail = health() if health else (True, {})
+            body = json.dumps({"status": "ok" if ok else "unhealthy", **detail},
+                              default=str).encode()
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body)))])
+            return [body]
+        return metrics_app(environ, start_response)
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+
+
 def serve_dispatcher_metrics(dispatchers: Mapping[str, Any], host: str, port: int) -> None:
+    """Metrics of the dispatchers, and `/healthz`: every dispatcher cycled recently."""
     REGISTRY.register(DispatcherCollector(dispatchers))
-    start_http_server(port, addr=host)
+
+    def health() -> tuple[bool, dict[str, Any]]:
+        now = time.monotonic()
+        ages = {name: round(now - d.last_cycle, 1) for name, d in dispatchers.items()}
+        return all(a < STALL_S for a in ages.values()), {"seconds_since_cycle": ages}
+
+    serve_metrics(host, port, health)

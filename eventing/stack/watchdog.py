@@ -1,0 +1,268 @@
+"""The stack's supervisor: restart any part that exits, with backoff and crash-loop detection.
+
+`sluice up` leaves this one small process running (part `supervisor`, `sluice supervise`).
+Every `TICK_S` it looks at each part `up` recorded; a part whose process is gone is
+started again with the exact command it was first started with (its record's argv),
+the environment and health check of its spec. The rules are the kubelet's for a pod's
+`restartPolicy: Always`, scaled to a laptop:
+
+- the first exit restarts at once; each further exit that comes within `RESET_AFTER_S`
+  of the last start doubles the wait (`INITIAL_BACKOFF_S`, 2 s, 4 s ... `MAX_BACKOFF_S`);
+- `CRASH_LOOP_EXITS` such quick exits in a row mark the part `CrashLoopBackOff` (still
+  restarted, after the backoff) in `sluice status`, in Prometheus and in an alert;
+- a part that stays up for `RESET_AFTER_S` is `Running` again with its backoff reset;
+- parts restart in start order, and a part waits while one before it (the broker, say)
+  is being restarted and not yet healthy, so dependants are not started into a crash;
+- after the broker comes back its topics are created again, after the registry the
+  schemas registered again (`Stack.after_healthy`, what `up` does).
+
+Why not the parts' own parent: `up` returns to the shell, so the parts it starts are
+orphans; only parts this process restarted are its children and have an exact exit
+status (signal or code). For a part `up` started the reason is the last line of its log.
+
+A part being stopped (`ProcessDir.stop` leaves a marker) or with no record (never started,
+or stopped by `down`) is not restarted. `up` and `down` stop the supervisor first, so it
+never races them. State is written to `data/supervisor/parts.json` for `sluice status`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from eventing.stack.process import PartRecord, PartSpec, is_alive, tail
+
+log = logging.getLogger("sluice.supervisor")
+
+NAME = "supervisor"
+TICK_S = 0.5
+INITIAL_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 300.0     # the kubelet's cap
+RESET_AFTER_S = 120.0     # up this long since its start: the next exit is not a crash loop
+CRASH_LOOP_EXITS = 3
+
+
+@dataclass
+class PartState:
+    """What the supervisor knows about one part (the `status` and metrics view)."""
+
+    state: str = "Running"               # Running | Waiting | CrashLoopBackOff
+    restarts: int = 0
+    last_exit_reason: str | None = None
+    last_exit_code: int | None = None    # exit code, or -signal; None when unknown
+    last_exit_at: float | None = None    # wall clock
+    quick_exits: int = 0                 # exits within RESET_AFTER_S of a start, in a row
+    backoff_s: float = 0.0
+    next_start_at: float | None = None   # wall clock of a pending restart
+    awaiting_health: bool = False        # restarted, not yet healthy
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def state_path(state_dir: Path) -> Path:
+    return state_dir / "data" / NAME / "parts.json"
+
+
+def load_states(state_dir: Path) -> dict[str, dict[str, Any]]:
+    """The supervisor's last written view (empty when it never ran)."""
+    try:
+        return json.loads(state_path(state_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def backoff_for(quick_exits: int) -> float:
+    """Seconds to wait before the restart after `quick_exits` quick exits in a row."""
+    if quick_exits <= 1:
+        return 0.0
+    return min(MAX_BACKOFF_S, INITIAL_BACKOFF_S * 2 ** (quick_exits - 2))
+
+
+def describe_exit(code: int | None, log_path: str | None) -> str:
+    """A one-line reason: the signal or exit code when known, and the log's last line."""
+    if code is None:
+        head = "exited (status unknown: not started by the supervisor)"
+    elif code < 0:
+        try:
+            head = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            head = f"killed by signal {-code}"
+    else:
+        head = f"exit code {code}"
+    lines = tail(log_path, 5).splitlines() if log_path else []
+    last = next((ln.strip() for ln in reversed(lines)
+                 if ln.strip() and not ln.startswith("--- start ")), "")
+    return f"{head}; log: {last[:300]}" if last else head
+
+
+class Supervisor:
+    """Watches the parts of one stack; `tick` does one round, `run` loops until stopped.
+
+    `parts()` yields (name, spec factory) in start order; `procs` is the stack's
+    `ProcessDir`; `after_healthy(spec)` runs once a restarted part is healthy again.
+    """
+
+    def __init__(self, parts: Callable[[], Iterable[tuple[str, Callable[[], PartSpec]]]],
+                 procs: Any, state_dir: Path, *,
+                 after_healthy: Callable[[PartSpec], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.parts = parts
+        self.procs = procs
+        self.state_dir = state_dir
+        self.after_healthy = after_healthy or (lambda spec: None)
+        self.clock = clock
+        self.states: dict[str, PartState] = {}
+        self.children: dict[str, subprocess.Popen] = {}
+        self._written = ""
+
+    def tick(self) -> None:
+        now = self.clock()
+        blocked = False  # an earlier part is down or not yet healthy after its restart
+        for name, factory in self.parts():
+            if name == NAME:
+                continue
+            st = self.states.setdefault(name, PartState())
+            record = self.procs.record(name)
+            if record is None or self.procs.stopping(name):
+                self._reap(name)
+                continue
+            if is_alive(record):
+                if st.awaiting_health:
+                    spec = factory()
+                    if _healthy(spec):
+                        st.awaiting_health = False
+                        log.info("%s is healthy again", name)
+                        try:
+                            self.after_healthy(spec)
+                        except Exception:  # noqa: BLE001 - logged; the part runs anyway
+                            log.exception("after restarting %s", name)
+                    else:
+                        blocked = True
+                if st.state != "Running" and now - record.started_at >= RESET_AFTER_S:
+                    st.state, st.quick_exits, st.backoff_s = "Running", 0, 0.0
+                continue
+            if st.next_start_at is None:
+                self._note_exit(name, record, st, now)
+            if blocked or now < (st.next_start_at or now):
+                blocked = True
+                continue
+            self._restart(name, record, factory(), st)
+            blocked = True  # later parts wait until this one is healthy
+        self._write()
+
+    def _note_exit(self, name: str, record: PartRecord, st: PartState, now: float) -> None:
+        code = self._reap(name)
+        st.last_exit_code = code
+        st.last_exit_reason = describe_exit(code, record.log)
+        st.last_exit_at = now
+        quick = now - record.started_at < RESET_AFTER_S
+        st.quick_exits = st.quick_exits + 1 if quick else 1
+        st.backoff_s = backoff_for(st.quick_exits)
+        st.next_start_at = now + st.backoff_s
+        st.state = "CrashLoopBackOff" if st.quick_exits >= CRASH_LOOP_EXITS else "Waiting"
+        st.awaiting_health = False
+        log.warning("%s: %s; restart %d in %.0fs%s", name, st.last_exit_reason,
+                    st.restarts + 1, st.backoff_s,
+                    " [CrashLoopBackOff]" if st.state == "CrashLoopBackOff" else "")
+
+    def _restart(self, name: str, record: PartRecord, spec: PartSpec, st: PartState) -> None:
+        spec.argv = list(record.argv)  # exactly what was started (flags, token file, rate)
+        try:
+            new = self.procs.start(spec)
+        except OSError as exc:
+            st.last_exit_reason = f"could not start: {exc}"
+            st.quick_exits += 1
+            st.backoff_s = backoff_for(st.quick_exits)
+            st.next_start_at = self.clock() + st.backoff_s
+            log.error("%s: could not start: %s", name, exc)
+            return
+        child = getattr(self.procs, "last_child", None)
+        if child is not None and child.pid == new.pid:
+            self.children[name] = child
+        st.restarts += 1
+        st.next_start_at = None
+        st.awaiting_health = True
+        if st.state == "Waiting":
+            st.state = "Running"
+        log.info("%s restarted (pid %d, restart %d)", name, new.pid, st.restarts)
+
+    def _reap(self, name: str) -> int | None:
+        """The exit status of `name` when it was our child (reaps it), else None."""
+        child = self.children.pop(name, None)
+        if child is None:
+            return None
+        try:
+            return child.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            self.children[name] = child
+            return None
+
+    def _write(self) -> None:
+        text = json.dumps({n: s.as_dict() for n, s in self.states.items()}, indent=1)
+        if text == self._written:
+            return
+        path = state_path(self.state_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        self._written = text
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("supervising the stack in %s", self.state_dir)
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - one bad round must not end supervision
+                log.exception("supervisor round failed")
+            stop.wait(TICK_S)
+
+
+def _healthy(spec: PartSpec) -> bool:
+    try:
+        return bool(spec.health())
+    except Exception:  # noqa: BLE001 - a failing probe is "not yet"
+        return False
+
+
+def serve_metrics(sup: Supervisor, host: str, port: int) -> None:
+    """`sluice_part_*` per part for Prometheus, and `/healthz`."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.registry import REGISTRY, Collector
+
+    from eventing.telemetry import metrics
+
+    class _Collector(Collector):
+        def collect(self):  # type: ignore[override]
+            restarts = CounterMetricFamily("sluice_part_restarts",
+                                           "Restarts of a stack part by the supervisor",
+                                           labels=["part"])
+            crash = GaugeMetricFamily("sluice_part_crashloop",
+                                      "1 while a part is in CrashLoopBackOff", labels=["part"])
+            down = GaugeMetricFamily("sluice_part_waiting_restart",
+                                     "1 while a part is down, waiting out its backoff",
+                                     labels=["part"])
+            code = GaugeMetricFamily("sluice_part_last_exit_code",
+                                     "Exit code of the last exit (-signal; -1000 unknown)",
+                                     labels=["part"])
+            for name, st in list(sup.states.items()):
+                restarts.add_metric([name], st.restarts)
+                crash.add_metric([name], 1.0 if st.state == "CrashLoopBackOff" else 0.0)
+                down.add_metric([name], 1.0 if st.next_start_at is not None else 0.0)
+                if st.last_exit_at is not None:
+                    code.add_metric([name], -1000 if st.last_exit_code is None
+                                    else st.last_exit_code)
+            yield from (restarts, crash, down, code)
+
+    REGISTRY.register(_Collector())
+    metrics.serve_metrics(host, port, lambda: (True, {"parts": len(sup.states)}))

@@ -1,0 +1,176 @@
+"""The stack's supervisor with real (tiny) processes: restarts, backoff, crash loops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from eventing.stack import watchdog
+from eventing.stack.process import PartSpec, ProcessDir, is_alive
+from eventing.stack.watchdog import Supervisor, backoff_for, load_states
+from tests.helpers import wait_until
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _spec(name: str, code: str) -> PartSpec:
+    return PartSpec(name=name, argv=[sys.executable, "-c", code], endpoint=name,
+                    health=lambda: True, env=dict(os.environ))
+
+
+@pytest.fixture
+def procs(tmp_path: Path):
+    procs = ProcessDir(tmp_path)
+    yield procs
+    for record in procs.records():
+        procs.stop(record, timeout=2)
+
+
+def _supervisor(procs: ProcessDir, tmp_path: Path, specs: dict[str, PartSpec],
+                clock: Clock) -> Supervisor:
+    def parts():
+        for name, spec in specs.items():
+            yield name, (lambda s=spec: PartSpec(**{**s.__dict__, "argv": list(s.argv)}))
+
+    return Supervisor(parts, procs, tmp_path, clock=clock)
+
+
+def _wait_dead(procs: ProcessDir, name: str) -> None:
+    wait_until(lambda: not is_alive(procs.record(name)), 10, f"{name} to exit")
+
+
+def test_backoff_doubles_from_the_second_quick_exit_and_caps() -> None:
+    assert [backoff_for(n) for n in range(1, 6)] == [0.0, 1.0, 2.0, 4.0, 8.0]
+    assert backoff_for(50) == watchdog.MAX_BACKOFF_S
+
+
+def test_a_killed_part_is_restarted_with_its_exit_reason(procs, tmp_path) -> None:
+    specs = {"sleeper": _spec("sleeper", "import time; print('serving'); time.sleep(60)")}
+    clock = Clock()
+    sup = _supervisor(procs, tmp_path, specs, clock)
+    first = procs.start(specs["sleeper"])
+    wait_until(lambda: "serving" in Path(first.log).read_text(), 10, "the part to log")
+    sup.tick()
+    assert sup.states["sleeper"].restarts == 0
+
+    os.kill(first.pid, signal.SIGKILL)  # started by `up`: not the supervisor's child
+    _wait_dead(procs, "sleeper")
+    sup.tick()
+    second = procs.record("sleeper")
+    assert second.pid != first.pid and is_alive(second)
+    st = sup.states["sleeper"]
+    assert st.restarts == 1
+    assert st.last_exit_reason.startswith("exited (status unknown")
+    assert "serving" in st.last_exit_reason  # the log's last line
+
+    os.kill(second.pid, signal.SIGKILL)  # now its child: the exact reason is known
+    _wait_dead(procs, "sleeper")
+    clock.now += 5
+    sup.tick()  # second quick exit: waits 1 s first
+    assert st.last_exit_reason.startswith("killed by SIGKILL")
+    assert st.last_exit_code == -signal.SIGKILL
+    assert st.state == "Waiting" and st.restarts == 1 and st.backoff_s == 1.0
+    clock.now += 1.0
+    sup.tick()
+    assert st.restarts == 2 and is_alive(procs.record("sleeper"))
+    saved = load_states(tmp_path)["sleeper"]
+    assert saved["restarts"] == 2 and saved["last_exit_code"] == -signal.SIGKILL
+
+
+def test_a_part_that_keeps_failing_is_in_crash_loop_backoff(procs, tmp_path) -> None:
+    specs = {"bad": _spec("bad", "import sys; print('config is broken'); sys.exit(3)")}
+    clock = Clock()
+    sup = _supervisor(procs, tmp_path, specs, clock)
+    procs.start(specs["bad"])
+    waits = []
+    for _ in range(5):
+        _wait_dead(procs, "bad")
+        sup.tick()  # notes the exit; restarts when no backoff is due
+        st = sup.states["bad"]
+        waits.append(st.backoff_s)
+        if st.next_start_at is not None:
+            clock.now = st.next_start_at
+            sup.tick()
+    assert waits == [0.0, 1.0, 2.0, 4.0, 8.0]
+    assert st.state == "CrashLoopBackOff"
+    assert st.last_exit_reason == "exit code 3; log: config is broken"
+    assert st.restarts == 5
+
+    # Up for RESET_AFTER_S: running again, the backoff forgotten.
+    sleeper = _spec("bad", "import time; time.sleep(60)")
+    procs.start(sleeper)
+    clock.now += watchdog.RESET_AFTER_S + 1
+    sup.tick()
+    assert (st.state, st.quick_exits, st.backoff_s) == ("Running", 0, 0.0)
+
+
+def test_a_part_being_stopped_or_never_started_is_left_alone(procs, tmp_path) -> None:
+    specs = {"gone": _spec("gone", "import time; time.sleep(60)"),
+             "never": _spec("never", "import time; time.sleep(60)")}
+    sup = _supervisor(procs, tmp_path, specs, Clock())
+    procs.start(specs["gone"])
+    procs.stop(procs.record("gone"), timeout=2)  # what `down` does: record removed
+    sup.tick()
+    assert procs.record("gone") is None and procs.record("never") is None
+
+    record = procs.start(specs["gone"])
+    procs.stopping_path("gone").touch()  # a stop under way
+    os.kill(record.pid, signal.SIGKILL)
+    _wait_dead(procs, "gone")
+    sup.tick()
+    assert procs.record("gone").pid == record.pid  # not restarted
+    procs.stopping_path("gone").unlink()
+
+
+def test_a_later_part_waits_for_an_earlier_one_to_be_healthy(procs, tmp_path) -> None:
+    healthy = {"ok": False}
+    first = _spec("first", "import time; time.sleep(60)")
+    first.health = lambda: healthy["ok"]
+    specs = {"first": first, "second": _spec("second", "import time; time.sleep(60)")}
+    sup = _supervisor(procs, tmp_path, specs, Clock())
+    a, b = procs.start(specs["first"]), procs.start(specs["second"])
+    for r in (a, b):
+        os.kill(r.pid, signal.SIGKILL)
+        _wait_dead(procs, r.name)
+    sup.tick()
+    assert is_alive(procs.record("first")) and not is_alive(procs.record("second"))
+    sup.tick()
+    assert not is_alive(procs.record("second"))  # `first` is not healthy yet
+    healthy["ok"] = True
+    sup.tick()
+    assert is_alive(procs.record("second"))
+
+
+def test_up_refuses_a_layout_with_a_taken_port_before_starting_anything(tmp_path) -> None:
+    """Offsets 1000 apart: weed's master gRPC port of one stack is the other's S3 gRPC
+    port (19333 + 3000 = 18333 + 4000). `up` names the port and a free offset."""
+    import socket
+
+    from eventing.stack.settings import Ports, load_settings
+    from eventing.stack.supervisor import Stack, StackError
+    from tests.helpers import free_port_offset
+
+    offset = free_port_offset()
+    settings = load_settings(state_dir=tmp_path / "state", port_offset=offset,
+                             pipeline=False)
+    other_master_grpc = Ports().shifted(offset - 1000).weed_master_grpc
+    assert other_master_grpc == settings.ports.weed_s3_grpc
+    stack = Stack(settings)
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", other_master_grpc))
+        other.listen()
+        taken = rf"objectstore {other_master_grpc}.*--port-offset \d+"
+        with pytest.raises(StackError, match=taken):
+            stack.up(log=lambda _: None)
+    assert stack.procs.records() == []  # nothing was started
