@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.helpers import ROOT, free_port_offset, wait_until
+from tests.helpers import free_port_offset, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(600)]
 
@@ -64,10 +64,16 @@ def test_new_user_walkthrough(tmp_path: Path) -> None:
                           "-o", "json").stdout)
     assert [o["data"] for o in out["outputs"]] == [{"id": "a", "amount": 5.0}]
 
-    # Until the topology declares tables (the `tables:` section, merged separately),
-    # the stack's real-time part serves the example's payments.scored and waits for its
-    # schema; give the project that schema so `up` completes. Remove after the merge.
-    shutil.copy(ROOT / "schemas" / "payments.scored.avsc", project / "schemas")
+    # Keep the function's output as a table: give its schema a time field (a default, so
+    # the function need not set it) and declare the table in the project's topology.
+    schema = json.loads((project / "schemas" / "resize.in.avsc").read_text())
+    schema["name"] += "Out"
+    schema["fields"].append({"name": "event_time", "type": "long", "default": 0})
+    (project / "schemas" / "resize.out.avsc").write_text(json.dumps(schema, indent=2))
+    topology_file = project / "functions" / "topology.yaml"
+    topology = yaml.safe_load(topology_file.read_text())
+    topology["tables"] = {"resize_out": {"topic": "resize.out", "timeField": "event_time"}}
+    topology_file.write_text(yaml.safe_dump(topology, sort_keys=False))
     try:
         user("up", "--storage", "memory", "--no-generator", timeout=300)
         assert (project / ".state" / "stack.json").exists()
@@ -114,12 +120,19 @@ def test_new_user_walkthrough(tmp_path: Path) -> None:
         fixed = user("tail", "resize.out", "--from-beginning", "-n", "1", "--timeout", "60",
                      "--filter", "data.id=poison", "-o", "json")
         [row] = [json.loads(line) for line in fixed.stdout.splitlines()]
-        assert row["data"] == {"id": "poison", "amount": 8.0} and row["key"] == "k-9"
+        assert row["data"]["id"] == "poison" and row["data"]["amount"] == 8.0
+        assert row["key"] == "k-9"
 
-        # Left for the lead after the merge of the `tables:` section: declare a table for
-        # resize.out in the project's topology, then
-        #   user("query", "SELECT id, amount FROM resize_out ORDER BY id", "-o", "json")
-        # and assert the four rows (e-1..e-3 and the redriven poison event).
+        # The table holds every output once: e-1..e-3 and the redriven poison event.
+        def table() -> list | None:
+            proc = user("query", "SELECT id, amount FROM resize_out ORDER BY id", "-o", "json",
+                        check=False)
+            rows = json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else []
+            return rows if len(rows) >= 4 else None
+
+        rows = wait_until(table, 120, "the lake table holds the four outputs")
+        assert [(r["id"], r["amount"]) for r in rows] == [
+            ("e-1", 2.0), ("e-2", 4.0), ("e-3", 6.0), ("poison", 8.0)]
     finally:
         user("down", "--purge", check=False, timeout=120)
 
