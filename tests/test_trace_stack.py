@@ -4,6 +4,7 @@ W3C `traceparent` rules at the edge, read back with `sluice trace` (a subprocess
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import httpx
@@ -53,7 +54,9 @@ def _trace(stack, ref: str, *, wait: float = 20, min_services: int = 0,
 
 
 def _payment(pid: str, card: str, country: str = "DE", amount: float = 12.5,
-             event_time: int = 1_900_000_000_000) -> dict:
+             event_time: int | None = None) -> dict:
+    # Now: validate rejects an event_time more than a day ahead (or negative).
+    event_time = int(time.time() * 1000) if event_time is None else event_time
     return {"payment_id": pid, "card_id": card, "merchant_id": "m-0001", "amount": amount,
             "currency": "EUR", "country": country, "event_time": event_time}
 
@@ -162,7 +165,7 @@ def test_fan_out_keeps_one_trace_and_each_output_carries_its_send_span(pipeline)
     cards = reference().cards
     card = next(c for c in sorted(cards, reverse=True) if cards[c] == "FR")
     run = uuid.uuid4().hex[:8]
-    t0 = 1_950_000_000_000 + int(run, 16) % 10_000 * 3_600_000
+    t0 = int(time.time() * 1000) - 2 * 60_000  # recent: validate refuses the far future
     home, abroad = (_payment(f"fan-{run}-{i}", card, country=c, event_time=t0 + i * 60_000)
                     for i, c in enumerate(("FR", "US")))
     with Publisher(pipeline.gateway_url) as pub:

@@ -4,6 +4,7 @@ byte of them on the broker, and `sluice trace` finds the trace by search."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -26,7 +27,7 @@ def test_spans_reach_the_store_through_rotel_and_never_the_broker(pipeline) -> N
     pid = f"store-{uuid.uuid4().hex[:8]}"
     card = sorted(reference().cards)[-3]
     payment = {"payment_id": pid, "card_id": card, "merchant_id": "m-0001", "amount": 9.5,
-               "currency": "EUR", "country": "DE", "event_time": 1_900_000_000_000}
+               "currency": "EUR", "country": "DE", "event_time": int(time.time() * 1000)}
     with Publisher(pipeline.gateway_url) as pub:
         pub.send({"specversion": "1.0", "id": pid, "source": "/tests/store", "type": EVENT_TYPE,
                   "partitionkey": card, "datacontenttype": "application/json",

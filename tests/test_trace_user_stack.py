@@ -123,7 +123,7 @@ def test_prometheus_stores_trace_id_exemplars_that_lead_to_a_trace(pipeline) -> 
         "content-type": "application/json"}, content=json.dumps({
             "payment_id": eid, "card_id": "card-00001", "merchant_id": "m-0001",
             "amount": 3.5, "currency": "EUR", "country": "DE",
-            "event_time": 1_900_000_000_000}).encode(), timeout=30)
+            "event_time": int(time.time() * 1000)}).encode(), timeout=30)
     assert r.status_code == 202, r.text
     query = 'sluice_gateway_request_duration_seconds_bucket{code="202"}'
     trace_ids: set[str] = set()
