@@ -33,6 +33,8 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 MAGIC_BYTE = 0
 # Content types that declare Confluent-framed Avro data (what Sluice and Confluent write).
+# What Sluice declares on the Avro it writes; readers accept any of AVRO_CONTENT_TYPES.
+AVRO_CONTENT_TYPE = "application/avro"
 AVRO_CONTENT_TYPES = frozenset(
     {"application/avro", "avro/binary", "application/vnd.apache.avro+binary"}
 )

@@ -26,7 +26,13 @@ from cloudevents.http import CloudEvent
 
 from eventing.cloudevent import event as ce_event
 from eventing.cloudevent import kafka as ce_kafka
-from eventing.serde import AvroSerde, SchemaNotFound, decode_data, subject_for
+from eventing.serde import (
+    AVRO_CONTENT_TYPE,
+    AvroSerde,
+    SchemaNotFound,
+    decode_data,
+    subject_for,
+)
 from eventing.topology import Function, Topology
 
 
@@ -103,7 +109,7 @@ def input_event(topology: Topology, function: Function, data: Any, *,
     value: bytes
     if serde is not None and _has_schema(serde, topic):
         value = serde.encode(topic, data)  # SchemaViolation names the field
-        attrs["datacontenttype"] = "application/avro"
+        attrs["datacontenttype"] = AVRO_CONTENT_TYPE
     else:
         value = json.dumps(data).encode()
         attrs["datacontenttype"] = "application/json"

@@ -33,13 +33,13 @@ from cloudevents.http import CloudEvent
 from eventing.cloudevent import event as ce_event
 from eventing.cloudevent import kafka as ce_kafka
 from eventing.fn.state import KeyedState
-from eventing.serde import decode_data
+from eventing.serde import AVRO_CONTENT_TYPE, decode_data
 from eventing.telemetry import tracing
 from eventing.topology import Function
 
 OutputRecord = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]
 _INHERITED = ("partitionkey", "traceparent", "tracestate")
-_AVRO = b"application/avro"
+_AVRO = AVRO_CONTENT_TYPE.encode()
 _JSON = b"application/json"
 
 
@@ -192,7 +192,7 @@ class FunctionHost:
                 send = self.tracer.send(span, attrs, out.data, topic)
             if self._schema_topics.get(topic) and not isinstance(out.data, bytes | None):
                 out.data = self.serde.encode_lazy(topic, out.data)  # type: ignore[union-attr]
-                attrs["datacontenttype"] = "application/avro"
+                attrs["datacontenttype"] = AVRO_CONTENT_TYPE
             key, value, headers = ce_kafka.to_binary(out, validate=False)
             records.append((topic, key, value, headers))
             if send is not None:

@@ -96,13 +96,12 @@ from eventing.cloudevent import json as ce_json
 from eventing.cloudevent import kafka as ce_kafka
 from eventing.cloudevent import tracecontext
 from eventing.kafka import RoomWait
-from eventing.serde import SchemaNotFound, SchemaViolation, subject_for
+from eventing.serde import AVRO_CONTENT_TYPE, SchemaNotFound, SchemaViolation, subject_for
 from eventing.serving import ServerLimits
 from eventing.telemetry import tracing
 
 log = logging.getLogger("sluice.gateway")
 
-AVRO_CONTENT_TYPE = "application/avro"
 ACCEPTED_CONTENT_TYPES = (
     f"{ce_json.STRUCTURED_JSON} (structured), {ce_json.BATCH_JSON} (batch), or "
     "application/json with ce-* headers (binary)"
