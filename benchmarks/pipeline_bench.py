@@ -22,7 +22,7 @@ nothing is asserted.
    merchants, event times over the last 24 h in time order, like the sink writes them)
    appended with pyiceberg in `--append-rows` appends to a separate table
    `sluice.payments_scored_bench` (bounded by `--lake-budget-s`), then the three example
-   queries of `eventing.tables.query.EXAMPLES` through the real-time server, with the tables
+   queries of `functions.queries.EXAMPLES` through the real-time server, with the tables
    renamed to the bench table (so the real-time ones run on the lake too), and the
    README's three (`sluice query "SELECT ..."` blocks: README 1 risky merchants, 2 fraud
    rate by country per hour on the lake only, 3 a card's timeline); cold run and median
@@ -346,7 +346,7 @@ def write_lake(settings: StackSettings, rows: int, per_append: int, budget_s: fl
 
 
 def time_queries(settings: StackSettings, repeat: int, card: str) -> dict:
-    from eventing.tables.query import EXAMPLES
+    from functions.queries import EXAMPLES
 
     client = httpx.Client(timeout=600)
     out = {}

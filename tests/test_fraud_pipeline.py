@@ -30,8 +30,8 @@ from eventing.kafka import consumer_config, producer_config
 from eventing.serde import AvroSerde
 from eventing.stack.settings import Ports, StackSettings
 from eventing.tables.lakehouse import LakeConfig, duckdb_connect
-from eventing.tables.query import EXAMPLES
 from functions.generate import Generator, Reference, event_for, reference
+from functions.queries import EXAMPLES
 from tests.helpers import ROOT, sluice, wait_until
 from tests.pipeline import consume_all, headers_of
 

@@ -16,13 +16,13 @@ import pytest
 
 from eventing.tables import query
 from eventing.tables.query import (
-    EXAMPLES,
     Refused,
     Result,
     TranslationError,
     format_result,
     translate,
 )
+from functions.queries import EXAMPLES
 
 UTC = dt.UTC
 NOW = dt.datetime.now(UTC).replace(microsecond=0)

@@ -25,6 +25,7 @@ from starlette.testclient import TestClient
 
 from eventing.tables import query
 from eventing.tables.realtime import RealtimeSettings, RealtimeTable, create_app, parse_duration
+from functions.queries import EXAMPLES
 from tests.helpers import ROOT, free_port, stop_process
 from tests.pipeline import payment_record
 
@@ -146,7 +147,7 @@ def test_http_surface(table: RealtimeTable) -> None:
     table.append([(scored(i, decision="decline" if i < 3 else "approve", score=90.0 - i),
                    i % 2, i) for i in range(6)], [now] * 6)
     with TestClient(create_app(table)) as client:
-        ok = client.post("/query", json={"sql": query.EXAMPLES["top_risky_merchants_5m"]})
+        ok = client.post("/query", json={"sql": EXAMPLES["top_risky_merchants_5m"]})
         assert ok.status_code == 200, ok.text
         body = ok.json()
         assert body["columns"][:3] == ["merchant_id", "payments", "flagged"]
@@ -371,12 +372,12 @@ def test_one_query_reads_the_lake_and_the_realtime_table(stack, server: Server) 
 
     # The example counts each payment once although the lake has most of them too.
     totals = server.query(f"SELECT count(*), count_if(decision = 'decline') FROM {rt}")
-    rates = server.query(server.sql(query.EXAMPLES["fraud_rate_by_country_hourly"]))
+    rates = server.query(server.sql(EXAMPLES["fraud_rate_by_country_hourly"]))
     assert [sum(r[2] for r in rates["rows"]), sum(r[3] for r in rates["rows"])] == \
         totals["rows"][0]
 
     timings: dict[str, list[float]] = {}
-    for name, sql in query.EXAMPLES.items():
+    for name, sql in EXAMPLES.items():
         for _ in range(15):
             started = time.perf_counter()
             result = server.query(server.sql(sql))

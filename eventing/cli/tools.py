@@ -76,7 +76,7 @@ def generate(edge: Edge) -> int:
         token = s.gateway_token_file.read_text().strip()
     edge.interrupt_on_sigterm()  # `sluice down` stops the generator cleanly
     total = int(a.rate * a.duration) if a.duration else 0
-    progress = output.progress(total, "payments") if total and not a.quiet else None
+    progress = output.progress(total, "events") if total and not a.quiet else None
     try:
         with Publisher(a.gateway or s.gateway_url, token) as pub:
             sent, injected = traffic.run(pub, rate=a.rate, duration=a.duration,
