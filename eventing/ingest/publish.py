@@ -6,7 +6,8 @@ with up to `concurrency` requests in flight over kept-alive connections. The gat
 answers a batch only after the broker acknowledged it, so one request at a time leaves
 the client idle for the whole ack (measured: ~1.4K ev/s of the example's payments in
 batches of 500 with one request in flight, the gateway at 8% of a core); several in
-flight keep the gateway busy instead. A batch is all-or-nothing at the gateway for
+flight keep the gateway busy instead (at the price of order across batches: see
+`Publisher`). A batch is all-or-nothing at the gateway for
 validation, so a rejected batch wrote nothing and `GatewayError.events` names every bad
 event by its index *in the whole stream* (the batch offset is added back). Batches in
 flight beside a rejected one may be written; none is started after it.
@@ -34,6 +35,9 @@ from eventing.cloudevent import http as ce_http
 from eventing.cloudevent import json as ce_json
 
 DEFAULT_SOURCE = "/sluice/publish"
+# Batch requests in flight for `sluice publish --file` and `sluice generate`: enough to
+# keep the gateway busy while earlier batches wait for the broker's ack.
+CLI_CONCURRENCY = 4
 CONNECT_TIMEOUT_S = 3.0
 
 
@@ -72,9 +76,12 @@ class Publisher:
 
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 30.0,
                  retries: int = 3, source: str = DEFAULT_SOURCE,
-                 client: httpx.Client | None = None, concurrency: int = 4) -> None:
-        """`concurrency`: batch requests `send_many` keeps in flight (1 = one at a time,
-        in order). 4 kept the example gateway busy on 2 cores; more only queues."""
+                 client: httpx.Client | None = None, concurrency: int = 1) -> None:
+        """`concurrency`: batch requests `send_many` keeps in flight. 1 (the default)
+        sends one at a time, so events reach the topics in the order given; with more,
+        batches in flight are written in whatever order the gateway answers them, so
+        two events of one key in different batches may swap (`sluice publish` and
+        `sluice generate` use `CLI_CONCURRENCY`)."""
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         self.url = url.rstrip("/") + "/"
