@@ -9,6 +9,14 @@ own (schema `payments.raw.avsc` registered for it, topic deleted at the end), th
 - batch mode: `--batch-events` events in `--batch-size` batches, `--batch-concurrency`
   requests in flight.
 
+`publisher_rate(...)` is the other side: the example's payments through
+`eventing.ingest.publish.Publisher` (what `sluice publish --file` and `sluice generate`
+use) into a running stack's own gateway, with the CPU each part spent per event, so
+"the publisher keeps up" is checked with the client that ships, not a raw one:
+
+    .venv/bin/python benchmarks/gateway_bench.py --publisher --state-dir /tmp/s \
+        --port-offset 23000 --events 50000 --publisher-concurrency 1 4
+
 Every 202 means the broker acknowledged (acks=all), so request latency is ack latency.
 Bounded by counts and by `--max-seconds` per phase. The client runs on the same machine
 and competes for the same cores: read the figures as a floor.
@@ -37,6 +45,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.contenders.common import tree_cpu_seconds  # noqa: E402
+from eventing.stack.process import ProcessDir, is_alive  # noqa: E402
 from eventing.stack.settings import load_settings  # noqa: E402
 
 TYPE = "com.sluice.bench.payment"
@@ -158,6 +168,56 @@ async def batch_phase(url: str, events: int, batch_size: int, concurrency: int,
             "p99_ms": pct(latencies, 0.99)}
 
 
+def part_cpu_seconds(state_dir: Path) -> dict[str, float]:
+    """CPU seconds (user + system, with children) each live part of a stack has used."""
+    return {r.name: tree_cpu_seconds(r.pid) for r in ProcessDir(state_dir).records()
+            if is_alive(r)}
+
+
+def example_events(n: int, seed: int = 303) -> list[dict]:
+    """`n` of the example's payment CloudEvents (`functions/generate.py`, 1% fraud), event
+    times spread over the last `n / 20` seconds so validate accepts them all."""
+    from functions.generate import Generator, event_for, reference
+
+    gen = Generator(reference(), seed=seed, id_prefix=f"pub{uuid.uuid4().hex[:6]}")
+    now = int(time.time() * 1000)
+    return [event_for(gen.next(now - (n - i) * 50)[0]) for i in range(n)]
+
+
+def publisher_rate(gateway_url: str, events: int = 50_000, *, batch_size: int = 500,
+                   concurrency: int = 4, state_dir: Path | None = None,
+                   token: str | None = None) -> dict:
+    """The shipped `Publisher` sending `events` example payments to a running gateway.
+
+    Returns ev/s (first request to last answer), the client's own CPU per event (the
+    events are built before the clock starts: generating them is `generator_us_per_ev`,
+    measured apart), the load average, and, with the stack's `state_dir`, the CPU each
+    part used per event meanwhile (functions and sinks keep consuming as it runs, so
+    that is the whole pipeline's cost of the traffic, measured while it was offered).
+    """
+    from eventing.ingest.publish import Publisher
+
+    g0 = time.process_time()
+    payload = example_events(events)
+    generator_us = (time.process_time() - g0) / events * 1e6
+    parts0 = part_cpu_seconds(state_dir) if state_dir else {}
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    with Publisher(gateway_url, token, concurrency=concurrency, timeout=120) as pub:
+        sent = pub.send_many(payload, batch_size=batch_size)
+    elapsed = time.perf_counter() - t0
+    client_cpu = time.process_time() - cpu0
+    parts1 = part_cpu_seconds(state_dir) if state_dir else {}
+    return {"events": sent, "batch_size": batch_size, "concurrency": concurrency,
+            "seconds": round(elapsed, 2), "ev_s": round(sent / elapsed),
+            "client_us_per_ev": round(client_cpu / sent * 1e6, 1),
+            "generator_us_per_ev": round(generator_us, 1),
+            "load_avg_1m": round(os.getloadavg()[0], 1),
+            "part_cpu_us_per_ev": {name: round((parts1[name] - parts0[name]) / sent * 1e6, 1)
+                                   for name in sorted(parts1) if name in parts0},
+            "part_cores": {name: round((parts1[name] - parts0[name]) / elapsed, 2)
+                           for name in sorted(parts1) if name in parts0}}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--state-dir", help="state folder of the running stack")
@@ -169,11 +229,22 @@ def main() -> int:
     p.add_argument("--batch-concurrency", type=int, default=4)
     p.add_argument("--max-seconds", type=float, default=60.0, help="per phase")
     p.add_argument("--runs", type=int, default=1, help="repeat both phases; medians reported")
+    p.add_argument("--publisher", action="store_true",
+                   help="measure `publisher_rate` into the stack's own gateway instead")
+    p.add_argument("--publisher-concurrency", dest="levels", type=int,
+                   nargs="+", default=[1, 4], help="--publisher: requests in flight, one "
+                   "run each (alternated over --runs)")
     args = p.parse_args()
 
     stack = load_settings(state_dir=args.state_dir, port_offset=args.port_offset).with_saved()
     if stack.host != "127.0.0.1":
         raise SystemExit("loopback only")
+    if args.publisher:
+        for _ in range(args.runs):
+            for level in args.levels:
+                print(publisher_rate(stack.gateway_url, args.events, batch_size=args.batch_size,
+                                     concurrency=level, state_dir=stack.state_dir), flush=True)
+        return 0
     topic = f"bench.gateway.{uuid.uuid4().hex[:8]}"
     schema = (ROOT / "schemas" / "payments.raw.avsc").read_text()
     r = httpx.post(f"{stack.registry_url}/subjects/{topic}-value/versions",

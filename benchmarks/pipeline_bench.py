@@ -9,15 +9,18 @@ failure; `--keep` leaves it running. Figures are printed (and written with `--js
 nothing is asserted.
 
 1. **Throughput**: `--events` generator payments (1% fraud, event times compressed to
-   20/s) published through the gateway as fast as two batch clients go; timed from the
+   20/s) published through the gateway as fast as the shipped `Publisher` goes (batches
+   of 500, 4 in flight); timed from the
    first publish to the last record in `payments.scored`, so it is the slowest stage's
    rate (gateway -> validate -> enrich -> score, each its own process) while all of them
    share the machine with the broker, object store, lake sink and real-time server. Also
    when the lake sink and the real-time table had caught up.
 2. **Latency**: `--latency-rate` payments/s for `--latency-seconds`, in batches every
-   20 ms; per payment, from the gateway's 202 (broker acknowledged) to the first poll of
-   the real-time server that returns its row (`POST /query`, polled continuously; the
-   poll's own duration is part of the figure and printed too).
+   20 ms (sent on schedule, up to 16 requests in flight); per payment, from the gateway's
+   202 (broker acknowledged) to the first poll of the real-time server that returns its
+   row (`POST /query`, polled continuously; the poll's own duration is part of the figure
+   and printed too), split into its parts by the Kafka timestamps of every hop
+   (`latency`'s `parts_ms`).
 3. **Query latency on the lake**: `--lake-rows` synthetic scored rows (5,000 cards, 600
    merchants, event times over the last 24 h in time order, like the sink writes them)
    appended with pyiceberg in `--append-rows` appends to a separate table
@@ -122,7 +125,9 @@ class ScoredWatcher:
         self.consumer.close()
 
 
-def throughput(settings: StackSettings, n: int, clients: int = 2) -> dict:
+def throughput(settings: StackSettings, n: int, concurrency: int = 4) -> dict:
+    """`n` example payments through the gateway from the shipped `Publisher` (batches of
+    500, `concurrency` in flight), timed to the last record in `payments.scored`."""
     from eventing.ingest.publish import Publisher
 
     payments = _payments(n, seed=101)
@@ -137,13 +142,12 @@ def throughput(settings: StackSettings, n: int, clients: int = 2) -> dict:
     accepted: list[float] = []
 
     def publish(part: list[dict]) -> None:
-        with Publisher(settings.gateway_url, timeout=120) as pub:
+        with Publisher(settings.gateway_url, timeout=120, concurrency=concurrency) as pub:
             pub.send_many((event_for(p) for p in part), batch_size=500)
         accepted.append(time.perf_counter())
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=publish, args=(payments[i::clients],))
-               for i in range(clients)]
+    threads = [threading.Thread(target=publish, args=(payments,))]
     for t in threads:
         t.start()
     lake_done = rt_done = None
@@ -179,32 +183,103 @@ def throughput(settings: StackSettings, n: int, clients: int = 2) -> dict:
 # --------------------------------------------------------------------------- 2. latency
 
 
+HOPS = ("payments.raw", "payments.valid", "payments.enriched", "payments.scored")
+
+
+class TopicTimes:
+    """Per payment id, the Kafka timestamp (the producer's create time, epoch ms) of its
+    record in each topic of the fraud path, read from the topics' ends as they fill.
+
+    Function outputs carry derived ids (`<payment id>/<function>/<n>`), so the payment id
+    is the part before the first `/`. A record's timestamp is taken when its producer
+    queued it, so the gap between two topics is: the earlier producer's linger and the
+    broker's write, the consumer's fetch wait, the dispatcher and the function.
+    """
+
+    def __init__(self, settings: StackSettings, topics: tuple[str, ...] = HOPS) -> None:
+        from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+
+        from eventing.kafka import consumer_config
+
+        self.times: dict[str, dict[str, int]] = {t: {} for t in topics}
+        self.consumer = Consumer(consumer_config(settings.bootstrap, f"bench-{uuid.uuid4()}"))
+        meta = self.consumer.list_topics(timeout=10).topics
+        self.consumer.assign([TopicPartition(t, p, OFFSET_END) for t in topics
+                              for p in meta[t].partitions])
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for msg in self.consumer.consume(5000, 0.05):
+                if msg.error():
+                    continue
+                for name, value in msg.headers() or []:
+                    if name == "ce_id":
+                        pid = value.decode().split("/", 1)[0]
+                        self.times[msg.topic()].setdefault(pid, msg.timestamp()[1])
+                        break
+        self.consumer.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def _spread(values: list[float]) -> dict:
+    return ({"p50": round(pct(values, 50), 1), "p99": round(pct(values, 99), 1), "n": len(values)}
+            if values else {"n": 0})
+
+
 def latency(settings: StackSettings, rate: float, seconds: float) -> dict:
-    """Gateway 202 -> row returned by the real-time server, per payment."""
+    """Gateway 202 -> row returned by the real-time server, per payment, with its parts.
+
+    `parts` splits it, per payment, on the Kafka timestamps of its record in every topic
+    of the path (`TopicTimes`) and the client's clock (same machine, `time.time`):
+    `gateway_ack` raw record queued -> 202 received (linger, broker ack, the answer),
+    `raw_to_valid`, `valid_to_enriched`, `enriched_to_scored` (each: the previous
+    producer's linger and write, the fetch wait, the dispatcher and the function),
+    `scored_to_row` (score's linger and write, the real-time server's fetch wait, its
+    consume batching and INSERT, and the poll that found the row) and `poll` (how long
+    each poll query took: a row is seen at the end of the first poll after it landed).
+    """
     from eventing.ingest.publish import Publisher
 
     n = int(rate * seconds)
     payments = _payments(n, seed=202)
     per_batch = max(1, int(rate / 50))
     accepted: dict[str, float] = {}
+    accepted_wall: dict[str, float] = {}
     seen: dict[str, float] = {}
+    seen_wall: dict[str, float] = {}
     polls: list[float] = []
     lock = threading.Lock()
     done = threading.Event()
+    topic_times = TopicTimes(settings)
+    time.sleep(1.0)  # the watcher's first fetch, so it reads from the ends
 
     def publish() -> None:
+        """A batch every 20 ms on schedule, each on its own request: the next one does not
+        wait for the previous answer, so a slow ack does not lower the offered rate."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def send(pub: Publisher, batch: list[dict]) -> None:
+            pub.send_many([event_for(p) for p in batch], batch_size=per_batch)
+            t, wall = time.perf_counter(), time.time()
+            with lock:
+                for p in batch:
+                    accepted[p["payment_id"]] = t
+                    accepted_wall[p["payment_id"]] = wall
+
         start = time.perf_counter()
-        with Publisher(settings.gateway_url) as pub:
+        with Publisher(settings.gateway_url, concurrency=1) as pub, \
+                ThreadPoolExecutor(16) as pool:
             for i in range(0, n, per_batch):
                 wait = start + (i / rate) - time.perf_counter()
                 if wait > 0:
                     time.sleep(wait)
-                batch = payments[i:i + per_batch]
-                pub.send_many([event_for(p) for p in batch], batch_size=per_batch)
-                t = time.perf_counter()
-                with lock:
-                    for p in batch:
-                        accepted[p["payment_id"]] = t
+                pool.submit(send, pub, payments[i:i + per_batch])
         done.set()
 
     def poll() -> None:
@@ -227,23 +302,41 @@ def latency(settings: StackSettings, rate: float, seconds: float) -> dict:
             resp = client.post(settings.realtime_url + "/query", json={
                 "sql": f"SELECT payment_id FROM payments_scored_rt WHERE payment_id IN "
                        f"({in_list})", "engine": "duckdb", "max_rows": 5000})
-            t1 = time.perf_counter()
+            t1, wall = time.perf_counter(), time.time()
             polls.append(t1 - t0)
             for (pid,) in resp.json()["rows"]:
-                seen.setdefault(pid, t1)
+                if pid not in seen:
+                    seen[pid] = t1
+                    seen_wall[pid] = wall
 
     threads = [threading.Thread(target=publish), threading.Thread(target=poll)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    time.sleep(0.5)
+    topic_times.close()
     lat = [(seen[i] - accepted[i]) * 1000 for i in accepted if i in seen]
+    raw, valid, enriched, scored = (topic_times.times[t] for t in HOPS)
+
+    def gaps(later: dict[str, float], earlier: dict[str, float]) -> list[float]:
+        return [later[i] - earlier[i] for i in accepted if i in later and i in earlier]
+
+    ms = {i: w * 1000 for i, w in accepted_wall.items()}
+    seen_ms = {i: w * 1000 for i, w in seen_wall.items()}
+    parts = {"gateway_ack": _spread(gaps(ms, raw)),
+             "raw_to_valid": _spread(gaps(valid, raw)),
+             "valid_to_enriched": _spread(gaps(enriched, valid)),
+             "enriched_to_scored": _spread(gaps(scored, enriched)),
+             "scored_to_row": _spread(gaps(seen_ms, scored)),
+             "poll": _spread([x * 1000 for x in polls])}
     return {"rate": rate, "seconds": seconds, "events": n, "queryable": len(lat),
             "p50_ms": round(pct(lat, 50), 1) if lat else None,
             "p99_ms": round(pct(lat, 99), 1) if lat else None,
             "max_ms": round(max(lat), 1) if lat else None,
             "poll_p50_ms": round(pct(polls, 50) * 1000, 1) if polls else None,
-            "poll_p99_ms": round(pct(polls, 99) * 1000, 1) if polls else None}
+            "poll_p99_ms": round(pct(polls, 99) * 1000, 1) if polls else None,
+            "load_avg_1m": round(os.getloadavg()[0], 1), "parts_ms": parts}
 
 
 # --------------------------------------------------------------------------- 3. lake queries

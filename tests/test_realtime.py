@@ -128,6 +128,53 @@ def test_a_dead_ingest_thread_ends_the_process(table: RealtimeTable, monkeypatch
     assert "ingest broke" in ingest.error
 
 
+class QueueConsumer:
+    """`consume(n, timeout)` as librdkafka answers it: whatever is queued, up to n, at once
+    when n are there, else after waiting `timeout` (nothing arrives meanwhile here).
+    Every call's (n, timeout) is recorded: the waits are what the test checks."""
+
+    def __init__(self, queued: int) -> None:
+        self.queued = list(range(queued))
+        self.calls: list[tuple[int, float]] = []
+
+    def consume(self, n: int, timeout: float) -> list[int]:
+        self.calls.append((n, timeout))
+        out, self.queued = self.queued[:n], self.queued[n:]
+        return out
+
+
+def test_a_quiet_table_inserts_what_arrived_without_waiting(table: RealtimeTable) -> None:
+    """It used to wait out the whole poll_s (20 ms) before inserting a record that
+    arrived after a quiet spell: latency for nothing."""
+    from eventing.tables.realtime import Ingest
+
+    ingest = Ingest(table, serde=None)
+    consumer = QueueConsumer(queued=3)
+    assert ingest._next_batch(consumer) == [0, 1, 2]
+    assert all(timeout == 0 for _, timeout in consumer.calls), consumer.calls
+
+    empty = QueueConsumer(queued=0)
+    assert ingest._next_batch(empty) == []
+    assert empty.calls == [(table.settings.batch_max, 0), (1, table.settings.poll_s)]
+
+
+def test_a_busy_table_inserts_at_most_once_per_poll_interval(table: RealtimeTable) -> None:
+    """An INSERT costs milliseconds of CPU whatever its size: right after one, the next
+    batch gathers records until poll_s after it."""
+    from eventing.tables.realtime import Ingest
+
+    ingest = Ingest(table, serde=None)
+    ingest.last_insert = time.monotonic()
+    consumer = QueueConsumer(queued=2)
+    assert ingest._next_batch(consumer) == [0, 1]
+    waits = [timeout for _, timeout in consumer.calls if timeout > 0]
+    assert len(waits) == 1 and 0 < waits[0] <= table.settings.poll_s
+    full = QueueConsumer(queued=table.settings.batch_max + 5)
+    ingest.last_insert = time.monotonic()
+    assert len(ingest._next_batch(full)) == table.settings.batch_max  # a full batch goes now
+    assert all(timeout == 0 for _, timeout in full.calls)
+
+
 def test_queries_cannot_change_the_database(table: RealtimeTable) -> None:
     with pytest.raises(query.TranslationError, match="only queries"):
         table.query("DELETE FROM payments_scored_rt", engine="duckdb")

@@ -13,7 +13,13 @@ DEPLOY = "eventing.deploy:DeploySettings"
 
 def publish(edge: Edge) -> int:
     from eventing.cli import output
-    from eventing.ingest.publish import GatewayError, Publisher, one_event, read_jsonl
+    from eventing.ingest.publish import (
+        CLI_CONCURRENCY,
+        GatewayError,
+        Publisher,
+        one_event,
+        read_jsonl,
+    )
 
     a = edge.args
     url = a.gateway or edge.settings.gateway_url
@@ -27,7 +33,7 @@ def publish(edge: Edge) -> int:
                                 "(and --source)")
         else:
             event = one_event(a.type, a.source, a.data, a.id, a.key)
-        with Publisher(url, token) as publisher:
+        with Publisher(url, token, concurrency=a.concurrency or CLI_CONCURRENCY) as publisher:
             if a.file:
                 progress = output.progress(total)
                 sent = publisher.send_many(events, progress=progress, **edge.given("batch_size"))
@@ -67,7 +73,7 @@ def _token(path: str | None) -> str | None:
 def generate(edge: Edge) -> int:
     """Publish the topology's example traffic (its `generate.py`) through the gateway."""
     from eventing.cli import output
-    from eventing.ingest.publish import GatewayError, Publisher
+    from eventing.ingest.publish import CLI_CONCURRENCY, GatewayError, Publisher
 
     a, s = edge.args, edge.settings
     traffic = edge.generator()
@@ -78,7 +84,8 @@ def generate(edge: Edge) -> int:
     total = int(a.rate * a.duration) if a.duration else 0
     progress = output.progress(total, "events") if total and not a.quiet else None
     try:
-        with Publisher(a.gateway or s.gateway_url, token) as pub:
+        with Publisher(a.gateway or s.gateway_url, token,
+                       concurrency=a.concurrency or CLI_CONCURRENCY) as pub:
             sent, injected = traffic.run(pub, rate=a.rate, duration=a.duration,
                                       truth=Path(a.truth) if a.truth else None,
                                       progress=progress, **edge.given("seed", "inject_share"))
@@ -207,6 +214,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     settings_flag(p, "--batch-size", type=int,
                   default_of="eventing.ingest.publish:Publisher.send_many.batch_size",
                   help="events per request (--file)")
+    p.add_argument("--concurrency", type=int, help="batch requests in flight at once "
+                   "(default: eventing.ingest.publish.CLI_CONCURRENCY, 4); 1 keeps the "
+                   "events' order across batches")
     p.add_argument("--gateway", help="gateway URL (default: the local stack's)")
     p.add_argument("--token-file", help="file holding the gateway's bearer token (default: "
                    "env SLUICE_GATEWAY_TOKEN)")
@@ -223,6 +233,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--truth", help="append the ids of injected events to this file")
     p.add_argument("--gateway", help="gateway URL (default: the local stack's)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--concurrency", type=int, help="batch requests in flight at once "
+                   "(default: eventing.ingest.publish.CLI_CONCURRENCY, 4); 1 keeps the "
+                   "events' order across batches")
     p.add_argument("--token-file", help="file holding the gateway's bearer token")
     p.add_argument("--topology", help="topology file whose generate.py runs "
                    "(default functions/topology.yaml)")

@@ -1,10 +1,16 @@
 """Publish CloudEvents to a Sluice gateway: `Publisher` for Python, `sluice publish` for shells.
 
 Single events go in structured mode (one JSON object, nothing lost in header encoding);
-many go in batch mode (`application/cloudevents-batch+json`), `batch_size` per request.
-A batch is all-or-nothing at the gateway for validation, so a rejected batch wrote
-nothing and `GatewayError.events` names every bad event by its index *in the whole
-stream* (the batch offset is added back).
+many go in batch mode (`application/cloudevents-batch+json`), `batch_size` per request,
+with up to `concurrency` requests in flight over kept-alive connections. The gateway
+answers a batch only after the broker acknowledged it, so one request at a time leaves
+the client idle for the whole ack (measured: ~1.4K ev/s of the example's payments in
+batches of 500 with one request in flight, the gateway at 8% of a core); several in
+flight keep the gateway busy instead (at the price of order across batches: see
+`Publisher`). A batch is all-or-nothing at the gateway for
+validation, so a rejected batch wrote nothing and `GatewayError.events` names every bad
+event by its index *in the whole stream* (the batch offset is added back). Batches in
+flight beside a rejected one may be written; none is started after it.
 
 A 503 (broker or registry unavailable) is retried after the gateway's `Retry-After`, a
 few times. The gateway may have written part of a batch it answered 503 for, so a retry
@@ -13,9 +19,11 @@ can duplicate events; they keep their `id`, which is what consumers dedupe on.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import httpx
@@ -27,6 +35,9 @@ from eventing.cloudevent import http as ce_http
 from eventing.cloudevent import json as ce_json
 
 DEFAULT_SOURCE = "/sluice/publish"
+# Batch requests in flight for `sluice publish --file` and `sluice generate`: enough to
+# keep the gateway busy while earlier batches wait for the broker's ack.
+CLI_CONCURRENCY = 4
 CONNECT_TIMEOUT_S = 3.0
 
 
@@ -65,10 +76,18 @@ class Publisher:
 
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 30.0,
                  retries: int = 3, source: str = DEFAULT_SOURCE,
-                 client: httpx.Client | None = None) -> None:
+                 client: httpx.Client | None = None, concurrency: int = 1) -> None:
+        """`concurrency`: batch requests `send_many` keeps in flight. 1 (the default)
+        sends one at a time, so events reach the topics in the order given; with more,
+        batches in flight are written in whatever order the gateway answers them, so
+        two events of one key in different batches may swap (`sluice publish` and
+        `sluice generate` use `CLI_CONCURRENCY`)."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
         self.url = url.rstrip("/") + "/"
         self.retries = retries
         self.source = source
+        self.concurrency = concurrency
         headers = {"authorization": f"Bearer {token}"} if token else {}
         # A short connect timeout: a gateway that does not accept a connection within
         # CONNECT_TIMEOUT_S is reported, not waited on for the whole request timeout.
@@ -100,19 +119,60 @@ class Publisher:
                   progress: Callable[[int], None] | None = None) -> int:
         """Publish `events` in batches of `batch_size`; return how many were accepted.
 
-        `progress(sent_so_far)` is called after each accepted batch. A batch over the
-        gateway's body limit (413) is split in halves. Stops at the first rejected batch
-        with `GatewayError` (earlier batches stay written).
+        Up to `concurrency` batches are in flight at once (each on its own kept-alive
+        connection). `progress(accepted_so_far)` is called after each accepted request,
+        one call at a time and counting up whatever order the answers come in. A batch
+        over the gateway's body limit (413) is split in halves. Stops at the first
+        rejected batch with `GatewayError` once the batches already in flight have been
+        answered (earlier batches, and those in flight, stay written).
         """
-        sent = 0
-        for batch in _chunks(events, batch_size):
-            objs = [normalize(e, self.source) for e in batch]
-            sent = self._send_batch(objs, sent, progress)
-        return sent
+        tally = _Tally(progress)
+        batches = ([normalize(e, self.source) for e in batch]
+                   for batch in _chunks(events, batch_size))
+        if self.concurrency == 1:
+            offset = 0
+            for objs in batches:
+                self._send_batch(objs, offset, tally)
+                offset += len(objs)
+            return tally.total
+        self._send_concurrently(batches, tally)
+        return tally.total
 
-    def _send_batch(self, objs: list[dict[str, Any]], offset: int,
-                    progress: Callable[[int], None] | None) -> int:
-        """POST one batch; halve it while the gateway says it is too large (413)."""
+    def _send_concurrently(self, batches: Iterator[list[dict[str, Any]]],
+                           tally: _Tally) -> None:
+        """`send_many` with `concurrency` requests in flight (threads: the client is sync,
+        and a request's time is mostly waiting for the gateway's answer)."""
+        offset = 0  # stream index of the next batch's first event
+        failure: GatewayError | None = None
+        in_flight: set[Future[None]] = set()
+
+        def settle(done: Iterable[Future[None]]) -> None:
+            nonlocal failure
+            for future in done:
+                exc = future.exception()
+                if exc is None:
+                    continue
+                if not isinstance(exc, GatewayError):
+                    raise exc
+                if failure is None or exc.offset < failure.offset:
+                    failure = exc  # the earliest rejected batch of the stream
+
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="publish") as pool:
+            for objs in batches:
+                in_flight.add(pool.submit(self._send_batch, objs, offset, tally))
+                offset += len(objs)
+                if len(in_flight) >= self.concurrency:
+                    done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                    settle(done)
+                if failure is not None:
+                    break
+            settle(wait(in_flight).done)
+        if failure is not None:
+            raise failure
+
+    def _send_batch(self, objs: list[dict[str, Any]], offset: int, tally: _Tally) -> None:
+        """POST one batch (stream index `offset` of its first event), counting what was
+        accepted in `tally`; halve it while the gateway says it is too large (413)."""
         headers, body = ce_http.batch_message(objs)
         try:
             self._post(body, headers["content-type"], offset)
@@ -120,12 +180,10 @@ class Publisher:
             if exc.status != 413 or len(objs) < 2:
                 raise
             half = len(objs) // 2
-            offset = self._send_batch(objs[:half], offset, progress)
-            return self._send_batch(objs[half:], offset, progress)
-        offset += len(objs)
-        if progress is not None:
-            progress(offset)
-        return offset
+            self._send_batch(objs[:half], offset, tally)
+            self._send_batch(objs[half:], offset + half, tally)
+            return
+        tally.add(len(objs))
 
     def _post(self, body: bytes, content_type: str, offset: int) -> dict[str, Any]:
         attempt = 0
@@ -161,6 +219,22 @@ class Publisher:
                 answer = {"error": "http_error", "reason": r.text[:500]}
             raise GatewayError(r.status_code, str(answer.get("error", "http_error")),
                                str(answer.get("reason", r.text[:500])), answer, offset)
+
+
+class _Tally:
+    """Events accepted so far, added to from the sending threads; `progress` sees each
+    new total in order (the lock is held while it runs)."""
+
+    def __init__(self, progress: Callable[[int], None] | None) -> None:
+        self.total = 0
+        self._progress = progress
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.total += n
+            if self._progress is not None:
+                self._progress(self.total)
 
 
 def _retry_after(value: str | None) -> float:
