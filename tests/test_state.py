@@ -44,6 +44,7 @@ class FakeConsumer:
         self.fetched = dict(positions)  # partition -> next offset to fetch
         self.queue: list[FakeMessage] = []
         self.watermark_queries = 0
+        self.stalled: set[int] = set()  # partitions whose fetch hangs until a seek
 
     def get_watermark_offsets(self, tp: Any, timeout: float = 0, cached: bool = False
                               ) -> tuple[int, int]:
@@ -54,6 +55,8 @@ class FakeConsumer:
 
     def consume(self, num: int, timeout: float = 0) -> list[FakeMessage]:
         for p in self.log.batches:
+            if p in self.stalled:
+                continue
             offset = 0
             for batch in self.log.batches[p]:
                 if offset >= self.fetched[p]:
@@ -64,6 +67,11 @@ class FakeConsumer:
                 offset += len(batch)
         out, self.queue = self.queue[:num], self.queue[num:]
         return out
+
+    def seek(self, tp: Any) -> None:
+        self.stalled.discard(tp.partition)
+        self.queue = [m for m in self.queue if m.partition() != tp.partition]
+        self.fetched[tp.partition] = tp.offset
 
     def close(self) -> None:
         pass
@@ -162,3 +170,16 @@ def test_a_store_that_does_not_follow_keeps_the_plain_methods() -> None:
     assert "get" not in vars(store) and "put" not in vars(store)
     store.put("a", 1)
     assert store.get("a") == 1 and len(store.drain()) == 1
+
+
+def test_a_stalled_fetch_is_restarted_at_the_followers_position(following, monkeypatch) -> None:
+    store, log, consumer = following
+    monkeypatch.setattr(st, "RESEEK_AFTER_S", 0.01)
+    k = key_in(0, 2)
+    log.append(0, (k, 1))
+    assert store.get(k) == 1
+    store.drain()
+    consumer.stalled.add(0)  # the watermark vouches for a record the fetcher never brings
+    log.append(0, (k, 2))
+    assert store.get(k) == 2
+    assert store._follower.reseeks == 1  # type: ignore[union-attr]

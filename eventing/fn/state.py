@@ -76,6 +76,7 @@ _lock = threading.Lock()
 log = logging.getLogger("sluice.state")
 
 CATCH_UP_TIMEOUT_S = 10.0  # a partition not read to its end by then fails the event (500)
+RESEEK_AFTER_S = 1.0  # a catch-up waiting this long restarts the partition's fetch
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -275,6 +276,7 @@ class _Follower:
         self._apply = apply
         self.timeout_s = timeout_s
         self.catch_ups = 0
+        self.reseeks = 0
         self.records = 0  # changelog records applied after the restore
         self._misplaced_logged = False
 
@@ -289,14 +291,26 @@ class _Follower:
         _, high = self.consumer.get_watermark_offsets(
             TopicPartition(self.topic, partition), timeout=self.timeout_s, cached=False)
         target = high - 1
-        deadline = time.monotonic() + self.timeout_s
+        start = time.monotonic()
+        deadline = start + self.timeout_s
+        reseek_at = start + RESEEK_AFTER_S
         while self.next[partition] <= target:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            now = time.monotonic()
+            if now >= deadline:
                 raise StateBehind(
                     f"state changelog {self.topic}[{partition}] not read to offset {target} "
                     f"within {self.timeout_s:.0f}s (at {self.next[partition]})")
-            self.apply(self.consumer.consume(1000, min(left, 0.05)))
+            if now >= reseek_at:
+                # Seen once under heavy load: a record the watermark vouches for (and a
+                # fresh consumer reads at once) did not arrive for 10 s. Restarting the
+                # partition's fetch at our position costs one request and fixes it.
+                self.reseeks += 1
+                log.warning("state changelog %s[%d]: offset %d not fetched after %.1fs; "
+                            "fetching again from it", self.topic, partition,
+                            self.next[partition], now - start)
+                self.consumer.seek(TopicPartition(self.topic, partition, self.next[partition]))
+                reseek_at = now + RESEEK_AFTER_S
+            self.apply(self.consumer.consume(1000, min(deadline - now, 0.05)))
         while True:
             batch = self.consumer.consume(1000, 0)
             self.apply(batch)
