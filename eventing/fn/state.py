@@ -76,7 +76,7 @@ _lock = threading.Lock()
 log = logging.getLogger("sluice.state")
 
 CATCH_UP_TIMEOUT_S = 10.0  # a partition not read to its end by then fails the event (500)
-RESEEK_AFTER_S = 1.0  # a catch-up waiting this long restarts the partition's fetch
+FRESH_READ_AFTER_S = 1.0  # a catch-up waiting this long reads with a fresh consumer
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -157,7 +157,8 @@ class KeyedState:
         self.close()  # following again starts from a fresh read
         consumer, positions = self._read_changelog(bootstrap, timeout)
         self._follower = _Follower(consumer, self.topic, positions, self._apply,
-                                   catch_up_timeout_s)
+                                   catch_up_timeout_s,
+                                   consumer_config(bootstrap, f"state-{uuid.uuid4().hex}"))
         self._synced: set[int] = set()
         self.get = self._get_following  # type: ignore[method-assign]
         self.put = self._put_following  # type: ignore[method-assign]
@@ -267,7 +268,8 @@ class _Follower:
     """
 
     def __init__(self, consumer: Consumer, topic: str, positions: dict[int, int],
-                 apply: Callable[[str, bytes | None], None], timeout_s: float) -> None:
+                 apply: Callable[[str, bytes | None], None], timeout_s: float,
+                 fresh_config: dict[str, Any]) -> None:
         self.consumer = consumer
         self.pid = os.getpid()
         self.topic = topic
@@ -275,8 +277,9 @@ class _Follower:
         self.next = positions  # partition -> offset after the last record applied
         self._apply = apply
         self.timeout_s = timeout_s
+        self.fresh_config = fresh_config
         self.catch_ups = 0
-        self.reseeks = 0
+        self.fresh_reads = 0
         self.records = 0  # changelog records applied after the restore
         self._misplaced_logged = False
 
@@ -293,23 +296,24 @@ class _Follower:
         target = high - 1
         start = time.monotonic()
         deadline = start + self.timeout_s
-        reseek_at = start + RESEEK_AFTER_S
+        fresh_at = start + FRESH_READ_AFTER_S
         while self.next[partition] <= target:
             now = time.monotonic()
             if now >= deadline:
                 raise StateBehind(
                     f"state changelog {self.topic}[{partition}] not read to offset {target} "
                     f"within {self.timeout_s:.0f}s (at {self.next[partition]})")
-            if now >= reseek_at:
-                # Seen once under heavy load: a record the watermark vouches for (and a
-                # fresh consumer reads at once) did not arrive for 10 s. Restarting the
-                # partition's fetch at our position costs one request and fixes it.
-                self.reseeks += 1
+            if now >= fresh_at:
+                # Seen on Tansu under load: the follower's fetch did not bring a record the
+                # watermark vouches for, for 10 s and through seeks, while a fresh consumer
+                # read it in ~50 ms. So a slow catch-up reads the tail with a fresh consumer.
+                self.fresh_reads += 1
                 log.warning("state changelog %s[%d]: offset %d not fetched after %.1fs; "
-                            "fetching again from it", self.topic, partition,
+                            "reading it with a fresh consumer", self.topic, partition,
                             self.next[partition], now - start)
-                self.consumer.seek(TopicPartition(self.topic, partition, self.next[partition]))
-                reseek_at = now + RESEEK_AFTER_S
+                self._read_fresh(partition, target, deadline)
+                fresh_at = time.monotonic() + FRESH_READ_AFTER_S
+                continue
             self.apply(self.consumer.consume(1000, min(deadline - now, 0.05)))
         while True:
             batch = self.consumer.consume(1000, 0)
@@ -317,11 +321,34 @@ class _Follower:
             if len(batch) < 1000:
                 return
 
+    def new_consumer(self) -> Any:
+        """A consumer of its own for `_read_fresh` (assign only, no group, no commits)."""
+        return Consumer(self.fresh_config)
+
+    def _read_fresh(self, partition: int, target: int, deadline: float) -> None:
+        """Read `partition` from the follower's position to `target` (and the rest of its
+        batch) with a consumer of its own, then move the follower past it."""
+        consumer = self.new_consumer()
+        try:
+            consumer.assign([TopicPartition(self.topic, partition, self.next[partition])])
+            while self.next[partition] <= target and time.monotonic() < deadline:
+                self.apply(consumer.consume(1000, 0.05))
+            while True:
+                batch = consumer.consume(1000, 0)
+                self.apply(batch)
+                if len(batch) < 1000:
+                    break
+        finally:
+            consumer.close()
+        self.consumer.seek(TopicPartition(self.topic, partition, self.next[partition]))
+
     def apply(self, msgs: list[Any]) -> None:
         for msg in msgs:
             if msg.error():
                 continue
             partition = msg.partition()
+            if msg.offset() < self.next[partition]:
+                continue  # already applied (a fresh read went ahead of the follower)
             self.next[partition] = msg.offset() + 1
             key = msg.key()
             if key is None or key == _MARKER:
