@@ -5,7 +5,11 @@ the key's changelog partition to its end before each event (`eventing.fn.state`,
 following mode). This measures what that costs against a running local stack:
 
 - `one`: every event to host A (the catch-up finds only A's own previous write);
-- `two`: events alternately to hosts A and B (each catch-up reads the other's write).
+- `two`: events alternately to hosts A and B (each catch-up reads the other's write);
+
+each with hosts that follow (now) and hosts that only restore at start (the previous
+behaviour, wrong with two hosts: kept for its cost), interleaved in one run so the
+machine's load weighs on both alike.
 
 Events are sent one at a time, each after the previous 2xx, as a KafkaSource delivers one
 partition in order. Figures: CPU seconds of both host process trees (gunicorn master and
@@ -74,11 +78,15 @@ class Host:
     """One functions-framework process serving `score`, as a Knative pod would."""
 
     def __init__(self, function: topo.Function, bootstrap: str, registry: str, tmp: Path,
-                 name: str) -> None:
+                 name: str, follow: bool) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         entry = host_env.write_entry_file(function, tmp / f"entry_{name}.py", bootstrap,
                                           registry)
+        if not follow:  # the previous behaviour: restore once, never read the log again
+            entry.write_text("from eventing.fn.state import KeyedState\n"
+                             "KeyedState.follow = lambda self, bootstrap, *a, **k: "
+                             "self.restore(bootstrap)\n" + entry.read_text())
         argv = host_env.serve_command(entry, self.port,
                                       executable=str(VENV_BIN / "functions-framework"))
         self.log = (tmp / f"{name}.log").open("w")
@@ -143,25 +151,31 @@ def main() -> int:
     function = topo.load(ROOT / "functions" / "topology.yaml").function("score")
     tmp = Path(tempfile.mkdtemp(prefix="statebench-"))
     serde = AvroSerde(stack.registry_url)
-    hosts = [Host(function, stack.bootstrap, stack.registry_url, tmp, n) for n in ("a", "b")]
-    results: dict[str, list[tuple[float, float, float]]] = {"one": [], "two": []}
+    hosts = {mode: [Host(function, stack.bootstrap, stack.registry_url, tmp, f"{mode}-{n}",
+                         mode == "follow") for n in ("a", "b")]
+             for mode in ("restore", "follow")}
+    results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     try:
-        with httpx.Client(timeout=30) as client:
-            phase(hosts, serde, client, f"warm-{uuid.uuid4().hex[:6]}", 40)
+        with httpx.Client(timeout=120) as client:  # first requests restore
+            for pair in hosts.values():
+                phase(pair, serde, client, f"warm-{uuid.uuid4().hex[:6]}", 40)
             for _ in range(args.runs):
-                for name, used in (("one", hosts[:1]), ("two", hosts)):
-                    results[name].append(
-                        phase(used, serde, client, f"{name}-{uuid.uuid4().hex[:6]}",
-                              args.events))
+                for name in ("one", "two"):
+                    for mode, pair in hosts.items():
+                        used = pair[:1] if name == "one" else pair
+                        results.setdefault((name, mode), []).append(
+                            phase(used, serde, client, f"{name}-{uuid.uuid4().hex[:6]}",
+                                  args.events))
     finally:
-        for h in hosts:
-            h.stop()
+        for pair in hosts.values():
+            for h in pair:
+                h.stop()
     print(f"score over HTTP, {args.events} events x {args.runs} runs, {CARDS} cards, "
-          "one request in flight (medians)")
-    print(f"{'phase':<6} {'host CPU µs/event':>18} {'p50 ms':>8} {'p99 ms':>8}")
-    for name, rows in results.items():
+          f"one request in flight (medians; load average {os.getloadavg()[0]:.0f})")
+    print(f"{'phase':<6} {'host':<8} {'host CPU µs/event':>18} {'p50 ms':>8} {'p99 ms':>8}")
+    for (name, mode), rows in results.items():
         cpu, p50, p99 = (statistics.median(r[k] for r in rows) for k in range(3))
-        print(f"{name:<6} {cpu:>18.0f} {p50:>8.2f} {p99:>8.2f}   "
+        print(f"{name:<6} {mode:<8} {cpu:>18.0f} {p50:>8.2f} {p99:>8.2f}   "
               f"(runs: {', '.join(f'{r[0]:.0f}' for r in rows)} µs)")
     return 0
 

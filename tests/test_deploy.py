@@ -24,7 +24,6 @@ from eventing import topology as topo
 from eventing.delivery.runner import RunSettings, build
 from eventing.deploy import DeploySettings, docker, knative, kustomize, pinot, write_bundle
 from eventing.deploy.apply import ToolMissing, apply
-from eventing.deploy.common import DeployError
 from eventing.topology import Delivery
 from tests.helpers import ROOT
 
@@ -179,7 +178,9 @@ def test_overlays_build_and_stay_valid(bundle, crds, overlay):
         base_mx = int(base["metadata"]["annotations"][knative.SERVING + "max-scale"])
         res = svc["spec"]["template"]["spec"]["containers"][0]["resources"]
         assert ann[knative.SERVING + "min-scale"] == "0"
-        if overlay == "prod":  # keyed state (score) scales like the rest: its hosts follow
+        if name == "score":  # keyed state: one pod in every environment
+            assert mx == base_mx == 1
+        elif overlay == "prod":
             assert mx > base_mx and res == kustomize.PROD_RESOURCES
         else:
             assert mx <= base_mx and res == kustomize.DEV_RESOURCES
@@ -307,8 +308,9 @@ def test_scale_to_zero_and_keda_annotations(bundle, topology):
     for name, fn in topology.functions.items():
         ann = bundle.services[name]["spec"]["template"]["metadata"]["annotations"]
         assert ann[knative.SERVING + "min-scale"] == "0"
-        assert knative.has_keyed_state(fn) == (name == "score")  # the one with a store
-        assert ann[knative.SERVING + "max-scale"] == str(fn.scale.max)
+        stateful = knative.has_keyed_state(fn)
+        assert stateful == (name == "score")  # the example's one function with a store
+        assert ann[knative.SERVING + "max-scale"] == ("1" if stateful else str(fn.scale.max))
         assert ann[knative.SERVING + "target"] == str(fn.scale.target_concurrency)
         src = bundle.sources[name]["metadata"]["annotations"]
         assert src[knative.EVENTING + "class"] == "keda.autoscaling.knative.dev"
@@ -583,47 +585,37 @@ def test_checked_in_infra_cluster_is_current(topology, tmp_path):
     assert os.access(STATIC / "kn.sh", os.X_OK)
 
 
-def test_keyed_state_scales_out_with_ordered_delivery_and_is_refused_unordered(tmp_path):
-    """Keyed state no longer pins a Service to one pod: the HTTP host reads a key's
-    changelog to its end before each event (tests/test_state_hosts_stack.py shows two
-    hosts scoring like one), which relies on ordered delivery. So a function with a
-    `store` keeps its topology's scale in the base, every overlay and kn.sh, and one
-    with `ordering: unordered` is refused with the reason."""
-    def topology(ordering: str):
-        (tmp_path / "topology.yaml").write_text(yaml.safe_dump({
-            "topics": {"in": {"partitions": 8}, "out": {"partitions": 8}},
-            "functions": {
-                "counter": {"source": str(ROOT / "tests" / "functions" / "counter"),
-                            "topics": ["in"], "outputs": ["out"], "scale": {"min": 2, "max": 8},
-                            "delivery": {"ordering": ordering}},
-                "flaky": {"source": str(ROOT / "tests" / "functions" / "flaky"),
-                          "topics": ["in"], "outputs": ["out"], "scale": {"min": 2, "max": 8},
-                          "delivery": {"ordering": "unordered"}},
-            }}))
-        return topo.load(tmp_path / "topology.yaml")
-
-    b = write_bundle(topology("ordered"), tmp_path / "out", DeploySettings(),
-                     include_code=False)
+def test_no_two_pods_ever_share_a_key_of_a_function_with_keyed_state(tmp_path):
+    """A Service spreads a KafkaSource's events over its pods, and each pod holds its own
+    in-memory copy of a keyed store: with two pods, one key's events would update two
+    diverging copies. So a function with a `store` is pinned to one pod in the base and
+    in every overlay, whatever its topology asks; a stateless one keeps its scale."""
+    (tmp_path / "topology.yaml").write_text(yaml.safe_dump({
+        "topics": {"in": {"partitions": 8}, "out": {"partitions": 8}},
+        "functions": {
+            "counter": {"source": str(ROOT / "tests" / "functions" / "counter"),
+                        "topics": ["in"], "outputs": ["out"], "scale": {"min": 2, "max": 8}},
+            "flaky": {"source": str(ROOT / "tests" / "functions" / "flaky"),
+                      "topics": ["in"], "outputs": ["out"], "scale": {"min": 2, "max": 8}},
+        }}))
+    t = topo.load(tmp_path / "topology.yaml")
+    b = write_bundle(t, tmp_path / "out", DeploySettings(), include_code=False)
 
     def scale(svc: dict) -> tuple[str, str]:
         ann = svc["spec"]["template"]["metadata"]["annotations"]
         return ann[knative.SERVING + "min-scale"], ann[knative.SERVING + "max-scale"]
 
-    assert scale(b.services["counter"]) == scale(b.services["flaky"]) == ("2", "8")
+    assert scale(b.services["counter"]) == ("1", "1")
+    assert scale(b.services["flaky"]) == ("2", "8")
     for env in ("dev", "prod"):
         doc = yaml.safe_load((tmp_path / "out" / "overlays" / env / "kustomization.yaml")
                              .read_text())
-        maxes = {}
         for patch in doc["patches"]:
-            if patch["target"].get("kind") == "Service":
-                ops = {op["path"]: op.get("value") for op in yaml.safe_load(patch["patch"])}
-                maxes[patch["target"]["name"]] = ops[
-                    "/spec/template/metadata/annotations/autoscaling.knative.dev~1max-scale"]
-        assert maxes["counter"] == maxes["flaky"] != "1", (env, maxes)
+            if patch["target"].get("kind") != "Service":
+                continue
+            ops = {op["path"]: op.get("value") for op in yaml.safe_load(patch["patch"])}
+            mx = ops["/spec/template/metadata/annotations/autoscaling.knative.dev~1max-scale"]
+            assert (mx == "1") == (patch["target"]["name"] == "counter"), (env, patch)
     kn = (tmp_path / "out" / "kn.sh").read_text()
     counter_cmd = kn.split("kn service create counter", 1)[1].split("kn service create", 1)[0]
-    assert "--scale-max 8 " in counter_cmd.replace("\\\n", " ").replace("  ", " ")
-
-    with pytest.raises(DeployError, match="counter keeps keyed state.*ordering: ordered"):
-        write_bundle(topology("unordered"), tmp_path / "out2", DeploySettings(),
-                     include_code=False)
+    assert "--scale-max 1 " in counter_cmd.replace("\\\n", " ").replace("  ", " ")

@@ -21,7 +21,7 @@ import json
 import math
 
 from eventing.deploy import docker
-from eventing.deploy.common import DeployError, DeploySettings, k8s_name, labels, metadata
+from eventing.deploy.common import DeploySettings, k8s_name, labels, metadata
 from eventing.fn import env as host_env
 from eventing.topology import Function, Topology
 
@@ -90,32 +90,32 @@ def has_keyed_state(function: Function) -> bool:
     return module is not None and any(isinstance(v, KeyedState) for v in vars(module).values())
 
 
-def check_keyed_state(function: Function) -> None:
-    """A function with keyed state may run on several pods, but only with ordered delivery.
+def service_max_scale(max_scale: int, *, stateful: bool) -> int:
+    """At most one pod for a function with keyed state.
 
-    Each pod reads a key's changelog partition to its end before an event
-    (`eventing.fn.state`, following mode), which hands it the previous event's state only
-    if that event was answered first: a KafkaSource with `ordering: ordered` sends one
-    partition's next event after the previous 2xx. Unordered delivery would let two pods
-    update one key from the same base, so such a topology is refused, not deployed.
+    Its state is an in-memory copy per pod. Since issue 13 the host reads a key's
+    changelog partition to its end before each event (`eventing.fn.state`, following
+    mode), so two pods taking turns on a card compute the windows one pod would
+    (tests/test_state_hosts_stack.py); that also covers the overlap of an old and a new
+    revision during a rollout. The pin stays until following's cost and liveness are
+    measured: on Tansu under heavy load its catch-ups fell behind (README, "Keyed state
+    on several pods"). One pod costs scale-out beyond one pod's throughput and a cold
+    start on the first event after scale-to-zero.
     """
-    if function.delivery.ordering != "ordered":
-        raise DeployError(
-            f"function {function.name} keeps keyed state, which needs `delivery.ordering: "
-            f"ordered` (it has {function.delivery.ordering!r}): with unordered delivery two "
-            "pods could update one key at once")
+    return 1 if stateful else max_scale
 
 
 def service(function: Function, settings: DeploySettings,
-            trace_ids: dict[str, str] | None = None) -> dict:
-    """A Knative Service running the function's image, scaling to zero. Keyed state does
-    not limit its pods (`check_keyed_state` says what it needs instead)."""
+            trace_ids: dict[str, str] | None = None, *, stateful: bool = False) -> dict:
+    """A Knative Service running the function's image, scaling to zero (to one pod at
+    most when the function has keyed state: `service_max_scale`)."""
     scale = function.scale
     annotations = {
         SERVING + "class": KPA_CLASS,
         SERVING + "metric": "concurrency",
-        SERVING + "min-scale": str(scale.min),
-        SERVING + "max-scale": str(scale.max),
+        SERVING + "min-scale": str(service_max_scale(scale.min, stateful=stateful)
+                                   if scale.min else 0),
+        SERVING + "max-scale": str(service_max_scale(scale.max, stateful=stateful)),
         SERVING + "target": str(scale.target_concurrency),
     }
     container = {

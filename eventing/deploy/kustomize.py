@@ -62,7 +62,8 @@ def _patch(target: dict, ops: list[dict]) -> dict:
     return {"target": target, "patch": to_yaml(ops)}
 
 
-def _overlay(name: str, topology: Topology, settings: DeploySettings) -> str:
+def _overlay(name: str, topology: Topology, settings: DeploySettings,
+             stateful: set[str]) -> str:
     svc_target = {"group": "serving.knative.dev", "version": "v1", "kind": "Service"}
     src_target = {"group": "sources.knative.dev", "version": "v1", "kind": "KafkaSource"}
     ann = "/spec/template/metadata/annotations/"
@@ -74,6 +75,7 @@ def _overlay(name: str, topology: Topology, settings: DeploySettings) -> str:
         else:
             svc_max = min(fn.scale.max, DEV_MAX_SCALE)
             resources = DEV_RESOURCES
+        svc_max = knative.service_max_scale(svc_max, stateful=fn.name in stateful)
         patches.append(_patch({**svc_target, "name": fn.name}, [
             {"op": "replace", "path": ann + _esc(knative.SERVING + "max-scale"),
              "value": str(svc_max)},
@@ -111,13 +113,13 @@ def write_bundle(topology: Topology, out: Path, settings: DeploySettings, *,
     base = out / "base"
     bundle = Bundle(out=out, files=files, services={}, sources={}, sinks={})
 
+    stateful = {fn.name for fn in topology.functions.values() if knative.has_keyed_state(fn)}
     for fn in topology.functions.values():
-        if knative.has_keyed_state(fn):
-            knative.check_keyed_state(fn)
         ctx = docker.write_context(fn, out / "functions" / fn.name, source,
                                    include_code=include_code)
         files += sorted(p for p in ctx.rglob("*") if p.is_file())
-        bundle.services[fn.name] = knative.service(fn, settings, topology.trace_ids)
+        bundle.services[fn.name] = knative.service(fn, settings, topology.trace_ids,
+                                                   stateful=fn.name in stateful)
         bundle.sources[fn.name] = knative.kafka_source(fn, topology, settings)
     for topic in knative.dead_letter_topics(topology):
         bundle.sinks[topic] = knative.dead_letter_sink(topic, settings)
@@ -211,7 +213,7 @@ def write_bundle(topology: Topology, out: Path, settings: DeploySettings, *,
         kustomization, sort_keys=False, width=100), files)
     for env in ("dev", "prod"):
         _write(out / "overlays" / env / "kustomization.yaml",
-               header(source) + _overlay(env, topology, settings), files)
+               header(source) + _overlay(env, topology, settings, stateful), files)
 
     script = _write(out / "kn.sh", kn.script(
         settings, bundle.services, {n: f"base/{f}" for n, f in source_files.items()},

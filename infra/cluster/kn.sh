@@ -102,7 +102,7 @@ kn service create score \
     --image registry.local/sluice/sluice-fn-score:latest \
     --port http1:8080 \
     --scale-min 0 \
-    --scale-max 4 \
+    --scale-max 1 \
     --scale-target 100 \
     --scale-metric concurrency \
     --annotation-revision autoscaling.knative.dev/class=kpa.autoscaling.knative.dev \
