@@ -93,11 +93,14 @@ def has_keyed_state(function: Function) -> bool:
 def service_max_scale(max_scale: int, *, stateful: bool) -> int:
     """At most one pod for a function with keyed state.
 
-    Its state is an in-memory copy per pod (restored from the changelog when the pod
-    starts). A KafkaSource delivers a partition in order but the Service spreads requests
-    over its pods, so with two pods one card's events would update two diverging copies
-    of its window. One pod is the price of correct windows: no scale-out beyond one
-    pod's throughput, and a cold start on the first event after scale-to-zero.
+    Its state is an in-memory copy per pod. Since issue 13 the host reads a key's
+    changelog partition to its end before each event (`eventing.fn.state`, following
+    mode), so two pods taking turns on a card compute the windows one pod would
+    (tests/test_state_hosts_stack.py); that also covers the overlap of an old and a new
+    revision during a rollout. The pin stays until following's cost and liveness are
+    measured: on Tansu under heavy load its catch-ups fell behind (README, "Keyed state
+    on several pods"). One pod costs scale-out beyond one pod's throughput and a cold
+    start on the first event after scale-to-zero.
     """
     return 1 if stateful else max_scale
 

@@ -106,7 +106,13 @@ class _Worker:
                 serde = self._serde_factory() if self._serde_factory else self._make_serde()
                 self.host = FunctionHost(self.function, serde, user=self.user)
                 if self.host.stores and self.bootstrap:
-                    self.host.restore_state(self.bootstrap)
+                    # Following, not a one-off restore: a Knative Service may run several
+                    # pods (or an old and a new revision during a rollout) for one
+                    # partition's events, so each event reads its key's changelog to the
+                    # end first (`eventing.fn.state`). Always on: the host cannot know how
+                    # many instances the autoscaler runs.
+                    for st in self.host.stores:
+                        st.follow(self.bootstrap)
                 self.producer = self._make_producer() if self.function.outputs else None
                 if self.producer is not None:
                     # The poller thread serves delivery reports: request threads only sleep
