@@ -394,6 +394,27 @@ def _healthy(spec: PartSpec) -> bool:
         return False
 
 
+# (kind, name, help, value of a part's state or None when there is nothing to report)
+PART_METRICS: list[tuple[str, str, str, Callable[[PartState], float | None]]] = [
+    ("counter", "sluice_part_restarts", "Restarts of a stack part by the supervisor",
+     lambda st: st.restarts),
+    ("gauge", "sluice_part_crashloop", "1 while a part is in CrashLoopBackOff",
+     lambda st: 1.0 if st.state == "CrashLoopBackOff" else 0.0),
+    ("gauge", "sluice_part_waiting_restart", "1 while a part is down, waiting out its backoff",
+     lambda st: 1.0 if st.next_start_at is not None else 0.0),
+    ("gauge", "sluice_part_last_exit_code", "Exit code of the last exit (-signal; -1000 unknown)",
+     lambda st: None if st.last_exit_at is None
+     else -1000 if st.last_exit_code is None else st.last_exit_code),
+    ("counter", "sluice_part_liveness_kills", "Times the supervisor killed a part because its "
+     "liveness probe failed (a hang, not an exit)", lambda st: st.liveness_kills),
+    ("gauge", "sluice_part_liveness_failures", "Liveness probes of a part failed in a row now",
+     lambda st: st.liveness_failures),
+    ("gauge", "sluice_part_last_exit_liveness", "1 when the part's last exit was a kill by "
+     "the supervisor after failed liveness probes",
+     lambda st: None if st.last_exit_at is None else float(st.last_exit_liveness)),
+]
+
+
 def serve_metrics(sup: Supervisor, host: str, port: int) -> None:
     """`sluice_part_*` per part for Prometheus, and `/healthz`."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -403,39 +424,13 @@ def serve_metrics(sup: Supervisor, host: str, port: int) -> None:
 
     class _Collector(Collector):
         def collect(self):  # type: ignore[override]
-            restarts = CounterMetricFamily("sluice_part_restarts",
-                                           "Restarts of a stack part by the supervisor",
-                                           labels=["part"])
-            crash = GaugeMetricFamily("sluice_part_crashloop",
-                                      "1 while a part is in CrashLoopBackOff", labels=["part"])
-            down = GaugeMetricFamily("sluice_part_waiting_restart",
-                                     "1 while a part is down, waiting out its backoff",
-                                     labels=["part"])
-            code = GaugeMetricFamily("sluice_part_last_exit_code",
-                                     "Exit code of the last exit (-signal; -1000 unknown)",
-                                     labels=["part"])
-            kills = CounterMetricFamily("sluice_part_liveness_kills",
-                                        "Times the supervisor killed a part because its "
-                                        "liveness probe failed (a hang, not an exit)",
-                                        labels=["part"])
-            failing = GaugeMetricFamily("sluice_part_liveness_failures",
-                                        "Liveness probes of a part failed in a row now",
-                                        labels=["part"])
-            by_probe = GaugeMetricFamily("sluice_part_last_exit_liveness",
-                                         "1 when the part's last exit was a kill by the "
-                                         "supervisor after failed liveness probes",
-                                         labels=["part"])
-            for name, st in list(sup.states.items()):
-                restarts.add_metric([name], st.restarts)
-                crash.add_metric([name], 1.0 if st.state == "CrashLoopBackOff" else 0.0)
-                down.add_metric([name], 1.0 if st.next_start_at is not None else 0.0)
-                if st.last_exit_at is not None:
-                    code.add_metric([name], -1000 if st.last_exit_code is None
-                                    else st.last_exit_code)
-                    by_probe.add_metric([name], 1.0 if st.last_exit_liveness else 0.0)
-                kills.add_metric([name], st.liveness_kills)
-                failing.add_metric([name], st.liveness_failures)
-            yield from (restarts, crash, down, code, kills, failing, by_probe)
+            for kind, name, text, value in PART_METRICS:
+                family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                    name, text, labels=["part"])
+                for part, st in list(sup.states.items()):
+                    if (v := value(st)) is not None:
+                        family.add_metric([part], v)
+                yield family
 
     REGISTRY.register(_Collector())
     metrics.serve_metrics(host, port, lambda: (True, {"parts": len(sup.states)}))
