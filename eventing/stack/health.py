@@ -47,6 +47,7 @@ def http_probe(url: str, *, method: str = "GET", ok: range = range(200, 400),
             conn.close()
         if status not in ok:
             raise ProbeFailed(f"{method} {url}: HTTP {status}")
+    probe.url = url  # type: ignore[attr-defined] - what it probes, for tools
     return probe
 
 

@@ -93,9 +93,9 @@ class Liveness:
     part's own start timeout when longer), so a slow start is not killed.
 
     Why these values rather than the kubelet's (10 s, 1 s, 3): on a shared 2-core machine
-    a cheap `/healthz` answered in up to ~1.5 s under load (a `/metrics` scrape up to
-    3.8 s, README), so a 1 s timeout would flap; 5 s x 3 in a row still ends a hang in
-    about 30-40 s, which is what a kill -9 restart costs here anyway.
+    at load average 30, probes took up to 0.78 s (HTTP) and 1.76 s (the broker's Kafka
+    probe; `benchmarks/liveness_probes.py`), so a 1 s timeout would flap; 5 s x 3 in a
+    row still ends a hang in about 30-45 s, what a kill -9 restart costs here anyway.
     """
 
     period_s: float = 10.0
