@@ -303,3 +303,40 @@ def test_a_part_without_a_liveness_probe_is_never_probed(procs, tmp_path) -> Non
         assert procs.record("quiet").pid == record.pid
     finally:
         os.kill(record.pid, signal.SIGCONT)
+
+
+def test_the_kafka_probe_needs_an_answer_not_just_a_connection() -> None:
+    """A listening socket nobody serves (what a stopped broker looks like to a client:
+    the kernel completes the handshake) fails the probe; one that answers ApiVersions
+    with the request's correlation id passes."""
+    import socket
+    import struct
+    import threading
+
+    from eventing.stack.health import kafka_probe
+    from eventing.stack.watchdog import run_probe
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    answering = socket.socket()
+    answering.bind(("127.0.0.1", 0))
+    answering.listen()
+
+    def serve() -> None:
+        conn, _ = answering.accept()
+        with conn:
+            size = struct.unpack(">i", conn.recv(4))[0]
+            request = conn.recv(size)
+            correlation = request[4:8]
+            body = correlation + b"\0\0" + b"\0\0\0\0"
+            conn.sendall(struct.pack(">i", len(body)) + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        assert run_probe(kafka_probe("127.0.0.1", silent.getsockname()[1]), 0.5) == \
+            "no answer within 0.5s"
+        assert run_probe(kafka_probe("127.0.0.1", answering.getsockname()[1]), 5) is None
+    finally:
+        silent.close()
+        answering.close()
