@@ -22,11 +22,12 @@ from __future__ import annotations
 import csv
 import math
 import random
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from eventing.ingest.publish import Publisher, publish_paced
 
 COUNTRIES = ["DE", "FR", "NL", "ES", "IT", "GB", "US", "PL", "SE", "CH"]
 FAR_COUNTRIES = ["BR", "NG", "TH", "AU", "MX", "ZA"]
@@ -178,27 +179,11 @@ def event_for(payment: dict) -> dict:
             "datacontenttype": "application/json", "data": payment}
 
 
-def paced(gen: Generator, rate: float, duration: float,
-          clock: Callable[[], float] = time.time) -> Iterator[tuple[dict, bool]]:
-    """Yield payments at `rate` per second for `duration` seconds (wall clock)."""
-    start = time.monotonic()
-    sent = 0
-    total = int(rate * duration)
-    while sent < total:
-        elapsed = time.monotonic() - start
-        target = min(total, int(elapsed * rate) + 1)
-        while sent < target:
-            yield gen.next(int(clock() * 1000))
-            sent += 1
-        sleep = (sent / rate) - (time.monotonic() - start)
-        if sleep > 0:
-            time.sleep(min(sleep, 0.05))
-
-
-def run(publisher, *, rate: float, duration: float, seed: int = 11,
+def run(publisher: Publisher, *, rate: float, duration: float, seed: int = 11,
         inject_share: float = 0.01, truth: Path | None = None,
         progress: Callable[[int], None] | None = None) -> tuple[int, int]:
-    """Publish generated payments through `publisher` (an `eventing.ingest.publish.Publisher`).
+    """Publish generated payments through `publisher` (the platform's paced loop,
+    `eventing.ingest.publish.publish_paced`: this example supplies only its events).
 
     `duration` 0 runs until interrupted. `inject_share` of payments start a fraud pattern
     (`sluice generate --inject-share`); injected fraud payment ids are appended to `truth`
@@ -206,23 +191,10 @@ def run(publisher, *, rate: float, duration: float, seed: int = 11,
     sent, of which fraud).
     """
     gen = Generator(reference(), seed=seed, fraud_share=inject_share)
-    fraud = 0
-    truth_fh = open(truth, "a", buffering=1) if truth else None  # noqa: SIM115 - closed below
 
-    def events() -> Iterator[dict]:
-        nonlocal fraud
-        for payment, is_fraud in paced(gen, rate, duration or 10**9):
-            if is_fraud:
-                fraud += 1
-                if truth_fh:
-                    truth_fh.write(payment["payment_id"] + "\n")
-            yield event_for(payment)
+    def make(now_ms: int) -> tuple[dict, bool]:
+        payment, is_fraud = gen.next(now_ms)
+        return event_for(payment), is_fraud
 
-    try:
-        # Small batches keep the publish delay near 50 ms at any rate.
-        sent = publisher.send_many(events(), batch_size=max(1, int(rate // 20)),
-                                   progress=progress)
-    finally:
-        if truth_fh:
-            truth_fh.close()
-    return sent, fraud
+    return publish_paced(publisher, make, rate=rate, duration=duration, truth=truth,
+                         progress=progress)

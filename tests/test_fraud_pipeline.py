@@ -28,7 +28,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from eventing.ingest.publish import Publisher
 from eventing.kafka import consumer_config, producer_config
 from eventing.serde import AvroSerde
+from eventing.stack.process import is_alive
 from eventing.stack.settings import Ports, StackSettings
+from eventing.stack.supervisor import Stack
+from eventing.stack.watchdog import load_states
 from eventing.tables.lakehouse import LakeConfig, duckdb_connect
 from functions.generate import Generator, Reference, event_for, reference
 from functions.queries import EXAMPLES
@@ -172,28 +175,45 @@ def wait_lake(con, prefix: str, expected: int, timeout: float = 90) -> Counter:
 
 
 def part_pid(settings: StackSettings, name: str) -> int:
-    status = sluice("status", "--json", state_dir=settings.state_dir,
-                    offset=_offset(settings), check=False)
-    pid = next(p["pid"] for p in json.loads(status.stdout) if p["name"] == name)
+    pid = _part_status(settings, name)["pid"]
     assert pid, f"{name} is not running"
     return pid
 
 
-def kill_and_restart(settings: StackSettings, name: str) -> float:
-    """SIGKILL the part and wait, with no manual step, until the stack's supervisor has
-    it running and healthy again; seconds taken."""
+def kill_and_restart(settings: StackSettings, name: str, sig: int = signal.SIGKILL,
+                     timeout: float = 90) -> tuple[float, dict]:
+    """Send `sig` to the part (SIGKILL: it exits; SIGSTOP: it hangs, alive) and wait, with
+    no manual step, until the stack's supervisor has it running and healthy again;
+    seconds taken and the part's `status` afterwards."""
     pid = part_pid(settings, name)
-    os.kill(pid, signal.SIGKILL)
+    restarts = _part_status(settings, name)["restarts"]
+    os.kill(pid, sig)
     t0 = time.monotonic()
 
-    def back() -> bool:
-        status = sluice("status", "--json", state_dir=settings.state_dir,
-                        offset=_offset(settings), check=False)
-        part = next(p for p in json.loads(status.stdout) if p["name"] == name)
-        return part["pid"] not in (None, pid) and part["healthy"] and part["restarts"] >= 1
+    def back() -> dict | None:
+        part = _part_status(settings, name)
+        up = part["pid"] not in (None, pid) and part["healthy"] and part["restarts"] > restarts
+        return part if up else None
 
-    wait_until(back, 90, f"the supervisor to restart {name}", interval=0.5)
-    return time.monotonic() - t0
+    part = wait_until(back, timeout, f"the supervisor to restart {name}", interval=0.5)
+    return time.monotonic() - t0, part
+
+
+def _part_status(settings: StackSettings, name: str) -> dict:
+    """What `sluice status` says of one part (pid, healthy, restarts, last exit), read
+    in process: the CLI probes every part and took over 120 s at load average 35."""
+    stack = Stack(settings)
+    spec = next(spec for f in stack.factories if (spec := f(settings)).name == name)
+    record = stack.procs.record(name)
+    alive = bool(record and is_alive(record))
+    try:
+        healthy = alive and bool(spec.health())
+    except Exception:  # noqa: BLE001 - a failing probe is "unhealthy", as in status
+        healthy = False
+    supervised = load_states(settings.state_dir).get(name, {})
+    return {"pid": record.pid if alive and record else None, "healthy": healthy,
+            "restarts": supervised.get("restarts", 0),
+            "last_exit_reason": supervised.get("last_exit_reason")}
 
 
 def query_cli(settings: StackSettings, sql: str) -> list[dict]:
@@ -295,10 +315,11 @@ def test_example_queries_show_the_injected_fraud(pipeline, detection, lake_con,
 # --------------------------------------------------------------------------- restarts
 
 
-def _stream_and_kill(pipeline, lake_con, part: str, cards: slice, n: int, seed: int) -> dict:
-    """Publish `n` payments in the background (500/s), SIGKILL `part` once a quarter of
-    them reached the lake, restart it with `sluice up`, and return what the lake holds
-    afterwards."""
+def _stream_and_kill(pipeline, lake_con, part: str, cards: slice, n: int, seed: int,
+                     sig: int = signal.SIGKILL, restart_timeout: float = 90) -> dict:
+    """Publish `n` payments in the background (500/s), send `sig` to `part` once a
+    quarter of them reached the lake (SIGKILL, or SIGSTOP: a hang), wait for the
+    supervisor to restart it, and return what the lake holds afterwards."""
     run = traffic(cards, n, seed=seed, fraud_share=0.02)
     payments = [p for p, _ in run]
     prefix = payments[0]["payment_id"].rsplit("-", 1)[0]
@@ -309,7 +330,7 @@ def _stream_and_kill(pipeline, lake_con, part: str, cards: slice, n: int, seed: 
     deadline = time.monotonic() + 60
     while len(lake_ids(lake_con, prefix)) < n // 4 and time.monotonic() < deadline:
         time.sleep(0.2)
-    restart_s = kill_and_restart(pipeline, part)
+    restart_s, status = kill_and_restart(pipeline, part, sig, restart_timeout)
     publisher.join(120)
     assert sent == [n]
     ids = {p["payment_id"] for p in payments}
@@ -333,7 +354,19 @@ def _stream_and_kill(pipeline, lake_con, part: str, cards: slice, n: int, seed: 
     time.sleep(1.5)  # a commit interval: a row written anyway would be there now
     lake = lake_ids(lake_con, prefix)
     return {"ids": ids, "scored": scored, "lake": lake, "restart_s": restart_s,
-            "prefix": prefix, "injected": injected}
+            "prefix": prefix, "injected": injected, "status": status}
+
+
+def _assert_once_in_both_tables(pipeline, result: dict) -> None:
+    """Every payment of a `_stream_and_kill` run exactly once in the lake and the
+    real-time table."""
+    ids, lake = result["ids"], result["lake"]
+    assert lake == Counter(dict.fromkeys(ids, 1)), (
+        f"lake: {len(ids - set(lake))} missing, "
+        f"{sum(1 for v in lake.values() if v > 1)} duplicated")
+    rt = query_cli(pipeline, "SELECT count(*) AS n, count(DISTINCT payment_id) AS ids "
+                   f"FROM payments_scored_rt WHERE starts_with(payment_id, '{result['prefix']}')")
+    assert rt == [{"n": len(ids), "ids": len(ids)}]
 
 
 def test_killing_score_mid_stream_loses_nothing_duplicates_nothing_keeps_windows(
@@ -356,15 +389,10 @@ def test_killing_score_mid_stream_loses_nothing_duplicates_nothing_keeps_windows
     assert scored_after["count_10m"] == 4, "the card's window did not survive the restart"
     assert scored_after["count_1m"] == 4
 
-    ids, scored, lake = result["ids"], result["scored"], result["lake"]
+    ids, scored = result["ids"], result["scored"]
     assert set(scored) == ids, f"{len(ids - set(scored))} payments never scored"
     replayed = sum(len(v) - 1 for v in scored.values())
-    assert lake == Counter(dict.fromkeys(ids, 1)), (
-        f"lake: {len(ids - set(lake))} missing, "
-        f"{sum(1 for v in lake.values() if v > 1)} duplicated")
-    rt = query_cli(pipeline, "SELECT count(*) AS n, count(DISTINCT payment_id) AS ids "
-                   f"FROM payments_scored_rt WHERE starts_with(payment_id, '{result['prefix']}')")
-    assert rt == [{"n": len(ids), "ids": len(ids)}]
+    _assert_once_in_both_tables(pipeline, result)
     print(f"score killed and restarted ({result['restart_s']:.1f}s): {replayed} scored "
           f"records were replays, {result['injected']} more injected; lake and real-time "
           f"table hold each of {len(ids)} payments once; witness count_10m "
@@ -394,6 +422,25 @@ def test_killing_the_realtime_table_mid_stream_loses_nothing(pipeline, lake_con)
 
 
 # --------------------------------------------------------------------------- faults
+
+
+def test_a_hung_function_is_killed_by_its_liveness_probe_and_nothing_is_lost(
+        pipeline, lake_con) -> None:
+    """fn-score SIGSTOPped mid-stream: alive, so no exit to notice, but its /healthz
+    stops answering; the supervisor's liveness probe fails `failure_threshold` times,
+    it is terminated and restarted with no manual step, and every payment accepted
+    meanwhile is in both tables exactly once."""
+    result = _stream_and_kill(pipeline, lake_con, "fn-score", slice(2000, 2400), 2000, 37,
+                              sig=signal.SIGSTOP, restart_timeout=240)
+    ids, status = result["ids"], result["status"]
+    assert status["last_exit_reason"].startswith("liveness probe failed 3 times in a row"), \
+        status["last_exit_reason"]
+    _assert_once_in_both_tables(pipeline, result)
+    sup = f"http://{pipeline.host}:{pipeline.ports.supervisor}/metrics"
+    assert metric(sup, 'sluice_part_liveness_kills_total{part="fn-score"}') >= 1
+    print(f"fn-score hung (SIGSTOP), killed by its liveness probe and restarted "
+          f"({result['restart_s']:.1f}s): {status['last_exit_reason'][:120]}; each of "
+          f"{len(ids)} payments once in both tables")
 
 
 def _rt_count(settings: StackSettings, prefix: str) -> int:
@@ -434,13 +481,22 @@ def test_an_object_store_outage_is_waited_out_and_the_lake_catches_up(pipeline, 
         publisher.start()
         time.sleep(45)
     finally:
-        os.kill(weed, signal.SIGCONT)
+        # Its liveness probe may have had it killed and restarted by now (after ~30-40 s:
+        # the default Liveness); then that pid is gone and there is nothing to continue.
+        if _part_status(pipeline, "objectstore")["pid"] == weed:
+            os.kill(weed, signal.SIGCONT)
+    # Restarted or continued, the lake is read through it: wait for it to answer.
+    status = wait_until(lambda: (p := _part_status(pipeline, "objectstore"))["healthy"] and p,
+                        180, "the object store to be healthy again", interval=1)
     publisher.join(60)
     assert sent == [len(payments)]
     lake = wait_lake(lake_con, prefix, len(payments), timeout=240)
     assert lake == Counter(p["payment_id"] for p in payments)
     lake_url = f"http://{pipeline.host}:{pipeline.ports.lake_metrics}/metrics"
-    print(f"object store frozen 45 s: all {len(payments)} payments in the lake once; "
+    if status["pid"] != weed:  # the supervisor found it hung and restarted it
+        assert status["last_exit_reason"].startswith("liveness probe failed"), status
+    how = "killed by its liveness probe, restarted" if status["pid"] != weed else "continued"
+    print(f"object store frozen 45 s ({how}): all {len(payments)} payments in the lake once; "
           f"{metric(lake_url, 'sluice_lake_commit_failures'):.0f} commit attempts failed "
           "and were retried")
 

@@ -12,7 +12,8 @@ import pytest
 
 from eventing.stack import watchdog
 from eventing.stack.process import PartSpec, ProcessDir, is_alive
-from eventing.stack.watchdog import Supervisor, backoff_for, load_states
+from eventing.stack.settings import Liveness
+from eventing.stack.watchdog import Prober, Supervisor, backoff_for, load_states
 from tests.helpers import wait_until
 
 
@@ -174,3 +175,168 @@ def test_up_refuses_a_layout_with_a_taken_port_before_starting_anything(tmp_path
         with pytest.raises(StackError, match=taken):
             stack.up(log=lambda _: None)
     assert stack.procs.records() == []  # nothing was started
+
+
+# --------------------------------------------------------------------------- liveness
+
+
+def test_the_liveness_state_machine_kills_after_threshold_failures_in_a_row() -> None:
+    """Kubelet rules on a fake clock: failures in the startup grace do not count, a pass
+    ends the grace and resets the count, `failure_threshold` in a row kills."""
+    live = Liveness(period_s=10, timeout_s=5, failure_threshold=3, startup_grace_s=60)
+    pr = Prober(live, started_at=1000.0, grace_s=60.0, next_at=1000.0)
+    now = 1000.0
+    assert pr.due(now)
+    # A slow start: failing for 50 s is no reason to kill.
+    for _ in range(5):
+        assert not pr.observe(now, "connection refused")
+        assert not pr.due(now + 9.9) and pr.due(now + 10)
+        now += 10
+    assert pr.failures == 0
+    assert not pr.observe(now, None)  # healthy: the grace is over from now on
+    now += 10
+    assert not pr.observe(now, "no answer within 5s")
+    now += 10
+    assert not pr.observe(now, "no answer within 5s")
+    now += 10
+    assert not pr.observe(now, None)  # one pass: the count starts again
+    assert pr.failures == 0
+    results = []
+    for _ in range(3):
+        now += 10
+        results.append(pr.observe(now, "GET /healthz: HTTP 503"))
+    assert results == [False, False, True]
+    assert pr.last_error == "GET /healthz: HTTP 503"
+
+    # Never healthy: once the grace is over, failures count.
+    stuck = Prober(live, started_at=0.0, grace_s=60.0)
+    assert [stuck.observe(t, "refused") for t in (10, 30, 59, 61, 71, 81)] == \
+        [False, False, False, False, False, True]
+    # Not counted while an earlier part restarts (count=False).
+    held = Prober(live, started_at=0.0, grace_s=0.0)
+    assert not any(held.observe(t, "refused", count=False) for t in range(0, 100, 10))
+    assert held.failures == 0
+
+
+def test_run_probe_names_a_timeout_and_a_status() -> None:
+    import httpx
+
+    from eventing.stack.health import ProbeFailed
+    from eventing.stack.watchdog import run_probe
+
+    def slow(timeout: float) -> None:
+        raise httpx.ReadTimeout("timed out")
+
+    def bad(timeout: float) -> None:
+        raise ProbeFailed("GET http://x/healthz: HTTP 503")
+
+    assert run_probe(slow, 2.5) == "no answer within 2.5s"
+    assert run_probe(bad, 1) == "GET http://x/healthz: HTTP 503"
+    assert run_probe(lambda timeout: None, 1) is None
+
+
+SERVER = """
+import http.server, signal, sys, threading
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+signal.signal(signal.SIGTERM, lambda *a: (print("got SIGTERM", flush=True), sys.exit(0)))
+print("serving", flush=True)
+srv.serve_forever()
+"""
+
+
+def test_a_hung_part_is_killed_and_restarted_with_the_reason(procs, tmp_path) -> None:
+    """A real HTTP part, SIGSTOPped: its probe times out, it is terminated (SIGTERM plus
+    SIGCONT, so it shuts down cleanly), restarted, probed healthy again."""
+    from eventing.stack.health import http_probe
+    from tests.helpers import free_port
+
+    port = free_port()
+    spec = PartSpec(name="web", argv=[sys.executable, "-c", SERVER, str(port)], endpoint="web",
+                    health=lambda: True, env=dict(os.environ), start_timeout=0.0,
+                    liveness=http_probe(f"http://127.0.0.1:{port}/"))
+    # The startup grace matters here too: with none, a restarted Python process that
+    # is not listening yet (a second or more under load) is killed again and again.
+    live = Liveness(period_s=0.2, timeout_s=0.5, failure_threshold=3, startup_grace_s=60.0,
+                    termination_grace_s=5.0)
+
+    def parts():
+        yield "web", (lambda: PartSpec(**{**spec.__dict__, "argv": list(spec.argv)}))
+
+    sup = Supervisor(parts, procs, tmp_path, liveness=live)
+    first = procs.start(spec)
+    wait_until(lambda: "serving" in Path(first.log).read_text(), 20, "the part to serve")
+
+    def tick_until(pred, what: str, timeout: float = 30):
+        def step():
+            sup.tick()
+            return pred()
+        wait_until(step, timeout, what, interval=0.1)
+
+    tick_until(lambda: "web" in sup.probers and sup.probers["web"].passed, "a passing probe")
+    os.kill(first.pid, signal.SIGSTOP)
+    tick_until(lambda: sup.states["web"].restarts == 1, "the hung part to be restarted")
+    st = sup.states["web"]
+    assert st.liveness_kills == 1 and st.last_exit_liveness
+    assert st.last_exit_reason.startswith("liveness probe failed 3 times in a row "
+                                          "(last: no answer within 0.5s)")
+    assert "got SIGTERM" in st.last_exit_reason  # the log's last line: a clean shutdown
+    assert procs.record("web").pid != first.pid
+    tick_until(lambda: "web" in sup.probers and sup.probers["web"].passed,
+               f"the new process to pass its probe ({sup.probers.get('web')}; "
+               f"log: {Path(first.log).read_text()[-300:]})")
+    assert st.liveness_failures == 0 and load_states(tmp_path)["web"]["liveness_kills"] == 1
+
+
+def test_a_part_without_a_liveness_probe_is_never_probed(procs, tmp_path) -> None:
+    spec = _spec("quiet", "import time; time.sleep(60)")
+    sup = _supervisor(procs, tmp_path, {"quiet": spec}, Clock())
+    record = procs.start(spec)
+    os.kill(record.pid, signal.SIGSTOP)
+    try:
+        for _ in range(3):
+            sup.tick()
+        assert sup.probers["quiet"].future is None and not sup.probers["quiet"].due(1e12)
+        assert procs.record("quiet").pid == record.pid
+    finally:
+        os.kill(record.pid, signal.SIGCONT)
+
+
+def test_the_kafka_probe_needs_an_answer_not_just_a_connection() -> None:
+    """A listening socket nobody serves (what a stopped broker looks like to a client:
+    the kernel completes the handshake) fails the probe; one that answers ApiVersions
+    with the request's correlation id passes."""
+    import socket
+    import struct
+    import threading
+
+    from eventing.stack.health import kafka_probe
+    from eventing.stack.watchdog import run_probe
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    answering = socket.socket()
+    answering.bind(("127.0.0.1", 0))
+    answering.listen()
+
+    def serve() -> None:
+        conn, _ = answering.accept()
+        with conn:
+            size = struct.unpack(">i", conn.recv(4))[0]
+            request = conn.recv(size)
+            correlation = request[4:8]
+            body = correlation + b"\0\0" + b"\0\0\0\0"
+            conn.sendall(struct.pack(">i", len(body)) + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        assert run_probe(kafka_probe("127.0.0.1", silent.getsockname()[1]), 0.5) == \
+            "no answer within 0.5s"
+        assert run_probe(kafka_probe("127.0.0.1", answering.getsockname()[1]), 5) is None
+    finally:
+        silent.close()
+        answering.close()

@@ -121,6 +121,7 @@ def logs(edge: Edge) -> int:
     """A part's log from the state folder; `-f` keeps printing what it appends."""
     import time
 
+    from eventing.stack import logs as part_logs
     from eventing.stack.process import ProcessDir
 
     procs = ProcessDir(edge.settings.state_dir)
@@ -131,21 +132,21 @@ def logs(edge: Edge) -> int:
         raise CommandFailed(f"no log for part {edge.args.part!r} at {path}; "
                             + (f"parts with logs: {', '.join(known)}" if known
                                else "is the stack up? (`sluice up`)"))
-    lines = edge.args.lines
-    with path.open("rb") as fh:
-        tail = fh.readlines()[-lines:] if lines else fh.readlines()
-        sys.stdout.write(b"".join(tail).decode("utf-8", "replace"))
-        sys.stdout.flush()
-        if not edge.args.follow:
-            return 0
-        edge.interrupt_on_sigterm()
-        while True:
-            chunk = fh.read()
-            if chunk:
-                sys.stdout.write(chunk.decode("utf-8", "replace"))
-                sys.stdout.flush()
-            else:
-                time.sleep(0.2)
+    # Across rotations (`eventing.stack.logs`): older lines are in <part>.log.1, .2 ...
+    follower = part_logs.Follower(path)  # from the end as of now, before the tail is read
+    sys.stdout.write(b"".join(part_logs.last_lines(path, edge.args.lines))
+                     .decode("utf-8", "replace"))
+    sys.stdout.flush()
+    if not edge.args.follow:
+        return 0
+    edge.interrupt_on_sigterm()
+    while True:
+        chunk = follower.read()
+        if chunk:
+            sys.stdout.write(chunk.decode("utf-8", "replace"))
+            sys.stdout.flush()
+        else:
+            time.sleep(0.2)
 
 
 def top(edge: Edge) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from eventing.stack import binaries
+from eventing.stack.health import kafka_probe
 from eventing.stack.process import PartSpec
 from eventing.stack.settings import StackSettings
 
@@ -50,4 +51,5 @@ def spec(settings: StackSettings) -> PartSpec:
         endpoint=f"kafka {settings.bootstrap} ({settings.broker_storage})",
         health=healthy,
         ports=[settings.ports.broker],
+        liveness=kafka_probe(settings.host, settings.ports.broker),
     )

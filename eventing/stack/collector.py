@@ -9,7 +9,7 @@ on a cluster, where the shipped OpenTelemetry Collector config sends spans to Te
 from __future__ import annotations
 
 from eventing.stack import binaries
-from eventing.stack.health import http_status
+from eventing.stack.health import http_probe, http_status
 from eventing.stack.process import PartSpec
 from eventing.stack.settings import StackSettings
 
@@ -50,4 +50,7 @@ def spec(settings: StackSettings) -> PartSpec:
             headers={"Content-Type": "application/json"},
         ) == 200,
         ports=[p.otlp_grpc, p.otlp_http],
+        # rotel has no health endpoint: an empty export is answered by its receiver.
+        liveness=http_probe(http + "/v1/traces", method="POST", content=b'{"resourceSpans": []}',
+                            headers={"Content-Type": "application/json"}),
     )

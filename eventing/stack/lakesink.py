@@ -9,7 +9,7 @@ which `--state-dir` names.
 from __future__ import annotations
 
 from eventing import topology as topo
-from eventing.stack.health import http_status
+from eventing.stack.health import http_probe, http_status
 from eventing.stack.pipeline import _python_part, tracing_args
 from eventing.stack.process import PartSpec
 from eventing.stack.settings import StackSettings
@@ -36,5 +36,6 @@ def spec(settings: StackSettings) -> PartSpec:
     part = _python_part(settings, NAME, args, f"lake sink {listed} (metrics {url})",
                         lambda: http_status(f"http://{settings.host}:{port}/healthz") == 200,
                         [port])
+    part.liveness = http_probe(f"http://{settings.host}:{port}/healthz")  # loops in 120 s
     part.start_timeout = 60.0  # creating the tables and the first group joins take seconds
     return part

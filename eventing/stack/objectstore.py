@@ -17,7 +17,7 @@ import secrets
 from pathlib import Path
 
 from eventing.stack import binaries
-from eventing.stack.health import http_status
+from eventing.stack.health import http_probe, http_status
 from eventing.stack.process import PartSpec
 from eventing.stack.settings import StackSettings
 
@@ -95,6 +95,7 @@ def spec(settings: StackSettings) -> PartSpec:
         endpoint=f"s3 {settings.s3_endpoint}  iceberg {settings.iceberg_url}",
         health=healthy,
         start_timeout=60.0,
+        liveness=http_probe(settings.s3_endpoint + "/healthz"),
         # Every listener: a clash on any of them (a gRPC port of another stack whose
         # offset differs by 1000, say) would break weed after start, not before.
         ports=[p.s3, p.iceberg, p.weed_master, p.weed_master_grpc, p.weed_volume,

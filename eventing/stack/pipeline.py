@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from eventing import topology as topo
 from eventing.stack import binaries
-from eventing.stack.health import http_status
-from eventing.stack.process import PartSpec
+from eventing.stack.health import http_probe, http_status
+from eventing.stack.process import LivenessProbe, PartSpec
 from eventing.stack.settings import ENV_GATEWAY_TOKEN, StackSettings
 
 GATEWAY = "gateway"
@@ -21,7 +21,8 @@ GATEWAY = "gateway"
 
 def _python_part(settings: StackSettings, name: str, args: list[str], endpoint: str,
                  health: Callable[[], bool], ports: list[int],
-                 env: dict[str, str] | None = None) -> PartSpec:
+                 env: dict[str, str] | None = None,
+                 liveness: LivenessProbe | None = None) -> PartSpec:
     return PartSpec(
         name=name,
         argv=[sys.executable, "-m", "eventing.cli", *args],
@@ -31,6 +32,7 @@ def _python_part(settings: StackSettings, name: str, args: list[str], endpoint: 
         endpoint=endpoint,
         health=health,
         ports=ports,
+        liveness=liveness,
     )
 
 
@@ -73,6 +75,7 @@ def gateway_spec(settings: StackSettings) -> PartSpec:
         + ("  (bearer token required)" if settings.gateway_requires_token else ""),
         lambda: gateway_healthy(settings),
         [settings.ports.gateway], env=token_env(settings),
+        liveness=http_probe(settings.gateway_url + "/healthz"),
     )
 
 
@@ -130,6 +133,7 @@ def function_specs(settings: StackSettings) -> list[Callable[[StackSettings], Pa
                 f"function {name} (metrics {url})",
                 lambda: http_status(health) == 200,
                 [port],
+                liveness=http_probe(health),  # every dispatcher cycled in 120 s
             )
         factories.append(factory)
     return factories
@@ -141,7 +145,8 @@ def has_generator(settings: StackSettings) -> bool:
 
 
 def generator_spec(settings: StackSettings) -> PartSpec:
-    """The topology's traffic generator, publishing through the gateway until stopped."""
+    """The topology's traffic generator, publishing through the gateway until stopped.
+    It serves nothing to probe: supervised by exit only."""
     truth = settings.state_dir / "generator-truth.txt"
     args = ["generate", "--rate", str(settings.generator_rate), "--duration", "0", "--quiet",
             "--gateway", settings.gateway_url, "--truth", str(truth),

@@ -19,7 +19,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from eventing.stack import logs
+from eventing.stack.settings import LogRotation
+
 HealthCheck = Callable[[], bool]
+# A liveness probe: returns when the part answered within `timeout` seconds, raises
+# (the message is the reason `sluice status` shows) when it did not.
+LivenessProbe = Callable[[float], None]
 
 
 @dataclass
@@ -35,6 +41,9 @@ class PartSpec:
     start_timeout: float = 30.0
     # Listening ports, checked free before start so a clash is named, not a mystery.
     ports: list[int] = field(default_factory=list)
+    # What the supervisor probes to find the part hung (`watchdog.Prober`): a cheap check
+    # of the process itself, not of what it depends on. None: supervised by exit only.
+    liveness: LivenessProbe | None = None
 
 
 @dataclass
@@ -85,9 +94,10 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 class ProcessDir:
     """The `run/` and `logs/` folders of one state folder."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, rotation: LogRotation | None = None) -> None:
         self.run_dir = state_dir / "run"
         self.log_dir = state_dir / "logs"
+        self.rotation = rotation or LogRotation()
         # The Popen of the last `start`: the supervisor keeps it to read the exit status.
         self.last_child: subprocess.Popen | None = None
 
@@ -118,6 +128,8 @@ class ProcessDir:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_path(spec.name)
+        logs.rotate_if_needed(log_path, self.rotation)
+        # O_APPEND ("ab"), inherited by the part: what lets `logs.rotate` truncate it.
         with open(log_path, "ab") as log:
             log.write(f"\n--- start {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode())
             log.flush()
@@ -168,18 +180,32 @@ class ProcessDir:
         stopped = False
         if is_alive(record):
             stopped = True
-            _signal_group(record.pid, signal.SIGTERM)
+            terminate(record)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and is_alive(record):
                 time.sleep(0.05)
             if is_alive(record):
-                _signal_group(record.pid, signal.SIGKILL)
+                kill(record)
                 while is_alive(record):
                     time.sleep(0.05)
         # Children left in the group (none expected) are ours too.
         _signal_group(record.pid, signal.SIGKILL, only_if_group_exists=True)
         self.record_path(record.name).unlink(missing_ok=True)
         return stopped
+
+
+def terminate(record: PartRecord) -> None:
+    """SIGTERM to the part's process group, then SIGCONT: a stopped (SIGSTOPped) process
+    would otherwise hold the SIGTERM pending and never shut down gracefully."""
+    if is_alive(record):
+        _signal_group(record.pid, signal.SIGTERM)
+        _signal_group(record.pid, signal.SIGCONT, only_if_group_exists=True)
+
+
+def kill(record: PartRecord) -> None:
+    """SIGKILL to the part's process group (only while the record's process is alive)."""
+    if is_alive(record):
+        _signal_group(record.pid, signal.SIGKILL)
 
 
 def _signal_group(pid: int, sig: int, only_if_group_exists: bool = False) -> None:

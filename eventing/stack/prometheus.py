@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from eventing.stack import binaries
-from eventing.stack.health import http_status
+from eventing.stack.health import http_probe, http_status
 from eventing.stack.process import PartSpec, ProcessDir, is_alive
 from eventing.stack.settings import StackSettings
 
@@ -91,4 +91,5 @@ def spec(settings: StackSettings) -> PartSpec:
         endpoint=f"prometheus {settings.prometheus_url}",
         health=lambda: http_status(settings.prometheus_url + "/-/ready") == 200,
         ports=[settings.ports.prometheus],
+        liveness=http_probe(settings.prometheus_url + "/-/healthy"),
     )

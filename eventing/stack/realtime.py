@@ -13,7 +13,7 @@ import sys
 
 from eventing import topology as topo
 from eventing.stack import binaries
-from eventing.stack.health import http_status
+from eventing.stack.health import http_probe, http_status
 from eventing.stack.pipeline import tracing_args
 from eventing.stack.process import PartSpec
 from eventing.stack.settings import ENV_QUERY_TOKEN, StackSettings
@@ -39,6 +39,7 @@ def spec(settings: StackSettings) -> PartSpec:
         endpoint=f"real-time tables {', '.join(names) or 'none'} at {url} (POST /query)",
         health=lambda: http_status(url + "/healthz") == 200,
         ports=[settings.ports.realtime],
+        liveness=http_probe(url + "/healthz"),  # the ingest thread polled in the last 10 s
         # Loading DuckDB's extensions and ATTACHing the catalog took 15 s of a 2-core
         # machine at load average 25 (measured): 30 s was too tight to start.
         start_timeout=90.0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from eventing.stack import binaries
-from eventing.stack.health import http_status
+from eventing.stack.health import http_probe, http_status
 from eventing.stack.process import PartSpec
 from eventing.stack.settings import StackSettings
 
@@ -27,4 +27,6 @@ def spec(settings: StackSettings) -> PartSpec:
         endpoint=f"schema registry {settings.registry_url}",
         health=lambda: http_status(settings.registry_url + "/subjects") == 200,
         ports=[settings.ports.registry],
+        # `/` answers from the event loop; `/subjects` takes the store's lock.
+        liveness=http_probe(settings.registry_url + "/"),
     )

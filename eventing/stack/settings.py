@@ -83,6 +83,41 @@ class Credentials:
 
 
 @dataclass(frozen=True)
+class Liveness:
+    """How the supervisor finds a hung part (Kubernetes' livenessProbe, same names).
+
+    Each part's cheap liveness endpoint is probed every `period_s` with `timeout_s`;
+    after `failure_threshold` failures in a row the part is killed (SIGTERM, SIGKILL
+    after `termination_grace_s`) and restarted under the usual backoff. Probes start
+    counting once a probe passed after a start, or `startup_grace_s` after it (the
+    part's own start timeout when longer), so a slow start is not killed.
+
+    Why these values rather than the kubelet's (10 s, 1 s, 3): on a shared 2-core machine
+    at load average 30, probes took up to 0.78 s (HTTP) and 1.76 s (the broker's Kafka
+    probe; `benchmarks/liveness_probes.py`), so a 1 s timeout would flap; 5 s x 3 in a
+    row still ends a hang in about 30-45 s, what a kill -9 restart costs here anyway.
+    """
+
+    period_s: float = 10.0
+    timeout_s: float = 5.0
+    failure_threshold: int = 3
+    startup_grace_s: float = 60.0
+    termination_grace_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class LogRotation:
+    """Bound on each part's log: rotated at `max_bytes`, `keep` old files kept.
+
+    Why: a part writes to `logs/<part>.log` for as long as the stack runs (days of `make
+    up`); at the default 10 MiB x (1 + 5) a part's logs stay under 60 MiB.
+    """
+
+    max_bytes: int = 10 * 1024 * 1024
+    keep: int = 5
+
+
+@dataclass(frozen=True)
 class StackSettings:
     """Everything `sluice up` needs to know, resolved before any process starts."""
 
@@ -115,6 +150,9 @@ class StackSettings:
     # Processes per function in one consumer group, where `--replicas NAME=N` overrides the
     # topology's `scale.min` (at least 1): see `pipeline.replica_count`.
     replicas: tuple[tuple[str, int], ...] = ()
+    # The supervisor's liveness probes and the parts' log bound (defaults live here).
+    liveness: Liveness = field(default_factory=Liveness)
+    log_rotation: LogRotation = field(default_factory=LogRotation)
 
     @property
     def bootstrap(self) -> str:

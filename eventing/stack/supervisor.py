@@ -99,7 +99,7 @@ class Stack:
 
     def __init__(self, settings: StackSettings, extra: list[SpecFactory] | None = None) -> None:
         self.settings = settings
-        self.procs = ProcessDir(settings.state_dir)
+        self.procs = ProcessDir(settings.state_dir, settings.log_rotation)
         self.factories = core_parts(settings) + list(extra or [])
 
     def running(self) -> list[PartRecord]:
@@ -189,7 +189,9 @@ class Stack:
                 yield spec.name, (lambda f=factory: f(self.settings))
 
         return watchdog.Supervisor(parts, self.procs, self.settings.state_dir,
-                                   after_healthy=lambda spec: self.after_healthy(spec, _quiet))
+                                   after_healthy=lambda spec: self.after_healthy(spec, _quiet),
+                                   liveness=self.settings.liveness,
+                                   log_rotation=self.settings.log_rotation)
 
     def status(self) -> list[PartStatus]:
         out: list[PartStatus] = []

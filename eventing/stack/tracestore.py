@@ -9,7 +9,7 @@ the topology declares (`traceIds`). The index file lives in the state folder
 
 from __future__ import annotations
 
-from eventing.stack.health import http_status
+from eventing.stack.health import http_probe, http_status
 from eventing.stack.pipeline import _python_part
 from eventing.stack.process import PartSpec
 from eventing.stack.settings import StackSettings
@@ -27,6 +27,8 @@ def spec(settings: StackSettings) -> PartSpec:
         args += ["--retention", f"{settings.trace_retention_s}s"]
     if settings.trace_max_bytes is not None:
         args += ["--max-size", str(settings.trace_max_bytes)]
-    return _python_part(settings, NAME, args,
+    part = _python_part(settings, NAME, args,
                         f"trace store otlp http {url}/v1/traces -> {path.name} (sluice trace)",
                         lambda: http_status(url + "/healthz") == 200, [settings.ports.tracestore])
+    part.liveness = http_probe(url + "/healthz")
+    return part

@@ -1,4 +1,4 @@
-"""The stack's supervisor: restart any part that exits, with backoff and crash-loop detection.
+"""The stack's supervisor: restart any part that exits or hangs, with backoff and crash loops.
 
 `sluice up` leaves this one small process running (part `supervisor`, `sluice supervise`).
 Every `TICK_S` it looks at each part `up` recorded; a part whose process is gone is
@@ -15,6 +15,18 @@ the environment and health check of its spec. The rules are the kubelet's for a 
   is being restarted and not yet healthy, so dependants are not started into a crash;
 - after the broker comes back its topics are created again, after the registry the
   schemas registered again (`Stack.after_healthy`, what `up` does).
+
+A part that hangs (deadlocked, stopped, a worker thread stuck) does not exit, so it is
+also probed, as the kubelet's livenessProbe does (`Prober`; timings in
+`settings.Liveness`): its `PartSpec.liveness` every `period_s` with `timeout_s`, in a
+thread pool so a hung part never delays the round; `failure_threshold` failures in a
+row and it is terminated (SIGTERM and SIGCONT, SIGKILL after `termination_grace_s`),
+then restarted by the rules above, its reason "liveness probe failed ...". Failures
+do not count during a start (until a probe passed, or the startup grace is over) nor
+while an earlier part is being restarted (a dependant's probe may wait on it). A part
+without a liveness probe (the traffic generator) is supervised by its exit only.
+
+Each round also bounds the parts' logs (`logs.rotate_if_needed`).
 
 Why not the parts' own parent: `up` returns to the shell, so the parts it starts are
 orphans; only parts this process restarted are its children and have an exact exit
@@ -35,11 +47,22 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from eventing.stack.process import PartRecord, PartSpec, is_alive, tail
+from eventing.stack import logs
+from eventing.stack.process import (
+    LivenessProbe,
+    PartRecord,
+    PartSpec,
+    is_alive,
+    kill,
+    tail,
+    terminate,
+)
+from eventing.stack.settings import Liveness, LogRotation
 
 log = logging.getLogger("sluice.supervisor")
 
@@ -64,6 +87,10 @@ class PartState:
     backoff_s: float = 0.0
     next_start_at: float | None = None   # wall clock of a pending restart
     awaiting_health: bool = False        # restarted, not yet healthy
+    liveness_failures: int = 0           # consecutive failed liveness probes now
+    liveness_kills: int = 0              # times killed for failing its liveness probe
+    last_exit_liveness: bool = False     # the last exit was such a kill
+    killing: str | None = None           # why it is being terminated (liveness), until it exits
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +132,59 @@ def describe_exit(code: int | None, log_path: str | None) -> str:
     return f"{head}; log: {last[:300]}" if last else head
 
 
+@dataclass
+class Prober:
+    """The liveness probe state of one started process of a part (the kubelet's rules).
+
+    Pure bookkeeping on the supervisor's clock, so it is tested with a fake one: `due`
+    says when to probe next, `observe` counts a result and says when to kill.
+    """
+
+    settings: Liveness
+    started_at: float                    # the process's start (wall clock)
+    grace_s: float                       # startup grace: failures before it do not count
+    next_at: float = 0.0
+    failures: int = 0
+    passed: bool = False                 # a probe passed since the start: grace is over
+    last_error: str | None = None
+    pid: int = 0                         # the process these results are about
+    probe: LivenessProbe | None = None   # None: exit only, never due
+    future: Future | None = None         # a probe in flight
+    sent_at: float = 0.0
+
+    def due(self, now: float) -> bool:
+        return self.future is None and now >= self.next_at
+
+    def in_grace(self, now: float) -> bool:
+        return not self.passed and now - self.started_at < self.grace_s
+
+    def observe(self, now: float, error: str | None, *, count: bool = True) -> bool:
+        """Count one probe's result (`error` None: it passed); True when the part has now
+        failed `failure_threshold` probes in a row and must be killed. A failure is not
+        counted during the startup grace or when `count` is False."""
+        self.next_at = now + self.settings.period_s
+        if error is None:
+            self.failures, self.passed, self.last_error = 0, True, None
+            return False
+        if not count or self.in_grace(now):
+            return False
+        self.failures += 1
+        self.last_error = error
+        return self.failures >= self.settings.failure_threshold
+
+
+def run_probe(probe: LivenessProbe, timeout: float) -> str | None:
+    """None when `probe` passed, else why not (a timeout, refused connection, status)."""
+    try:
+        probe(timeout)
+    except Exception as exc:  # noqa: BLE001 - every failure is a reason, not a crash
+        text = str(exc) or type(exc).__name__
+        if "timed out" in text.lower() or "timeout" in type(exc).__name__.lower():
+            return f"no answer within {timeout:g}s"
+        return text[:200]
+    return None
+
+
 class Supervisor:
     """Watches the parts of one stack; `tick` does one round, `run` loops until stopped.
 
@@ -115,7 +195,9 @@ class Supervisor:
     def __init__(self, parts: Callable[[], Iterable[tuple[str, Callable[[], PartSpec]]]],
                  procs: Any, state_dir: Path, *,
                  after_healthy: Callable[[PartSpec], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 liveness: Liveness | None = None,
+                 log_rotation: LogRotation | None = None) -> None:
         self.parts = parts
         self.procs = procs
         self.state_dir = state_dir
@@ -123,6 +205,12 @@ class Supervisor:
         self.clock = clock
         self.states: dict[str, PartState] = {}
         self.children: dict[str, subprocess.Popen] = {}
+        self.liveness = liveness or Liveness()
+        self.log_rotation = log_rotation or LogRotation()
+        self.probers: dict[str, Prober] = {}
+        self._kill_at: dict[str, float] = {}  # SIGKILL a terminated part from then on
+        # Probes run here, never in the round: a hung part must not hold the others up.
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="liveness")
         self._written = ""
 
     def tick(self) -> None:
@@ -135,8 +223,15 @@ class Supervisor:
             record = self.procs.record(name)
             if record is None or self.procs.stopping(name):
                 self._reap(name)
+                self.probers.pop(name, None)
                 continue
+            self._bound_log(record)
             if is_alive(record):
+                if st.killing is not None:
+                    self._finish_kill(name, record, st, now)
+                    blocked = True  # as good as down: later parts wait for it
+                    continue
+                self._probe(name, record, factory, st, now, count=not blocked)
                 if st.awaiting_health:
                     spec = factory()
                     if _healthy(spec):
@@ -160,10 +255,73 @@ class Supervisor:
             blocked = True  # later parts wait until this one is healthy
         self._write()
 
+    def _probe(self, name: str, record: PartRecord, factory: Callable[[], PartSpec],
+               st: PartState, now: float, *, count: bool) -> None:
+        """Start a due liveness probe of `name`, or count the one that finished; begin
+        terminating the part when it failed `failure_threshold` in a row."""
+        pr = self.probers.get(name)
+        if pr is None or pr.pid != record.pid:
+            spec = factory()  # once per started process: building a spec reads files
+            pr = Prober(self.liveness, record.started_at,
+                        max(self.liveness.startup_grace_s, spec.start_timeout),
+                        pid=record.pid, probe=spec.liveness,
+                        next_at=record.started_at if spec.liveness else float("inf"))
+            self.probers[name] = pr
+            st.liveness_failures = 0
+        if pr.future is not None:
+            if pr.future.done():
+                error = pr.future.result()
+            elif now - pr.sent_at > self.liveness.timeout_s + 5.0:
+                error = f"no answer within {self.liveness.timeout_s:g}s (probe stuck)"
+            else:
+                return
+            pr.future = None
+            must_kill = pr.observe(now, error, count=count)
+            if error is not None and pr.failures:
+                log.warning("%s: liveness probe failed (%d/%d): %s", name, pr.failures,
+                            self.liveness.failure_threshold, error)
+            st.liveness_failures = pr.failures
+            if must_kill:
+                self._start_kill(name, record, st, now, pr)
+        elif pr.probe is not None and pr.due(now):
+            pr.sent_at = now
+            pr.future = self._pool.submit(run_probe, pr.probe, self.liveness.timeout_s)
+
+    def _start_kill(self, name: str, record: PartRecord, st: PartState, now: float,
+                    pr: Prober) -> None:
+        st.killing = (f"liveness probe failed {pr.failures} times in a row "
+                      f"(last: {pr.last_error})")
+        st.liveness_kills += 1
+        st.next_start_at = None
+        pr.next_at = float("inf")  # no more probes of this process
+        self._kill_at[name] = now + self.liveness.termination_grace_s
+        log.warning("%s: %s; terminating (pid %d)", name, st.killing, record.pid)
+        terminate(record)
+
+    def _finish_kill(self, name: str, record: PartRecord, st: PartState, now: float) -> None:
+        if now >= self._kill_at.get(name, now):
+            log.warning("%s: still running %gs after SIGTERM; SIGKILL", name,
+                        self.liveness.termination_grace_s)
+            kill(record)
+
+    def _bound_log(self, record: PartRecord) -> None:
+        try:
+            if logs.rotate_if_needed(Path(record.log), self.log_rotation):
+                log.info("rotated %s", record.log)
+        except OSError as exc:  # a full disk must not end supervision
+            log.warning("could not rotate %s: %s", record.log, exc)
+
     def _note_exit(self, name: str, record: PartRecord, st: PartState, now: float) -> None:
         code = self._reap(name)
+        self.probers.pop(name, None)
+        self._kill_at.pop(name, None)
         st.last_exit_code = code
         st.last_exit_reason = describe_exit(code, record.log)
+        st.last_exit_liveness = st.killing is not None
+        if st.killing is not None:
+            st.last_exit_reason = f"{st.killing}; {st.last_exit_reason}"
+            st.killing = None
+        st.liveness_failures = 0
         st.last_exit_at = now
         quick = now - record.started_at < RESET_AFTER_S
         st.quick_exits = st.quick_exits + 1 if quick else 1
@@ -226,6 +384,7 @@ class Supervisor:
             except Exception:  # noqa: BLE001 - one bad round must not end supervision
                 log.exception("supervisor round failed")
             stop.wait(TICK_S)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _healthy(spec: PartSpec) -> bool:
@@ -233,6 +392,27 @@ def _healthy(spec: PartSpec) -> bool:
         return bool(spec.health())
     except Exception:  # noqa: BLE001 - a failing probe is "not yet"
         return False
+
+
+# (kind, name, help, value of a part's state or None when there is nothing to report)
+PART_METRICS: list[tuple[str, str, str, Callable[[PartState], float | None]]] = [
+    ("counter", "sluice_part_restarts", "Restarts of a stack part by the supervisor",
+     lambda st: st.restarts),
+    ("gauge", "sluice_part_crashloop", "1 while a part is in CrashLoopBackOff",
+     lambda st: 1.0 if st.state == "CrashLoopBackOff" else 0.0),
+    ("gauge", "sluice_part_waiting_restart", "1 while a part is down, waiting out its backoff",
+     lambda st: 1.0 if st.next_start_at is not None else 0.0),
+    ("gauge", "sluice_part_last_exit_code", "Exit code of the last exit (-signal; -1000 unknown)",
+     lambda st: None if st.last_exit_at is None
+     else -1000 if st.last_exit_code is None else st.last_exit_code),
+    ("counter", "sluice_part_liveness_kills", "Times the supervisor killed a part because its "
+     "liveness probe failed (a hang, not an exit)", lambda st: st.liveness_kills),
+    ("gauge", "sluice_part_liveness_failures", "Liveness probes of a part failed in a row now",
+     lambda st: st.liveness_failures),
+    ("gauge", "sluice_part_last_exit_liveness", "1 when the part's last exit was a kill by "
+     "the supervisor after failed liveness probes",
+     lambda st: None if st.last_exit_at is None else float(st.last_exit_liveness)),
+]
 
 
 def serve_metrics(sup: Supervisor, host: str, port: int) -> None:
@@ -244,25 +424,13 @@ def serve_metrics(sup: Supervisor, host: str, port: int) -> None:
 
     class _Collector(Collector):
         def collect(self):  # type: ignore[override]
-            restarts = CounterMetricFamily("sluice_part_restarts",
-                                           "Restarts of a stack part by the supervisor",
-                                           labels=["part"])
-            crash = GaugeMetricFamily("sluice_part_crashloop",
-                                      "1 while a part is in CrashLoopBackOff", labels=["part"])
-            down = GaugeMetricFamily("sluice_part_waiting_restart",
-                                     "1 while a part is down, waiting out its backoff",
-                                     labels=["part"])
-            code = GaugeMetricFamily("sluice_part_last_exit_code",
-                                     "Exit code of the last exit (-signal; -1000 unknown)",
-                                     labels=["part"])
-            for name, st in list(sup.states.items()):
-                restarts.add_metric([name], st.restarts)
-                crash.add_metric([name], 1.0 if st.state == "CrashLoopBackOff" else 0.0)
-                down.add_metric([name], 1.0 if st.next_start_at is not None else 0.0)
-                if st.last_exit_at is not None:
-                    code.add_metric([name], -1000 if st.last_exit_code is None
-                                    else st.last_exit_code)
-            yield from (restarts, crash, down, code)
+            for kind, name, text, value in PART_METRICS:
+                family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                    name, text, labels=["part"])
+                for part, st in list(sup.states.items()):
+                    if (v := value(st)) is not None:
+                        family.add_metric([part], v)
+                yield family
 
     REGISTRY.register(_Collector())
     metrics.serve_metrics(host, port, lambda: (True, {"parts": len(sup.states)}))

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import random
 import secrets
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from eventing.ingest.publish import Publisher, publish_paced
 
 EVENT_TYPE = "com.example.iot.reading.recorded"
 SOURCE = "/example/iot/generator"
@@ -87,34 +88,17 @@ def event_for(reading: dict) -> dict:
             "datacontenttype": "application/json", "data": reading}
 
 
-def run(publisher, *, rate: float, duration: float, seed: int = 5,
+def run(publisher: Publisher, *, rate: float, duration: float, seed: int = 5,
         inject_share: float = 0.01, truth: Path | None = None,
         progress: Callable[[int], None] | None = None) -> tuple[int, int]:
     """Publish readings through `publisher` at `rate` per second for `duration` seconds
-    (0: until interrupted). Returns (readings sent, of which injected anomalies)."""
+    (0: until interrupted), by the platform's paced loop (`publish_paced`); injected
+    anomalies' reading ids go to `truth`. Returns (readings sent, of which injected)."""
     gen = Generator(seed=seed, inject_share=inject_share)
-    injected = 0
-    truth_fh = open(truth, "a", buffering=1) if truth else None  # noqa: SIM115 - closed below
 
-    def events() -> Iterator[dict]:
-        nonlocal injected
-        start = time.monotonic()
-        total = int(rate * duration) if duration else 10**12
-        for sent in range(total):
-            wait = sent / rate - (time.monotonic() - start)
-            if wait > 0:
-                time.sleep(wait)
-            reading, bad = gen.next(int(time.time() * 1000))
-            if bad:
-                injected += 1
-                if truth_fh:
-                    truth_fh.write(reading["reading_id"] + "\n")
-            yield event_for(reading)
+    def make(now_ms: int) -> tuple[dict, bool]:
+        reading, bad = gen.next(now_ms)
+        return event_for(reading), bad
 
-    try:
-        sent = publisher.send_many(events(), batch_size=max(1, int(rate // 20)),
-                                   progress=progress)
-    finally:
-        if truth_fh:
-            truth_fh.close()
-    return sent, injected
+    return publish_paced(publisher, make, rate=rate, duration=duration, truth=truth,
+                         progress=progress)
