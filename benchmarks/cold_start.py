@@ -143,8 +143,7 @@ def http_once(bootstrap: str, registry: str, record: Record, work: Path,
     """Host process start -> first 2xx for the waiting event (its output acknowledged)."""
     run = uuid.uuid4().hex[:8]
     topology, ids = _topology(work, run)
-    ensure_topics(bootstrap, {ids["output"]: 1})
-    register(registry, ids["input"], "payments.raw.avsc")
+    ensure_topics(bootstrap, {ids["output"]: 1})  # no input topic: this process delivers
     register(registry, ids["output"], CONVERTED_SCHEMA)
     function = topo.load(topology).function("convert")
     entry = host_env.write_entry_file(function, work / f"entry-{run}.py", bootstrap, registry)
@@ -182,7 +181,7 @@ def http_once(bootstrap: str, registry: str, record: Record, work: Path,
         _stop(proc)
     return {"mode": "http", "first_output_s": None if done is None else done - t0,
             "listening_s": None if listening is None else listening - t0,
-            "last_answer": last, "topics": [ids["input"], ids["output"], ids["dlq"]],
+            "last_answer": last, "topics": [ids["output"]],
             "log": log.name}
 
 

@@ -389,12 +389,19 @@ def replicas(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
 def pipeline_settings(args: argparse.Namespace, own_stack: bool) -> Any:
     """The stack's settings with the example pipeline running (added to our own stack by a
     second `up`, as a user adds it; at 1% of traces recorded, the issue's condition)."""
+    from eventing.stack.health import http_status
     from eventing.stack.settings import load_settings
 
     if own_stack:
         sluice(args, "up", "--no-generator", "--trace-sampling", str(args.trace_sampling))
-    return load_settings(state_dir=args.state_dir, port_offset=args.port_offset,
-                         broker_storage="memory").with_saved()
+    settings = load_settings(state_dir=args.state_dir, port_offset=args.port_offset,
+                             broker_storage="memory").with_saved()
+    # pipeline_bench's publishers would fail in a thread and leave its poller waiting
+    if http_status(settings.gateway_url + "/healthz") != 200:
+        raise RuntimeError(f"no gateway at {settings.gateway_url}: give --state-dir and "
+                           "--port-offset of a stack running the example pipeline, or let "
+                           "run.py start its own stack")
+    return settings
 
 
 def profile(bench: Bench, args: argparse.Namespace) -> None:

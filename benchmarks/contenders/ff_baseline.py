@@ -69,7 +69,7 @@ def start_server(args, tmp: Path) -> tuple[subprocess.Popen, int]:
         env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     warmup = {"ce-specversion": "1.0", "ce-id": "warmup", "ce-source": "/bench",
               "ce-type": "bench.warmup", "content-type": "application/octet-stream"}
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"functions-framework did not start: "

@@ -101,7 +101,7 @@ def start_server(function: topo.Function, args, tmp: Path) -> tuple[subprocess.P
     log = (tmp / "server.log").open("w")
     proc = subprocess.Popen(argv, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90  # a loaded 2-core machine took > 30 s to start it
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"function server did not start: {(tmp / 'server.log').read_text()}")
