@@ -52,19 +52,12 @@ from eventing.cloudevent import http as ce_http  # noqa: E402
 from eventing.cloudevent import kafka as ce_kafka  # noqa: E402
 from eventing.fn import env as host_env  # noqa: E402
 from eventing.kafka import consumer_config, ensure_topics, producer_config  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 from tests.pipeline import register  # noqa: E402
 
 Record = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
 MODES = ("inprocess", "http")
 
-
-def free_port() -> int:
-    """A loopback port nothing listens on now, for the host under test."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _topology(work: Path, run: str) -> tuple[Path, dict[str, str]]:

@@ -43,19 +43,12 @@ from common import CONVERT, CONVERTED_SCHEMA, tree_cpu_seconds  # noqa: E402
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition  # noqa: E402
 
 from eventing.kafka import consumer_config, ensure_topics, producer_config  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 from tests.pipeline import register  # noqa: E402
 
 Record = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
 SUCCEEDED = "sluice_function_events_succeeded_total"
 
-
-def free_port() -> int:
-    """A loopback port nothing listens on now (a replica's metrics port)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def succeeded(port: int) -> float | None:

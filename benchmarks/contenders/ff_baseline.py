@@ -29,16 +29,10 @@ from common import CONVERTED_SCHEMA, ROOT, SCHEMAS, Clock, emit, job_args, lates
 from confluent_kafka import Consumer
 
 from eventing.kafka import consumer_config
+from tests.helpers import free_port
 
 TARGET = Path(__file__).resolve().parent / "ff_target" / "main.py"
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_headers(kafka_headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
