@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -509,6 +510,8 @@ def main() -> int:
             parts.discard("quix")
 
     own_stack = not args.bootstrap
+    # SIGTERM (a test's timeout, a CI stop) unwinds like Ctrl-C: `down --purge` still runs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if own_stack:
         sluice(args, "up", "--storage", "memory", "--no-pipeline")
         bootstrap, registry = stack_endpoints(args)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port_offset
+from tests.helpers import ROOT, free_port_offset, sluice
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import summary  # noqa: E402
@@ -30,17 +30,28 @@ MEASURED = {"cpu_vs_floor", "throughput_vs_floor", "http_vs_ff_baseline",
             "cold_start_inprocess", "cold_start_http", "replicas"}
 
 
+@pytest.mark.timeout(1200)  # ~3 min on a quiet machine; > 5 at load average 35
 def test_quick_run_prints_every_row_with_numbers(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
+    state, offset = tmp_path / "state", free_port_offset()
     cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick",
-           "--port-offset", str(free_port_offset()), "--state-dir", str(tmp_path / "state"),
+           "--port-offset", str(offset), "--state-dir", str(state),
            "--log-dir", str(tmp_path / "logs"), "--json", str(out),
            "--replica-events", "2000", *(a for part in CHEAP for a in ("--only", part))]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          check=False)
-    tail = f"\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=1080)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # run.py unwinds on SIGTERM and purges its stack
+        stdout, stderr = proc.communicate(timeout=100)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sluice("down", "--purge", state_dir=state, offset=offset, check=False)
+    tail = f"\n{stdout[-4000:]}\n{stderr[-4000:]}"
     assert proc.returncode == 0, tail
-    table = proc.stdout[proc.stdout.index("Summary:"):]
+    table = stdout[stdout.index("Summary:"):]
     for name in summary.ROW_NAMES:
         assert name in table, f"row {name!r} missing{tail}"
     report = json.loads(out.read_text())

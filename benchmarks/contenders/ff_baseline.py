@@ -66,6 +66,7 @@ def start_server(args, tmp: Path) -> tuple[subprocess.Popen, int]:
     deadline = time.monotonic() + 90
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)  # its own session: nothing else would stop it
             raise SystemExit(f"functions-framework did not start: "
                              f"{(tmp / 'ff-server.log').read_text()}")
         try:

@@ -104,6 +104,7 @@ def start_server(function: topo.Function, args, tmp: Path) -> tuple[subprocess.P
     deadline = time.monotonic() + 90  # a loaded 2-core machine took > 30 s to start it
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)  # its own session: nothing else would stop it
             raise SystemExit(f"function server did not start: {(tmp / 'server.log').read_text()}")
         try:
             # An empty batch makes the worker build its serde and Kafka producer now,
