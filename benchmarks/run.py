@@ -1,6 +1,7 @@
-"""Benchmark the event path against the raw-client floor and Quix Streams: one command.
+"""Every row of the issue's figures table in one run, each next to its floor or peer.
 
-    .venv/bin/python benchmarks/run.py [--events 300000] [--repeat 3]
+    .venv/bin/python benchmarks/run.py [--events 300000] [--repeat 3] [--json FILE]
+    .venv/bin/python benchmarks/run.py --quick        # small counts: checks it all works
         [--bootstrap HOST:PORT --registry URL]   # an existing stack instead of our own
 
 Without `--bootstrap` it starts a local stack (`sluice up --storage memory --no-pipeline`
@@ -22,20 +23,31 @@ Contenders (each one process; see benchmarks/contenders/ and README.md):
   sluice           Dispatcher + benchmarks/convert in process          (--repeat runs)
   sluice-http-batch  Dispatcher → functions-framework host, batches    (--batch-events)
   sluice-http      Dispatcher → functions-framework host, one POST/event (--http-events)
-then the gateway (benchmarks/gateway_bench.py) and end-to-end latency through
-validate → convert at a fixed rate.
+  ff-baseline      a minimal consumer POSTing each record to a bare functions-framework
+                   target (contenders/ff_baseline.py)                   (--http-events)
+then the gateway (benchmarks/gateway_bench.py), end-to-end latency through validate →
+convert at a fixed rate next to two plain relays (the latency floor), cold start
+(benchmarks/cold_start.py), 1 vs 2 replicas (benchmarks/replicas_bench.py), and, with
+the example pipeline added to the stack (`sluice up --no-generator --trace-sampling
+0.01`), gateway 202 → row queryable and the whole fraud pipeline's rate
+(benchmarks/pipeline_bench.py's `latency` and `throughput`). It ends with one summary
+table (benchmarks/summary.py): row, Sluice's figure, reference, ratio, target met.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
 import time
+import traceback
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +56,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE / "contenders"))
 
+import cold_start  # noqa: E402
+import pipeline_bench  # noqa: E402
+import replicas_bench  # noqa: E402
+import summary  # noqa: E402
 from common import CONVERT, CONVERTED_SCHEMA  # noqa: E402
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
@@ -58,6 +74,14 @@ VENV_PY = Path(sys.executable)
 QUIX_PY = HERE / ".venv-quix" / "bin" / "python"
 CURRENCIES = ("EUR", "USD", "GBP", "CHF", "JPY", "SEK", "PLN")
 SUBPROCESS_GRACE_S = 90.0
+REPLICA_WARMUP_MARGIN = 5_000  # input records kept for the replicas' warm-up
+ALL_PARTS = ["floor", "quix", "sluice", "sluice-http-batch", "sluice-http", "ff-baseline",
+             "gateway", "latency", "cold-start", "replicas", "queryable", "pipeline"]
+# --quick: small counts, every row still measured (a smoke test, not figures)
+QUICK = {"events": 5_000, "repeat": 1, "http_events": 300, "batch_events": 2_000,
+         "latency_seconds": 2.0, "relay_lingers": "20", "gateway_events": 500,
+         "gateway_batch_events": 2_000, "cold_repeat": 1, "replica_events": 3_000,
+         "queryable_seconds": 2.0, "pipeline_events": 2_000, "job_timeout": 120.0}
 
 
 # --------------------------------------------------------------------------- the input
@@ -111,7 +135,8 @@ class Input:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, bootstrap: str, registry: str) -> None:
+    def __init__(self, args: argparse.Namespace, bootstrap: str, registry: str,
+                 parts: set[str]) -> None:
         self.args = args
         self.bootstrap = bootstrap
         self.registry = registry
@@ -121,7 +146,8 @@ class Bench:
         self.logs.mkdir(parents=True, exist_ok=True)
         topic = self.fresh("bench.seed")["input"]
         register(registry, topic, "payments.raw.avsc")
-        n = max(args.events, args.http_events, args.batch_events)
+        n = max(args.events, args.http_events, args.batch_events,
+                args.replica_events + REPLICA_WARMUP_MARGIN if "replicas" in parts else 0)
         print(f"encoding {n:,} input records ...", flush=True)
         self.input = Input(self.serde, topic, n)
         self.drop_subjects([subject_for(topic)])
@@ -142,7 +168,10 @@ class Bench:
         self.input.produce(self.bootstrap, ids["input"], n)
 
     def cleanup(self, ids: dict[str, str], extra_topics: tuple[str, ...] = ()) -> None:
-        topics = [ids["input"], ids["output"], ids["dlq"], *extra_topics]
+        self.drop_topics([ids["input"], ids["output"], ids["dlq"], *extra_topics])
+
+    def drop_topics(self, topics: list[str]) -> None:
+        """Delete topics and their subjects (best effort: a leftover is reported)."""
         for fut in self.admin.delete_topics(topics, operation_timeout=10).values():
             try:
                 fut.result(15)
@@ -318,6 +347,64 @@ def latency(bench: Bench, args: argparse.Namespace, batch_size: int | None = Non
         bench.cleanup(ids, (mid,))
 
 
+def attempt(report: dict[str, Any], part: str, fn: Callable[..., Any], *args: Any,
+            **kwargs: Any) -> Any:
+    """Run one part; if it raises, note it under `report["errors"][part]` and go on, so
+    one broken part costs its own rows (shown as FAILED), not the whole run's table."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported in the summary and the JSON
+        report.setdefault("errors", {})[part] = f"{type(exc).__name__}: {exc}"
+        print(f"  {part} FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        return None
+
+
+def cold(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    """Row 7: benchmarks/cold_start.py, both modes, on the bench's own input record."""
+    record = next(r for r, p in zip(bench.input.records, bench.input.rows, strict=False)
+                  if p["amount"] > 0)
+    result = cold_start.measure(bench.bootstrap, bench.registry, record, args.cold_repeat,
+                                Path(args.log_dir) / "cold-start")
+    bench.drop_topics(result["topics"])
+    return result
+
+
+def replicas(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    """Row 8: benchmarks/replicas_bench.py with 1 then 2 processes of the convert function."""
+    positive = [p["amount"] > 0 for p in bench.input.rows]
+    out = {}
+    for n in (1, 2):
+        print(f"  {n} replica(s), {args.replica_events:,} events ...", flush=True)
+        r = replicas_bench.measure(bench.bootstrap, bench.registry, bench.input.records,
+                                   positive, args.replica_events, n,
+                                   timeout=args.job_timeout)
+        bench.drop_topics(r["topics"])
+        print(f"    {r['ev_s']:,.0f} ev/s, {r['cpu_us']:.1f} CPU us/ev, outputs "
+              f"{r['output_records']}/{r['expected_outputs']}, per replica "
+              f"{r['per_replica_events']}", flush=True)
+        out[str(n)] = r
+    return out
+
+
+def pipeline_settings(args: argparse.Namespace, own_stack: bool) -> Any:
+    """The stack's settings with the example pipeline running (added to our own stack by a
+    second `up`, as a user adds it; at 1% of traces recorded, the issue's condition)."""
+    from eventing.stack.health import http_status
+    from eventing.stack.settings import load_settings
+
+    if own_stack:
+        sluice(args, "up", "--no-generator", "--trace-sampling", str(args.trace_sampling))
+    settings = load_settings(state_dir=args.state_dir, port_offset=args.port_offset,
+                             broker_storage="memory").with_saved()
+    # pipeline_bench's publishers would fail in a thread and leave its poller waiting
+    if http_status(settings.gateway_url + "/healthz") != 200:
+        raise RuntimeError(f"no gateway at {settings.gateway_url}: give --state-dir and "
+                           "--port-offset of a stack running the example pipeline, or let "
+                           "run.py start its own stack")
+    return settings
+
+
 def profile(bench: Bench, args: argparse.Namespace) -> None:
     import pstats
 
@@ -362,10 +449,13 @@ def main() -> int:
     p.add_argument("--state-dir", default="/tmp/sluice-bench-state",
                    help="state of the stack run.py starts (or of yours, for the gateway)")
     p.add_argument("--port-offset", type=int, default=26000)
-    p.add_argument("--only", action="append",
-                   choices=["floor", "quix", "sluice", "sluice-http-batch", "sluice-http",
-                            "gateway", "latency", "profile"],
-                   help="run only these parts (repeatable); default all but profile")
+    p.add_argument("--only", action="append", choices=[*ALL_PARTS, "profile"],
+                   help="run only these parts (repeatable); default all but profile; rows "
+                        "not run show 'not run' in the summary")
+    p.add_argument("--quick", action="store_true",
+                   help="small counts for every part (a smoke test of the whole run, ~5 min; "
+                        "its figures mean nothing): " + ", ".join(
+                            f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     p.add_argument("--profile", action="store_true", help="also cProfile Sluice in process")
     p.add_argument("--what-if", action="store_true",
                    help="also measure latency with the topology's batchSize at 100: the "
@@ -384,31 +474,55 @@ def main() -> int:
     p.add_argument("--gateway-events", type=int, default=10_000)
     p.add_argument("--gateway-batch-events", type=int, default=200_000)
     p.add_argument("--job-timeout", type=float, default=300.0, help="per contender run")
+    p.add_argument("--cold-repeat", type=int, default=3,
+                   help="cold starts per mode (in process, HTTP); the median is reported")
+    p.add_argument("--replica-events", type=int, default=100_000,
+                   help="records through 1, then 2 replicas of the convert function")
+    p.add_argument("--queryable-rate", type=float, default=1000.0,
+                   help="gateway 202 -> real-time row: payments per second")
+    p.add_argument("--queryable-seconds", type=float, default=20.0)
+    p.add_argument("--pipeline-events", type=int, default=50_000,
+                   help="whole fraud pipeline: payments published through the gateway")
+    p.add_argument("--trace-sampling", type=float, default=0.01,
+                   help="share of traces the example pipeline records (the issue: 1%%)")
     p.add_argument("--log-dir", default="/tmp/sluice-bench-logs")
     p.add_argument("--before", help="also run the in-process throughput and latency "
                    "contenders from this checkout of Sluice (e.g. a `git archive` of the "
                    "base commit), side by side in the same run")
     p.add_argument("--json", help="also write all results to this file")
     args = p.parse_args()
-    parts = set(args.only or ["floor", "quix", "sluice", "sluice-http-batch", "sluice-http",
-                              "gateway", "latency"])
+    if args.quick:  # small counts, except where a flag was given explicitly
+        for name, value in QUICK.items():
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
+    parts = set(args.only or ALL_PARTS)
     if args.profile:
         parts.add("profile")
     if bool(args.bootstrap) != bool(args.registry):
         p.error("--bootstrap and --registry go together")
     check_rates()
+    setup_errors: dict[str, str] = {}
     if "quix" in parts and not QUIX_PY.exists():
-        subprocess.run(["bash", str(HERE / "setup_quix.sh")], check=True, timeout=600)
+        try:
+            subprocess.run(["bash", str(HERE / "setup_quix.sh")], check=True, timeout=600)
+        except (subprocess.SubprocessError, OSError) as exc:  # its rows say FAILED
+            setup_errors["quix"] = f"setup_quix.sh: {exc}"
+            parts.discard("quix")
 
     own_stack = not args.bootstrap
+    # SIGTERM (a test's timeout, a CI stop) unwinds like Ctrl-C: `down --purge` still runs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if own_stack:
         sluice(args, "up", "--storage", "memory", "--no-pipeline")
         bootstrap, registry = stack_endpoints(args)
     else:
         bootstrap, registry = args.bootstrap, args.registry
-    report: dict[str, Any] = {"events": args.events, "bootstrap": bootstrap}
+    report: dict[str, Any] = {"events": args.events, "bootstrap": bootstrap,
+                              "quick": args.quick, "parts": sorted(parts)}
+    if setup_errors:
+        report["errors"] = setup_errors
     try:
-        bench = Bench(args, bootstrap, registry)
+        bench = Bench(args, bootstrap, registry, parts)
         py = str(VENV_PY)
         disp = str(HERE / "contenders" / "sluice_dispatch.py")
         jobs = {
@@ -420,6 +534,8 @@ def main() -> int:
                                   args.events, args.repeat)} if args.before else {}),
             "sluice-http-batch": ([py, disp, "--invoke", "http-batch"], args.batch_events, 1),
             "sluice-http": ([py, disp, "--invoke", "http"], args.http_events, 1),
+            "ff-baseline": ([py, str(HERE / "contenders" / "ff_baseline.py")],
+                            args.http_events, 1),
         }
         jobs = {k: v for k, v in jobs.items()
                 if k in parts or (k == "sluice-before" and "sluice" in parts)}
@@ -430,7 +546,9 @@ def main() -> int:
                 if rep >= repeat:
                     continue
                 print(f"run {rep + 1}: {name} ({n:,} events) ...", flush=True)
-                r = bench.run_job(name, argv, n)
+                r = attempt(report, name, bench.run_job, name, argv, n)
+                if r is None:
+                    continue
                 runs[name].append(r)
                 print(f"  {r['events'] / r['seconds']:,.0f} ev/s, "
                       f"{r['cpu_s'] / r['events'] * 1e6:.1f} CPU us/ev, "
@@ -446,10 +564,13 @@ def main() -> int:
             floors = {}
             for linger in (float(x) for x in args.relay_lingers.split(",") if x.strip()):
                 print(f"  floor relays, linger.ms {linger:g} ...", flush=True)
-                floors[linger] = latency(bench, args, relay_linger_ms=linger)
+                got = attempt(report, "latency", latency, bench, args, relay_linger_ms=linger)
+                if got is not None:
+                    floors[linger] = got
             report["latency_floor"] = floors
             print("  sluice ...", flush=True)
-            report["latency"] = latency(bench, args)
+            if (got := attempt(report, "latency", latency, bench, args)) is not None:
+                report["latency"] = got
             if args.before:
                 print(f"  sluice from {args.before} (before) ...", flush=True)
                 report["latency_before"] = {**latency(bench, args, extra=(
@@ -461,6 +582,40 @@ def main() -> int:
             if args.what_if:
                 print("  what-if: batchSize 100 ...", flush=True)
                 report["latency_batch100"] = latency(bench, args, batch_size=100)
+        if report.get("latency_floor"):
+            complete = [r for r in report["latency_floor"].values()
+                        if r["received"] == r["events"]] or list(report["latency_floor"].values())
+            report["latency_floor_best"] = min(complete, key=lambda r: r["p99_ms"])
+        if "cold-start" in parts:
+            print(f"cold start, {args.cold_repeat} per mode ...", flush=True)
+            if (got := attempt(report, "cold-start", cold, bench, args)) is not None:
+                report["cold_start"] = got
+                print("  " + ", ".join(f"{m}: {got[m]}" for m in cold_start.MODES), flush=True)
+        if "replicas" in parts:
+            print("scale out: 1 vs 2 replicas ...", flush=True)
+            if (got := attempt(report, "replicas", replicas, bench, args)) is not None:
+                report["replicas"] = got
+        if {"queryable", "pipeline"} & parts:
+            print(f"adding the example pipeline (traces {args.trace_sampling:g}) ...",
+                  flush=True)
+            settings = attempt(report, "queryable", pipeline_settings, args, own_stack)
+            if settings is None:
+                report["errors"]["pipeline"] = report["errors"]["queryable"]
+            if settings is not None and "queryable" in parts:
+                print(f"gateway 202 -> queryable at {args.queryable_rate:g}/s for "
+                      f"{args.queryable_seconds:g}s ...", flush=True)
+                got = attempt(report, "queryable", pipeline_bench.latency,
+                              settings, args.queryable_rate, args.queryable_seconds)
+                if got is not None:
+                    report["queryable"] = got
+                    print("  ", got, flush=True)
+            if settings is not None and "pipeline" in parts:
+                print(f"whole pipeline: {args.pipeline_events:,} payments ...", flush=True)
+                got = attempt(report, "pipeline", pipeline_bench.throughput,
+                              settings, args.pipeline_events)
+                if got is not None:
+                    report["pipeline"] = got
+                    print("  ", got, flush=True)
 
         print(f"\nThe job on {bootstrap}: Avro payments, 4 partitions, ~5% dropped; "
               f"median of runs; ratios against the floor of this run")
@@ -486,10 +641,7 @@ def main() -> int:
                       f"p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  "
                       f"p99.9 {r['p999_ms']:.1f} ms  relays CPU "
                       f"{r['functions_cpu_s'] / r['events'] * 1e6:.0f} us/event (both)")
-            complete = [r for r in report["latency_floor"].values()
-                        if r["received"] == r["events"]] or list(report["latency_floor"].values())
-            best = min(complete, key=lambda r: r["p99_ms"])
-            report["latency_floor_best"] = best
+            best = report["latency_floor_best"]
             if "latency" in report:
                 lat = report["latency"]
                 print(f"  Sluice / best floor (linger {best['relay_linger_ms']:g}): p50 "
@@ -520,6 +672,12 @@ def main() -> int:
                        if "batch" in cycle else ""))
         if "profile" in parts:
             profile(bench, args)
+        table = summary.rows(report)
+        report["summary"] = [row.as_dict() for row in table]
+        print(f"\nSummary: the issue's figures table (this run; load average "
+              f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end; "
+              f"{'QUICK counts: not figures' if args.quick else 'default counts'})")
+        print(summary.table(table))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2, default=str))
     finally:

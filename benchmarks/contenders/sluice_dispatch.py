@@ -101,9 +101,10 @@ def start_server(function: topo.Function, args, tmp: Path) -> tuple[subprocess.P
     log = (tmp / "server.log").open("w")
     proc = subprocess.Popen(argv, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90  # a loaded 2-core machine took > 30 s to start it
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)  # its own session: nothing else would stop it
             raise SystemExit(f"function server did not start: {(tmp / 'server.log').read_text()}")
         try:
             # An empty batch makes the worker build its serde and Kafka producer now,
