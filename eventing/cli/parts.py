@@ -122,6 +122,7 @@ def sink_lake(edge: Edge) -> int:
     from dataclasses import replace
 
     from eventing.serde import AvroSerde
+    from eventing.stack import objectstore
     from eventing.tables.lake import LakeSink, LakeSinkConfig, serve_metrics
     from eventing.tables.lakehouse import table_name_for_topic
     from eventing.tables.maintenance import MaintenancePolicy
@@ -155,6 +156,9 @@ def sink_lake(edge: Edge) -> int:
         a.bootstrap or s.bootstrap, serde) for table in tables]
     if a.metrics_port:
         serve_metrics(sinks, a.metrics_host or s.host, a.metrics_port)
+    if lake.catalog_uri == s.iceberg_url and (s.state_dir / "data" / objectstore.NAME).is_dir():
+        # The local stack's SeaweedFS: this long-lived writer also bounds its filer log.
+        objectstore.FilerLogJanitor(s, stop).start()
     failed: list[str] = []
 
     def run_one(sink: LakeSink) -> None:

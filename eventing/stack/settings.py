@@ -115,6 +115,14 @@ class StackSettings:
     # Processes per function in one consumer group, where `--replicas NAME=N` overrides the
     # topology's `scale.min` (at least 1): see `pipeline.replica_count`.
     replicas: tuple[tuple[str, int], ...] = ()
+    # SeaweedFS bounds (eventing/stack/objectstore.py says why): its filer's metadata log
+    # is kept this long, and Go's soft memory limit for `weed mini` (GOMEMLIMIT, bytes).
+    filer_log_keep_s: float = 600.0
+    objectstore_memory_limit: int = 512 << 20
+    # Prometheus keeps this much (its defaults: 15 days, no size bound): what a local
+    # stack's dashboards and alerts look at, not an archive.
+    metrics_retention: str = "2d"
+    metrics_max_size: str = "512MB"
 
     @property
     def bootstrap(self) -> str:
