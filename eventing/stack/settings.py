@@ -117,7 +117,7 @@ class StackSettings:
     replicas: tuple[tuple[str, int], ...] = ()
     # SeaweedFS bounds (eventing/stack/objectstore.py says why): its filer's metadata log
     # is kept this long, and Go's soft memory limit for `weed mini` (GOMEMLIMIT, bytes).
-    filer_log_keep_s: float = 600.0
+    filer_log_keep_s: float = 300.0
     objectstore_memory_limit: int = 512 << 20
     # Prometheus keeps this much (its defaults: 15 days, no size bound): what a local
     # stack's dashboards and alerts look at, not an archive.
