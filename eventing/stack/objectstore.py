@@ -15,9 +15,10 @@ What grows, and its bound (measured with `benchmarks/soak.py`, see the README):
   object written or deleted, with its attributes) to files under `/topics/.system/log/
   <day>/<HH-MM>.<filer id>`, one per minute, and never deletes them; SeaweedFS's own
   `fs.log.purge` works in whole days. Under the example pipeline that log grew faster
-  than the lake itself (~4 MiB/min against ~2.5). `purge_filer_log` deletes the minute
-  files older than `StackSettings.filer_log_keep_s` (nothing here replays it: it serves
-  `filer.sync` and metadata subscribers that fell behind the filer's memory buffer), and
+  than the lake itself (~4-5 MiB/min against the bucket's ~1.9). `purge_filer_log`
+  deletes the minute files older than `StackSettings.filer_log_keep_s` (nothing here
+  replays it: it serves `filer.sync` and metadata subscribers that fell behind the
+  filer's memory buffer), and
   `FilerLogJanitor` runs it periodically (the lake sink process runs one: the stack's
   long-lived writer of the store).
 - **Deleted objects' space.** A volume keeps deleted needles until it is vacuumed (when
