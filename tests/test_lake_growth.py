@@ -54,6 +54,28 @@ def test_object_store_part_gets_its_bounds_from_the_settings(tmp_path):
     assert f"-master.vacuumIntervalSeconds={objectstore.VACUUM_INTERVAL_S}" in spec.argv
 
 
+def test_janitor_purges_periodically_and_survives_a_failing_store(tmp_path, monkeypatch):
+    import threading
+
+    calls: list[float] = []
+
+    def purge(settings: object, keep_s: float) -> int:
+        calls.append(keep_s)
+        if len(calls) == 1:
+            raise OSError("object store restarting")  # logged, retried next round
+        return 2
+
+    monkeypatch.setattr(objectstore, "purge_filer_log", purge)
+    settings = load_settings(state_dir=tmp_path / "state", port_offset=22800)
+    stop = threading.Event()
+    janitor = objectstore.FilerLogJanitor(settings, stop, every_s=0.01).start()
+    wait_until(lambda: janitor.purged >= 4, 10, "two successful purges after a failure")
+    stop.set()
+    janitor._thread.join(5)
+    assert not janitor._thread.is_alive()
+    assert set(calls) == {settings.filer_log_keep_s}
+
+
 def test_prometheus_is_started_with_a_retention_bound(tmp_path):
     from dataclasses import replace
 
