@@ -338,6 +338,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def supervise(edge: Edge) -> int:
     """The stack's supervisor (foreground): restart parts that exit (`sluice up` runs it)."""
+    from eventing.stack import objectstore
     from eventing.stack.supervisor import Stack
     from eventing.stack.watchdog import serve_metrics
 
@@ -345,6 +346,9 @@ def supervise(edge: Edge) -> int:
     s = edge.settings
     sup = Stack(s).supervise()
     serve_metrics(sup, s.host, s.ports.supervisor)
+    if (s.state_dir / "data" / objectstore.NAME).is_dir():
+        # SeaweedFS never deletes its filer's metadata log: the stack's keeper bounds it.
+        objectstore.FilerLogJanitor(s, stop).start()
     sup.run(stop)
     return 0
 

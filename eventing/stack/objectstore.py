@@ -8,12 +8,38 @@ it is bound to a signing key: `security.toml` in the part's working folder (wher
 `weed` looks first) sets `jwt.filer_signing` and `jwt.filer_signing.read` to a random
 key kept in the state folder (mode 0600), and an unsigned request is answered 401.
 S3 (SigV4) and the Iceberg catalog (OAuth2) are the ways in; the health check uses S3.
+
+What grows, and its bound (measured with `benchmarks/soak.py`, see the README):
+
+- **The filer's metadata change log.** The filer appends every metadata event (each
+  object written or deleted, with its attributes) to files under `/topics/.system/log/
+  <day>/<HH-MM>.<filer id>`, one per minute, and never deletes them; SeaweedFS's own
+  `fs.log.purge` works in whole days. Under the example pipeline that log grew faster
+  than the lake itself (~4-5 MiB/min against the bucket's ~1.9). `purge_filer_log`
+  deletes the minute files older than `StackSettings.filer_log_keep_s` (nothing here
+  replays it: it serves `filer.sync` and metadata subscribers that fell behind the
+  filer's memory buffer), and
+  `FilerLogJanitor` runs it periodically (in the supervisor, `sluice supervise`: the
+  stack's keeper, running as long as the store does).
+- **Deleted objects' space.** A volume keeps deleted needles until it is vacuumed (when
+  over 30% garbage); the master checks every `-master.vacuumIntervalSeconds` (840 s by
+  default), set to `VACUUM_INTERVAL_S` so deleted lake files and purged logs give their
+  disk back within minutes.
+- **Go's heap.** `weed mini` holds ~260 MiB of live heap idle; with Go's default GC
+  (GOGC=100) its resident size followed the heap's peaks upward (+19 MiB/min). A soft
+  `GOMEMLIMIT` (`StackSettings.objectstore_memory_limit`) makes the GC collect and give
+  memory back before the limit instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import subprocess
+import threading
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from eventing.stack import binaries
@@ -22,6 +48,10 @@ from eventing.stack.process import PartSpec
 from eventing.stack.settings import StackSettings
 
 NAME = "objectstore"
+FILER_LOG_DIR = "/topics/.system/log"
+VACUUM_INTERVAL_S = 300
+
+log = logging.getLogger("sluice.objectstore")
 
 
 def write_security(data_dir: Path) -> Path:
@@ -72,9 +102,11 @@ def spec(settings: StackSettings) -> PartSpec:
         f"-s3.port.iceberg={p.iceberg}",
         f"-metricsPort={p.weed_metrics}", f"-debug.port={p.weed_debug}",
         f"-admin.port={p.weed_admin}", f"-admin.port.grpc={p.weed_admin_grpc}",
+        f"-master.vacuumIntervalSeconds={VACUUM_INTERVAL_S}",
     ]
     env = {
         **binaries.base_env(),
+        "GOMEMLIMIT": str(settings.objectstore_memory_limit),
         "AWS_ACCESS_KEY_ID": creds.access_key,
         "AWS_SECRET_ACCESS_KEY": creds.secret_key,
     }
@@ -102,3 +134,106 @@ def spec(settings: StackSettings) -> PartSpec:
                p.weed_volume_grpc, p.weed_filer, p.weed_filer_grpc, p.weed_s3_grpc,
                p.weed_metrics, p.weed_debug, p.weed_admin, p.weed_admin_grpc],
     )
+
+
+# --------------------------------------------------------------------------- filer log
+
+
+def shell(settings: StackSettings, commands: list[str], timeout: float = 60.0) -> str:
+    """Run `weed shell` commands against this stack's SeaweedFS; return their output.
+
+    It runs in the part's folder, where `security.toml` is, and speaks gRPC to the
+    master and filer (the filer's HTTP API would need a signed token per request).
+    """
+    p = settings.ports
+    data_dir = settings.state_dir / "data" / NAME
+    proc = subprocess.run(
+        [binaries.weed(), "shell", f"-master={settings.host}:{p.weed_master}.{p.weed_master_grpc}",
+         f"-filer={settings.host}:{p.weed_filer}.{p.weed_filer_grpc}"],
+        input="\n".join(commands) + "\n", capture_output=True, text=True, timeout=timeout,
+        cwd=data_dir, env=binaries.base_env())
+    return proc.stdout + proc.stderr
+
+
+def _listed(output: str) -> list[str]:
+    """The full paths in `fs.ls -l` output (`-rw-r--r--  1 root root 123 /path`)."""
+    return [line.split()[-1] for line in output.splitlines()
+            if line[:1] in ("-", "d") and line.split()[-1].startswith("/")]
+
+
+def log_file_minute(path: str) -> datetime | None:
+    """The minute (UTC) a filer log file covers, from `<log dir>/<YYYY-MM-DD>/<HH-MM>.<id>`."""
+    day, _, name = path.removeprefix(FILER_LOG_DIR + "/").partition("/")
+    try:
+        return datetime.strptime(f"{day} {name.split('.', 1)[0]}", "%Y-%m-%d %H-%M").replace(
+            tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def stale_log_files(paths: list[str], keep_s: float, now: float) -> list[str]:
+    """The log files whose whole minute ended more than `keep_s` before `now`."""
+    stale = []
+    for path in paths:
+        minute = log_file_minute(path)
+        if minute is not None and minute.timestamp() + 60 < now - keep_s:
+            stale.append(path)
+    return stale
+
+
+def purge_filer_log(settings: StackSettings, keep_s: float, now: float | None = None) -> int:
+    """Delete the filer's metadata log files older than `keep_s`; return how many.
+
+    Day folders left empty are removed too. The current minute's file (still appended
+    to) is never older than `keep_s`, so the filer's own writes never race this.
+    """
+    now = time.time() if now is None else now
+    days = [d for d in _listed(shell(settings, [f"fs.ls -l {FILER_LOG_DIR}"]))
+            if d.rsplit("/", 1)[-1][:4].isdigit()]
+    if not days:
+        return 0
+    files = _listed(shell(settings, [f"fs.ls -l {d}" for d in days]))
+    stale = stale_log_files(files, keep_s, now)
+    emptied = [d for d in days if not any(f.startswith(d + "/") and f not in stale
+                                          for f in files)]
+    gone = set(stale)
+    commands = [f"fs.rm {f}" for f in stale if not any(f.startswith(d + "/") for d in emptied)]
+    commands += [f"fs.rm -r {d}" for d in emptied]
+    # Day folders whose every file is stale go at once; the rest file by file, in
+    # batches (one shell per batch: starting `weed shell` costs ~0.2 s of CPU).
+    for i in range(0, len(commands), 200):
+        shell(settings, commands[i:i + 200])
+    return len(gone)
+
+
+class FilerLogJanitor:
+    """Calls `purge_filer_log` every `every_s` seconds in a daemon thread until `stop`.
+
+    Failures are logged and retried at the next round: an object store that is down or
+    restarting is the supervisor's business, not a reason to stop the lake sink.
+    """
+
+    def __init__(self, settings: StackSettings, stop: threading.Event,
+                 every_s: float | None = None) -> None:
+        self.settings = settings
+        self.keep_s = settings.filer_log_keep_s
+        self.every_s = every_s if every_s is not None else max(60.0, self.keep_s / 2)
+        self.stop = stop
+        self.purged = 0
+        self._thread = threading.Thread(target=self._loop, name="filer-log-janitor",
+                                        daemon=True)
+
+    def start(self) -> FilerLogJanitor:
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every_s):
+            try:
+                n = purge_filer_log(self.settings, self.keep_s)
+            except Exception:
+                log.warning("purging the object store's filer log failed", exc_info=True)
+                continue
+            self.purged += n
+            if n:
+                log.info("purged %d filer log files older than %.0fs", n, self.keep_s)

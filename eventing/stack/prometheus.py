@@ -83,6 +83,8 @@ def spec(settings: StackSettings) -> PartSpec:
             binaries.prometheus(),
             f"--config.file={config}",
             f"--storage.tsdb.path={tsdb}",
+            f"--storage.tsdb.retention.time={settings.metrics_retention}",
+            f"--storage.tsdb.retention.size={settings.metrics_max_size}",
             f"--web.listen-address={settings.host}:{settings.ports.prometheus}",
             "--enable-feature=exemplar-storage",  # latency buckets link to traces
         ],

@@ -154,6 +154,15 @@ class StackSettings:
     liveness: Liveness = field(default_factory=Liveness)
     log_rotation: LogRotation = field(default_factory=LogRotation)
 
+    # SeaweedFS bounds (eventing/stack/objectstore.py says why): its filer's metadata log
+    # is kept this long, and Go's soft memory limit for `weed mini` (GOMEMLIMIT, bytes).
+    filer_log_keep_s: float = 300.0
+    objectstore_memory_limit: int = 512 << 20
+    # Prometheus keeps this much (its defaults: 15 days, no size bound): what a local
+    # stack's dashboards and alerts look at, not an archive.
+    metrics_retention: str = "2d"
+    metrics_max_size: str = "512MB"
+
     @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.ports.broker}"

@@ -45,6 +45,8 @@ import pyarrow as pa
 
 from eventing.tables import dedupe
 from eventing.tables.maintenance import (
+    KEEP_REPORTS,
+    TABLE_PROPERTIES,
     MaintenancePolicy,
     MaintenanceReport,
     MaintenanceThread,
@@ -183,8 +185,7 @@ def open_table(cat: Catalog, identifier: str, avro: dict[str, Any], time_field: 
                                         f"{time_field}_{partition_by}"))
     table = cat.create_table_if_not_exists(
         identifier, schema=schema, partition_spec=spec,
-        properties={"write.parquet.compression-codec": "zstd",
-                    "commit.retry.num-retries": "0"},
+        properties={"write.parquet.compression-codec": "zstd", **TABLE_PROPERTIES},
     )
     prepare_table(table)
     return table
@@ -510,7 +511,14 @@ class SinkStats:
     kafka_commit_errors: int = 0
     # (seconds of the whole flush, of the catalog commit alone), newest last
     latencies: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=10_000))
-    maintenance: list[MaintenanceReport] = field(default_factory=list)
+    # the newest maintenance reports; `maintenance_runs` counts them all
+    maintenance: deque[MaintenanceReport] = field(
+        default_factory=lambda: deque(maxlen=KEEP_REPORTS))
+    maintenance_runs: int = 0
+
+    def add_report(self, report: MaintenanceReport) -> None:
+        self.maintenance.append(report)
+        self.maintenance_runs += 1
 
     def as_dict(self) -> dict[str, Any]:
         flush = sorted(x[0] for x in self.latencies)
@@ -524,7 +532,7 @@ class SinkStats:
             "commit_conflicts": self.commit_conflicts,
             "flush_p50_ms": _pct(flush, 50), "flush_p99_ms": _pct(flush, 99),
             "commit_p50_ms": _pct(commit, 50), "commit_p99_ms": _pct(commit, 99),
-            "maintenance_runs": len(self.maintenance),
+            "maintenance_runs": self.maintenance_runs,
         }
 
 
@@ -575,7 +583,7 @@ class LakeSink:
             self._maintenance = MaintenanceThread(
                 lambda: lakehouse.catalog(lake).load_table(self.identifier),
                 lakehouse.s3_filesystem(lake), config.maintenance,
-                on_report=self.stats.maintenance.append, commit_lock=self.writer.commit_lock)
+                on_report=self.stats.add_report, commit_lock=self.writer.commit_lock)
 
     # -- Kafka callbacks
 
@@ -869,7 +877,7 @@ def serve_metrics(sinks: LakeSink | Sequence[LakeSink], host: str, port: int) ->
             for name, attr, help_ in counters:
                 fam = CounterMetricFamily(name, help_, labels=["table"])
                 for table, s in stats:
-                    value = len(s.maintenance) if attr == "maintenance_runs" else getattr(s, attr)
+                    value = getattr(s, attr)
                     fam.add_metric([table], value)
                 yield fam
             fam = CounterMetricFamily(
