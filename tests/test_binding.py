@@ -593,3 +593,61 @@ def test_round_trip_through_a_real_broker(stack):
     assert got[2]["type"] == "dev.knative.kafka.event"
     assert got[2]["id"] == "partition:0/offset:2"
     assert got[2]["kafkaheaderorigin"] == "legacy" and got[2]["key"] == "pk"
+
+
+class _Message:
+    """The parts of `confluent_kafka.Message` `from_message` may read."""
+
+    def __init__(self, key: bytes | None, value: bytes | None,
+                 headers: list[tuple[str, bytes | None]] | None) -> None:
+        self._key, self._value, self._headers = key, value, headers
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> list[tuple[str, bytes | None]] | None:
+        return self._headers
+
+    def topic(self) -> str:
+        return "payments.raw"
+
+    def partition(self) -> int:
+        return 3
+
+    def offset(self) -> int:
+        return 41
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1764150000000)
+
+
+_BINARY = [("ce_specversion", b"1.0"), ("ce_id", b"p-1"), ("ce_source", b"/shop"),
+           ("ce_type", b"com.sluice.payment.created"), ("content-type", b"application/avro")]
+
+
+@pytest.mark.parametrize("key,value,headers", [
+    (b"card-1", b"\x00\x00\x00\x00\x01abc", _BINARY),                          # binary, key
+    (None, b"v", [*_BINARY, ("ce_partitionkey", b"card-2")]),                  # own key
+    (b"k", b"v", [h for h in _BINARY if h[0] != "ce_id"]),                     # invalid
+    (b"k", b"v", [*_BINARY[:1], ("ce_id", None), *_BINARY[2:]]),               # None header
+    (b"k", b"v", [*_BINARY[:1], ("ce_id", b"\xff"), *_BINARY[2:]]),            # not UTF-8
+    (b"k", b"v", [("x-trace", b"1")]),                                         # not a CE
+    (None, b"v", None),                                                        # no headers
+    (b"k", orjson.dumps({"specversion": "1.0", "id": "s-1", "source": "/s", "type": "t",
+                         "data": {"a": 1}}),
+     [("content-type", b"application/cloudevents+json")]),                     # structured
+    (b"k", b"v", [*_BINARY[:4], ("content-type", b"application/cloudevents+json")]),
+])
+def test_from_message_is_what_from_record_makes_of_the_same_record(key, value, headers):
+    """The dispatcher's fast path must deliver exactly the event the general decoder does,
+    binary records and every fallback (invalid, not a CloudEvent, structured) alike."""
+    msg = _Message(key, value, headers)
+    fast = ce_kafka.from_message(msg, source_name="fn")
+    slow = ce_kafka.from_record(key, value, headers, topic="payments.raw", partition=3,
+                                offset=41, timestamp_ms=1764150000000, source_name="fn",
+                                wrap_invalid=True, validate=False)
+    assert fast._get_attributes() == slow._get_attributes()
+    assert fast.data == slow.data

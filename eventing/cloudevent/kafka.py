@@ -306,6 +306,44 @@ def from_record(
     return event
 
 
+def from_message(msg: Any, *, source_name: str = "sluice") -> CloudEvent:
+    """`from_record(..., wrap_invalid=True, validate=False)` of a consumed `Message`.
+
+    The dispatcher's per-record path: a binary-mode record with the required attributes
+    is read from its headers, value and key alone (three calls on the message, no
+    keyword packing); anything else (structured mode, a non-CloudEvent record, a bad
+    header) takes `from_record` with the record's topic, partition, offset and
+    timestamp, so the result is the same event either way (the tests compare them).
+    """
+    headers = msg.headers()
+    if headers:
+        attrs: dict[str, Any] = {}
+        names = _kafka_names
+        try:
+            for name, raw in headers:
+                attr = names.get(name)
+                if attr is None:
+                    attr = _classify_kafka_header(name)
+                if attr:
+                    attrs[attr] = raw.decode()
+        except (AttributeError, UnicodeDecodeError):
+            attrs = {}
+        content_type = attrs.get("datacontenttype")
+        if (attrs.get("specversion") == SPECVERSION and attrs.get("id") and attrs.get("source")
+                and attrs.get("type") and (content_type is None or content_type[:23].lower()
+                                           != "application/cloudevents")):
+            if "partitionkey" not in attrs:
+                key = msg.key()
+                if key:
+                    attrs["partitionkey"] = key.decode("utf-8", "replace")
+            return make_event(attrs, msg.value())
+    ts_type, ts = msg.timestamp()
+    return from_record(
+        msg.key(), msg.value(), headers, topic=msg.topic(), partition=msg.partition(),
+        offset=msg.offset(), timestamp_ms=ts if ts_type else None, source_name=source_name,
+        wrap_invalid=True, validate=False)
+
+
 # Kafka header name -> attribute name ("" = not an attribute). `content-type` maps to
 # `datacontenttype` (binding 3.2.1); a `ce_datacontenttype` header is ignored.
 _kafka_names: dict[str, str] = {}

@@ -116,7 +116,14 @@ class FunctionHost:
     def decode_data(self, event: CloudEvent) -> None:
         """Replace the event's bytes with the value the function reads (`serde.decode_data`)."""
         data = event.data
-        if isinstance(data, bytes | bytearray):
+        if type(data) is bytes:
+            content_type = event._get_attributes().get("datacontenttype")
+            if content_type == AVRO_CONTENT_TYPE and self.serde is not None:
+                # What the gateway writes: straight to the serde (the rule's first case).
+                event.data = self.serde.decode(data)
+            else:
+                event.data = decode_data(content_type, data, self.serde)  # type: ignore[arg-type]
+        elif isinstance(data, bytearray):
             event.data = decode_data(event._get_attributes().get("datacontenttype"), data,
                                      self.serde)  # type: ignore[arg-type]
 
