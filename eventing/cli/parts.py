@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from eventing.cli.edge import (
+    LOG_FORMAT,
     LOG_LEVELS,
     CommandFailed,
     Edge,
@@ -26,6 +28,7 @@ REALTIME = "eventing.tables.realtime:RealtimeSettings"
 LAKE_SINK = "eventing.tables.lake:LakeSinkConfig"
 MAINTENANCE = "eventing.tables.maintenance:MaintenancePolicy"
 RETENTION = "eventing.telemetry.traces:RetentionPolicy"
+BROKER_RETENTION = "eventing.stack.retention:RetentionSettings"
 
 
 def registry(edge: Edge) -> int:
@@ -111,6 +114,27 @@ def tracestore(edge: Edge) -> int:
         store.close()
     print(f"stored {receiver.spans} spans from {receiver.requests} requests; "
           f"{receiver.rejected} rejected; {store.deleted} traces deleted by retention")
+    return 0
+
+
+def retention(edge: Edge) -> int:
+    """Trim the s3 broker's topics (eventing.stack.retention) until SIGINT/SIGTERM, or once."""
+    from eventing.stack import retention as ret
+
+    a, s = edge.args, edge.settings
+    topology = edge.topology()
+    settings = ret.RetentionSettings(**edge.given(
+        interval_s="interval", min_age_s="min_age", orphan_age_s="orphan_age"))
+    if a.once:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        done = ret.build(s, topology, settings).run_once()
+        print(f"trimmed {done.total} objects: " + ", ".join(
+            f"{t} {n}" for t, n in sorted(done.objects.items())))
+        return 0
+    stop = edge.foreground("sluice-retention")
+    loop = ret.build(s, topology, settings)
+    loop.run(stop)
+    print(f"{loop.passes} passes, {loop.trimmed.total} objects trimmed")
     return 0
 
 
@@ -268,6 +292,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                   default_of=f"{RETENTION}.every_s", help="how often retention runs (seconds)")
     p.add_argument("--topology", help="topology whose `traceIds` are indexed "
                    "(default functions/topology.yaml)")
+
+    p = add_command(sub, "retention", retention, help="trim the broker's topics on s3 "
+                    "storage: batches every reader is done with, superseded changelog "
+                    "batches (foreground; `sluice up --storage s3` runs it)",
+                    example="sluice retention --once\nsluice retention --min-age 10m")
+    p.add_argument("--topology", help="topology whose readers hold retention "
+                   "(default functions/topology.yaml)")
+    p.add_argument("--once", action="store_true", help="one pass, print what it trimmed")
+    settings_flag(p, "--interval", type=duration_arg, metavar="AGE",
+                  default_of=f"{BROKER_RETENTION}.interval_s", help="time between passes")
+    settings_flag(p, "--min-age", type=duration_arg, metavar="AGE",
+                  default_of=f"{BROKER_RETENTION}.min_age_s",
+                  help="keep at least this much of every topic (replay, tail reach back)")
+    settings_flag(p, "--orphan-age", type=duration_arg, metavar="AGE",
+                  default_of=f"{BROKER_RETENTION}.orphan_age_s",
+                  help="trim topics no declared group reads (dead letters) past this age "
+                  "(default: keep them)")
 
     sink = add_command(sub, "sink", _no_sink, help="run a table sink (foreground)",
                     example="sluice sink lake --topic payments.scored")
