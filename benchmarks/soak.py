@@ -17,8 +17,8 @@ RSS is the part's process and its children (from /proc); disk is the part's data
 `--storage s3` runs the broker on the object store (with the retention part `up` adds);
 each sample then also counts the broker's objects and bytes in its bucket (`broker-s3`),
 since the object store's folder holds the lake too. Whether the pipeline keeps up is
-read from the consumer groups: events the gateway accepted against records the lake sink
-committed for the scored-payments table (`keepup` lines, and `pipeline` in the report).
+read from the metrics: events the gateway accepted against records the lake sink consumed
+for the scored-payments table (`keepup` lines, and `pipeline` in the report).
 """
 
 from __future__ import annotations
@@ -96,8 +96,9 @@ def disk_bytes(folder: Path) -> int:
     return total
 
 
-def metric_sum(url: str, name: str) -> float | None:
-    """Sum of a Prometheus metric's samples at `url`, or None when it does not answer."""
+def metric_sum(url: str, name: str, label: str = "") -> float | None:
+    """Sum of a Prometheus metric's samples at `url` whose labels contain `label`, or
+    None when it does not answer."""
     import httpx
 
     try:
@@ -105,20 +106,8 @@ def metric_sum(url: str, name: str) -> float | None:
     except httpx.HTTPError:
         return None
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
-
-
-def committed_sum(bootstrap: str, group: str) -> int | None:
-    """Sum over partitions of a group's committed offsets (records it is done with)."""
-    from confluent_kafka import ConsumerGroupTopicPartitions
-    from confluent_kafka.admin import AdminClient
-
-    try:
-        fut = AdminClient({"bootstrap.servers": bootstrap}).list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group)], request_timeout=10)[group]
-        return sum(tp.offset for tp in fut.result().topic_partitions if tp.offset >= 0)
-    except Exception:  # noqa: BLE001 - a figure missing from one sample
-        return None
+               if (line.startswith(name + "{") or line.startswith(name + " "))
+               and label in line)
 
 
 def broker_objects(state_dir: Path) -> tuple[int, int]:
@@ -225,8 +214,9 @@ def main() -> int:
                   + f"  traces.db* {store_mib:.1f} MiB", flush=True)
             ports = Ports().shifted(args.port_offset)
             accepted = metric_sum(f"http://127.0.0.1:{ports.gateway}/metrics",
-                                  "sluice_gateway_events_total")
-            landed = committed_sum(f"127.0.0.1:{ports.broker}", "sluice-lake-payments_scored")
+                                  "sluice_gateway_events_total", 'outcome="accepted"')
+            landed = metric_sum(f"http://127.0.0.1:{ports.lake_metrics}/metrics",
+                                "sluice_lake_records_consumed_total", "payments_scored")
             keepup.append({"minutes": now_min, "accepted": accepted, "landed": landed})
             line = f"  keepup: accepted {accepted} landed {landed}"
             if args.storage == "s3":

@@ -171,26 +171,107 @@ def superseded(batches: list[Batch], keys: dict[int, bytes | None]) -> list[Batc
     return out
 
 
-class ObjectLog:
-    """The broker's batch objects on S3 (list, delete), through pyarrow's S3 filesystem."""
+class S3:
+    """The few S3 calls retention needs (ListObjectsV2, DeleteObject), signed with SigV4.
 
-    def __init__(self, fs: Any, bucket: str, cluster: str = CLUSTER) -> None:
-        self.fs = fs
-        self.root = f"{bucket}/clusters/{cluster}/topics"
+    Not pyarrow's S3FileSystem, which the lake uses: its `delete_file` re-creates the
+    parent "directory" as an empty `records/` marker object, and Tansu's fetch parses
+    every key under the prefix as a 20-digit offset and panics on it (measured:
+    "end byte index 20 is out of bounds of `records`", dynostore.rs:1069, and every
+    fetch of that partition then closes the connection).
+    """
+
+    def __init__(self, endpoint: str, access_key: str, secret_key: str,
+                 region: str = "us-east-1") -> None:
+        import httpx
+
+        self.endpoint = endpoint.rstrip("/")
+        self.access_key, self._secret, self.region = access_key, secret_key, region
+        self.http = httpx.Client(timeout=30.0)
+
+    def _headers(self, method: str, path: str, query: str) -> dict[str, str]:
+        import datetime
+        import hashlib
+        import hmac
+        from urllib.parse import quote, urlsplit
+
+        now = datetime.datetime.now(datetime.UTC)
+        amz, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+        empty = hashlib.sha256(b"").hexdigest()
+        headers = {"host": urlsplit(self.endpoint).netloc, "x-amz-content-sha256": empty,
+                   "x-amz-date": amz}
+        signed = ";".join(sorted(headers))
+        canonical = "\n".join([method, quote(path), query,
+                               "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)),
+                               signed, empty])
+        scope = f"{day}/{self.region}/s3/aws4_request"
+        to_sign = "\n".join(["AWS4-HMAC-SHA256", amz, scope,
+                             hashlib.sha256(canonical.encode()).hexdigest()])
+        key = ("AWS4" + self._secret).encode()
+        for part in (day, self.region, "s3", "aws4_request"):
+            key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+        signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+        headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
+                                    f"SignedHeaders={signed}, Signature={signature}")
+        return headers
+
+    def list(self, bucket: str, prefix: str) -> list[tuple[str, float, int]]:
+        """(key, last modified epoch s, size) of every object under `prefix`."""
+        import datetime
+        import xml.etree.ElementTree as ET
+        from urllib.parse import quote
+
+        out: list[tuple[str, float, int]] = []
+        token: str | None = None
+        while True:
+            params = {"list-type": "2", "prefix": prefix}
+            if token:
+                params["continuation-token"] = token
+            query = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
+                             for k, v in sorted(params.items()))
+            path = f"/{bucket}"
+            r = self.http.get(f"{self.endpoint}{path}?{query}",
+                              headers=self._headers("GET", path, query))
+            r.raise_for_status()
+            root = ET.fromstring(r.content)
+            ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+            for c in root.iter(f"{ns}Contents"):
+                when = datetime.datetime.fromisoformat(
+                    (c.findtext(f"{ns}LastModified") or "").replace("Z", "+00:00"))
+                out.append((c.findtext(f"{ns}Key") or "", when.timestamp(),
+                            int(c.findtext(f"{ns}Size") or 0)))
+            token = root.findtext(f"{ns}NextContinuationToken")
+            if root.findtext(f"{ns}IsTruncated") != "true" or not token:
+                return out
+
+    def delete(self, bucket: str, key: str) -> None:
+        path = f"/{bucket}/{key}"
+        r = self.http.delete(f"{self.endpoint}{path}", headers=self._headers("DELETE", path, ""))
+        if r.status_code not in (200, 204, 404):
+            r.raise_for_status()
+
+
+class ObjectLog:
+    """The broker's batch objects of one bucket (list, delete)."""
+
+    def __init__(self, s3: S3, bucket: str, cluster: str = CLUSTER) -> None:
+        self.s3 = s3
+        self.bucket = bucket
+        self.root = f"clusters/{cluster}/topics"
 
     def partitions(self, topic: str) -> dict[int, list[Batch]]:
-        from pyarrow.fs import FileSelector, FileType
-
-        infos = self.fs.get_file_info(FileSelector(f"{self.root}/{topic}/partitions",
-                                                   allow_not_found=True, recursive=True))
         out: dict[int, list[Batch]] = {}
-        for i in infos:
-            if i.type != FileType.File or not i.path.endswith(".batch"):
+        for key, mtime, size in self.s3.list(self.bucket, f"{self.root}/{topic}/partitions/"):
+            if key.endswith("/records/"):
+                # A directory marker (another tool's delete left it): Tansu would panic
+                # parsing it as an offset, so it goes at once.
+                log.warning("deleting the directory marker %s (it breaks Tansu's fetch)", key)
+                self.s3.delete(self.bucket, key)
                 continue
-            parts = i.path.split("/")
-            if len(parts) < 3 or parts[-2] != "records":
+            parts = key.split("/")
+            if not key.endswith(".batch") or len(parts) < 3 or parts[-2] != "records":
                 continue
-            b = Batch(int(parts[-1][:20]), i.mtime.timestamp(), i.size, i.path)
+            b = Batch(int(parts[-1][:20]), mtime, size, key)
             out.setdefault(int(parts[-3]), []).append(b)
         for batches in out.values():
             batches.sort(key=lambda b: b.base)
@@ -198,7 +279,7 @@ class ObjectLog:
 
     def delete(self, batches: Iterable[Batch]) -> None:
         for b in batches:
-            self.fs.delete_file(b.path)
+            self.s3.delete(self.bucket, b.path)
 
 
 class Positions:
@@ -347,8 +428,7 @@ def spec(stack: StackSettings) -> PartSpec:
 
 def build(stack: StackSettings, topology: topo.Topology, settings: RetentionSettings) -> Retention:
     """A `Retention` for the local stack `stack`."""
-    from eventing.tables.lakehouse import LakeConfig, s3_filesystem
-
-    fs = s3_filesystem(LakeConfig.from_settings(stack))
-    return Retention(ObjectLog(fs, settings.bucket, settings.cluster), Positions(stack.bootstrap),
+    creds = stack.credentials
+    s3 = S3(stack.s3_endpoint, creds.access_key, creds.secret_key, stack.region)
+    return Retention(ObjectLog(s3, settings.bucket, settings.cluster), Positions(stack.bootstrap),
                      policies(topology, settings, stack.schemas_topic), settings)
