@@ -49,7 +49,8 @@ def run(edge: Edge) -> int:
     stop = edge.foreground("sluice-" + "-".join(a.function) if a.function
                            else "sluice-functions")
     settings = RunSettings(bootstrap=a.bootstrap or s.bootstrap,
-                           registry_url=a.registry or s.registry_url)
+                           registry_url=a.registry or s.registry_url,
+                           broker_storage=s.broker_storage)
     metrics = (a.metrics_host or s.host, a.metrics_port) if a.metrics_port else None
     stats = run_functions(topology, a.function or [], settings, stop, metrics)
     for name, st in stats.items():
@@ -145,6 +146,7 @@ def sink_lake(edge: Edge) -> int:
     import threading
     from dataclasses import replace
 
+    from eventing.kafka import client_tuning
     from eventing.serde import AvroSerde
     from eventing.tables.lake import LakeSink, LakeSinkConfig, serve_metrics
     from eventing.tables.lakehouse import table_name_for_topic
@@ -174,7 +176,9 @@ def sink_lake(edge: Edge) -> int:
         every_s="maintenance_every_s", min_files="compact_min_files",
         max_snapshot_age_s="snapshot_max_age_s"))
     serde = AvroSerde(a.registry or s.registry_url)
-    sinks = [LakeSink(LakeSinkConfig(maintenance=policy, **(table | edge.given(
+    tuned = client_tuning(s.broker_storage).consumer
+    sinks = [LakeSink(LakeSinkConfig(
+        maintenance=policy, consumer_overrides=tuned, **(table | edge.given(
         "batch_size", "interval_ms", "time_field", "group_id"))), lake,
         a.bootstrap or s.bootstrap, serde) for table in tables]
     if a.metrics_port:
@@ -207,6 +211,7 @@ def realtime(edge: Edge) -> int:
     table the topology declares, all in one process and one DuckDB database."""
     from dataclasses import replace
 
+    from eventing.kafka import client_tuning
     from eventing.tables.lakehouse import LakeConfig
     from eventing.tables.realtime import RealtimeSettings, parse_duration, serve
 
@@ -222,7 +227,8 @@ def realtime(edge: Edge) -> int:
         bootstrap=a.bootstrap or s.bootstrap, registry_url=a.registry or s.registry_url,
         host=a.host or s.host, port=a.port if a.port is not None else s.ports.realtime,
         lake=None if a.no_lake else LakeConfig.from_settings(s), token=edge.query_token(),
-        **retention, **edge.given("topic", "time_field", "log_level"))
+        consumer_overrides=client_tuning(s.broker_storage).consumer, **retention,
+        **edge.given("topic", "time_field", "log_level"))
     if a.topic:
         serve(base)
         return 0
