@@ -13,6 +13,12 @@ the object store grows with the lake (the tables are the product), compaction as
 
 RSS is the part's process and its children (from /proc); disk is the part's data folder
 (`.state/data/<part>/`), so the broker on memory storage shows its log in RSS only.
+
+`--storage s3` runs the broker on the object store (with the retention part `up` adds);
+each sample then also counts the broker's objects and bytes in its bucket (`broker-s3`),
+since the object store's folder holds the lake too. Whether the pipeline keeps up is
+read from the metrics: events the gateway accepted against records the lake sink consumed
+for the scored-payments table (`keepup` lines, and `pipeline` in the report).
 """
 
 from __future__ import annotations
@@ -90,6 +96,36 @@ def disk_bytes(folder: Path) -> int:
     return total
 
 
+def metric_sum(url: str, name: str, label: str = "") -> float | None:
+    """Sum of a Prometheus metric's samples at `url` whose labels contain `label`, or
+    None when it does not answer."""
+    import httpx
+
+    try:
+        text = httpx.get(url, timeout=5).text
+    except httpx.HTTPError:
+        return None
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if (line.startswith(name + "{") or line.startswith(name + " "))
+               and label in line)
+
+
+def broker_objects(state_dir: Path) -> tuple[int, int] | None:
+    """Objects and bytes in the broker's bucket (s3 storage), listed with the retention
+    part's S3 client; None when the object store did not answer this time."""
+    from eventing.stack.retention import S3
+    from eventing.stack.settings import load_settings
+
+    st = load_settings(state_dir=state_dir).with_saved()
+    creds = st.credentials
+    try:
+        keys = S3(st.s3_endpoint, creds.access_key, creds.secret_key, st.region).list(
+            st.broker_bucket, "")
+    except Exception:  # noqa: BLE001 - a figure missing from one sample
+        return None
+    return len(keys), sum(size for _, _, size in keys)
+
+
 def free_offset(start: int = 24000, step: int = 700) -> int:
     for offset in range(start, 31000, step):
         if not any(port_open("127.0.0.1", p, 0.05) for p in Ports().shifted(offset).all().values()):
@@ -138,6 +174,7 @@ def main() -> int:
     p.add_argument("--rate", help="generator payments/s (default: the example's, `up`'s)")
     p.add_argument("--trace-max-size", help="trace store bound, e.g. 32MiB (default: up's)")
     p.add_argument("--trace-retention", help="trace store age bound, e.g. 10m (default: up's)")
+    p.add_argument("--storage", choices=["memory", "s3"], help="broker storage (default: up's)")
     p.add_argument("--state-dir", type=Path, help="default: a fresh temporary folder")
     p.add_argument("--port-offset", type=int, help="default: the first free layout >= 24000")
     p.add_argument("--keep", action="store_true", help="leave the stack running at the end")
@@ -148,6 +185,7 @@ def main() -> int:
 
     up = ["up"]
     for flag, value in (("--rate", args.rate), ("--trace-max-size", args.trace_max_size),
+                        ("--storage", args.storage),
                         ("--trace-retention", args.trace_retention)):
         if value is not None:
             up += [flag, value]
@@ -159,6 +197,7 @@ def main() -> int:
         sluice(args, "down", "--purge")
         return 1
     series: dict[str, Series] = {}
+    keepup: list[dict] = []
     data = args.state_dir / "data"
     t0 = time.monotonic()
     try:
@@ -175,6 +214,23 @@ def main() -> int:
             print(f"  {now_min:5.1f} min  {len(records)} parts up  rss "
                   + " ".join(f"{s.name}={s.rss[-1] / MiB:.0f}" for s in series.values())
                   + f"  traces.db* {store_mib:.1f} MiB", flush=True)
+            ports = Ports().shifted(args.port_offset)
+            accepted = metric_sum(f"http://127.0.0.1:{ports.gateway}/metrics",
+                                  "sluice_gateway_events_total", 'outcome="accepted"')
+            landed = metric_sum(f"http://127.0.0.1:{ports.lake_metrics}/metrics",
+                                "sluice_lake_records_consumed_total", "payments_scored")
+            keepup.append({"minutes": now_min, "accepted": accepted, "landed": landed})
+            line = f"  keepup: accepted {accepted} landed {landed}"
+            counted = broker_objects(args.state_dir) if args.storage == "s3" else None
+            if counted is not None:
+                objects, size = counted
+                keepup[-1] |= {"broker_objects": objects, "broker_bytes": size}
+                b = series.setdefault("broker-s3", Series("broker-s3"))
+                b.t.append(now_min)
+                b.rss.append(0)
+                b.disk.append(size)
+                line += f"  broker objects {objects} ({size / MiB:.2f} MiB)"
+            print(line, flush=True)
             if now_min >= args.minutes:
                 break
             time.sleep(max(0.0, min(args.interval, (args.minutes - now_min) * 60)))
@@ -183,6 +239,8 @@ def main() -> int:
     finally:
         elapsed = (time.monotonic() - t0) / 60
         result = report(series, args, elapsed) if series else {}
+        if result:
+            result["pipeline"] = keepup
         if args.json and result:
             args.json.write_text(json.dumps(result, indent=2))
         if not args.keep:

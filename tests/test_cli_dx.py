@@ -77,7 +77,8 @@ def test_top_level_help_groups_commands_and_documents_exit_codes(nowhere) -> Non
     internal = text.index("Internal parts")
     assert develop < text.index("  invoke ") < internal
     # Daemons are listed apart, after every user command, on one line.
-    assert "registry, run, gateway, tracestore, sink, supervise, realtime" in text[internal:]
+    assert ("registry, run, gateway, tracestore, retention, sink, supervise, realtime"
+            in text[internal:])
     assert "  gateway " not in text[:internal]
     for code in ("0 ", "1 ", "2 ", "3 ", "130", "141"):
         assert f"\n  {code}" in text[text.index("exit codes:"):]

@@ -257,9 +257,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "up", up, help="start the local stack and wait until it is healthy",
                     example="sluice up\nsluice up --no-generator --rate 100")
     p.add_argument("--storage", choices=["s3", "memory"], default=None,
-                   help="broker storage: memory (default) is fast and forgets on restart; "
-                        "s3 keeps topics in the object store across restarts, but "
-                        "Tansu's fetches slow down as small objects pile up")
+                   help="broker storage: memory (default) keeps up, grows ~4 MiB/min at "
+                        "the example's rate and forgets on restart; s3 keeps topics in "
+                        "the object store across restarts, bounded by the `retention` "
+                        "part, but the example's consumers stall on it here "
+                        "(README: Why memory is the default broker storage)")
     p.add_argument("--no-pipeline", action="store_true",
                    help="start only the infrastructure, not the gateway and functions")
     p.add_argument("--no-generator", action="store_true",

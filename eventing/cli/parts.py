@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from eventing.cli.edge import (
+    LOG_FORMAT,
     LOG_LEVELS,
     CommandFailed,
     Edge,
@@ -26,6 +28,7 @@ REALTIME = "eventing.tables.realtime:RealtimeSettings"
 LAKE_SINK = "eventing.tables.lake:LakeSinkConfig"
 MAINTENANCE = "eventing.tables.maintenance:MaintenancePolicy"
 RETENTION = "eventing.telemetry.traces:RetentionPolicy"
+BROKER_RETENTION = "eventing.stack.retention:RetentionSettings"
 
 
 def registry(edge: Edge) -> int:
@@ -46,7 +49,8 @@ def run(edge: Edge) -> int:
     stop = edge.foreground("sluice-" + "-".join(a.function) if a.function
                            else "sluice-functions")
     settings = RunSettings(bootstrap=a.bootstrap or s.bootstrap,
-                           registry_url=a.registry or s.registry_url)
+                           registry_url=a.registry or s.registry_url,
+                           broker_storage=s.broker_storage)
     metrics = (a.metrics_host or s.host, a.metrics_port) if a.metrics_port else None
     stats = run_functions(topology, a.function or [], settings, stop, metrics)
     for name, st in stats.items():
@@ -114,6 +118,27 @@ def tracestore(edge: Edge) -> int:
     return 0
 
 
+def retention(edge: Edge) -> int:
+    """Trim the s3 broker's topics (eventing.stack.retention) until SIGINT/SIGTERM, or once."""
+    from eventing.stack import retention as ret
+
+    a, s = edge.args, edge.settings
+    topology = edge.topology()
+    settings = ret.RetentionSettings(**edge.given(
+        interval_s="interval", min_age_s="min_age", orphan_age_s="orphan_age"))
+    if a.once:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        done = ret.build(s, topology, settings).run_once()
+        print(f"trimmed {done.total} objects: " + ", ".join(
+            f"{t} {n}" for t, n in sorted(done.objects.items())))
+        return 0
+    stop = edge.foreground("sluice-retention")
+    loop = ret.build(s, topology, settings)
+    loop.run(stop)
+    print(f"{loop.passes} passes, {loop.trimmed.total} objects trimmed")
+    return 0
+
+
 def sink_lake(edge: Edge) -> int:
     """Topics into Iceberg tables until SIGINT/SIGTERM: `--topic` alone, else every table
     the topology declares, one consumer thread each in this one process (a process per
@@ -121,6 +146,7 @@ def sink_lake(edge: Edge) -> int:
     import threading
     from dataclasses import replace
 
+    from eventing.kafka import client_tuning
     from eventing.serde import AvroSerde
     from eventing.tables.lake import LakeSink, LakeSinkConfig, serve_metrics
     from eventing.tables.lakehouse import table_name_for_topic
@@ -150,7 +176,9 @@ def sink_lake(edge: Edge) -> int:
         every_s="maintenance_every_s", min_files="compact_min_files",
         max_snapshot_age_s="snapshot_max_age_s"))
     serde = AvroSerde(a.registry or s.registry_url)
-    sinks = [LakeSink(LakeSinkConfig(maintenance=policy, **(table | edge.given(
+    tuned = client_tuning(s.broker_storage).consumer
+    sinks = [LakeSink(LakeSinkConfig(
+        maintenance=policy, consumer_overrides=tuned, **(table | edge.given(
         "batch_size", "interval_ms", "time_field", "group_id"))), lake,
         a.bootstrap or s.bootstrap, serde) for table in tables]
     if a.metrics_port:
@@ -183,6 +211,7 @@ def realtime(edge: Edge) -> int:
     table the topology declares, all in one process and one DuckDB database."""
     from dataclasses import replace
 
+    from eventing.kafka import client_tuning
     from eventing.tables.lakehouse import LakeConfig
     from eventing.tables.realtime import RealtimeSettings, parse_duration, serve
 
@@ -198,7 +227,8 @@ def realtime(edge: Edge) -> int:
         bootstrap=a.bootstrap or s.bootstrap, registry_url=a.registry or s.registry_url,
         host=a.host or s.host, port=a.port if a.port is not None else s.ports.realtime,
         lake=None if a.no_lake else LakeConfig.from_settings(s), token=edge.query_token(),
-        **retention, **edge.given("topic", "time_field", "log_level"))
+        consumer_overrides=client_tuning(s.broker_storage).consumer, **retention,
+        **edge.given("topic", "time_field", "log_level"))
     if a.topic:
         serve(base)
         return 0
@@ -268,6 +298,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                   default_of=f"{RETENTION}.every_s", help="how often retention runs (seconds)")
     p.add_argument("--topology", help="topology whose `traceIds` are indexed "
                    "(default functions/topology.yaml)")
+
+    p = add_command(sub, "retention", retention, help="trim the broker's topics on s3 "
+                    "storage: batches every reader is done with, superseded changelog "
+                    "batches (foreground; `sluice up --storage s3` runs it)",
+                    example="sluice retention --once\nsluice retention --min-age 10m")
+    p.add_argument("--topology", help="topology whose readers hold retention "
+                   "(default functions/topology.yaml)")
+    p.add_argument("--once", action="store_true", help="one pass, print what it trimmed")
+    settings_flag(p, "--interval", type=duration_arg, metavar="AGE",
+                  default_of=f"{BROKER_RETENTION}.interval_s", help="time between passes")
+    settings_flag(p, "--min-age", type=duration_arg, metavar="AGE",
+                  default_of=f"{BROKER_RETENTION}.min_age_s",
+                  help="keep at least this much of every topic (replay, tail reach back)")
+    settings_flag(p, "--orphan-age", type=duration_arg, metavar="AGE",
+                  default_of=f"{BROKER_RETENTION}.orphan_age_s",
+                  help="trim topics no declared group reads (dead letters) past this age "
+                  "(default: keep them)")
 
     sink = add_command(sub, "sink", _no_sink, help="run a table sink (foreground)",
                     example="sluice sink lake --topic payments.scored")

@@ -99,6 +99,7 @@ class Dispatcher:
     def __init__(self, function: Function, bootstrap: str,
                  invoker_factory: Callable[[Producer], Invoker], *, max_backlog: int = 10_000,
                  consumer_overrides: dict | None = None,
+                 producer_overrides: dict | None = None,
                  on_assign: Callable[[], None] | None = None) -> None:
         self.function = function
         self.delivery = function.delivery
@@ -110,7 +111,8 @@ class Dispatcher:
         # spans themselves).
         traced = tracing.get_tracer().enabled
         self.producer = Producer(producer_config(
-            bootstrap, **{**STREAM_PRODUCER, "delivery.report.only.error": not traced,
+            bootstrap, **{**STREAM_PRODUCER, **(producer_overrides or {}),
+                          "delivery.report.only.error": not traced,
                           "on_delivery": self._on_delivery}
         ))
         self.invoker = invoker_factory(self.producer)

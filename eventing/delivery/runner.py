@@ -17,7 +17,7 @@ from confluent_kafka import Producer
 from eventing.delivery.dispatcher import Dispatcher, Stats
 from eventing.delivery.invoke import InProcessInvoker, Invoker
 from eventing.fn.runtime import FunctionHost
-from eventing.kafka import ensure_topics
+from eventing.kafka import client_tuning, ensure_topics
 from eventing.topology import Function, Topology
 
 log = logging.getLogger("sluice.runner")
@@ -27,6 +27,8 @@ log = logging.getLogger("sluice.runner")
 class RunSettings:
     bootstrap: str
     registry_url: str | None
+    # The broker's storage, for its client tuning (`eventing.kafka.client_tuning`).
+    broker_storage: str | None = None
 
 
 def make_serde(registry_url: str | None):
@@ -39,6 +41,9 @@ def make_serde(registry_url: str | None):
 
 def build(function: Function, settings: RunSettings, **kwargs) -> Dispatcher:
     """A dispatcher for `function` with the invoker its topology entry asks for."""
+    tuning = client_tuning(settings.broker_storage)
+    kwargs["consumer_overrides"] = {**tuning.consumer, **(kwargs.get("consumer_overrides") or {})}
+    kwargs.setdefault("producer_overrides", tuning.stream_producer)
     if function.invoke == "inprocess":
         host = FunctionHost(function, make_serde(settings.registry_url))
         factory: Callable[[Producer], Invoker] = lambda p: InProcessInvoker(host, p)  # noqa: E731

@@ -27,6 +27,7 @@ from eventing.stack import (
     prometheus,
     realtime,
     registry,
+    retention,
     tracestore,
     watchdog,
 )
@@ -91,6 +92,8 @@ def core_parts(settings: StackSettings) -> list[SpecFactory]:
             parts.append(lakesink.spec)
         if settings.generator and pipeline.has_generator(settings):
             parts.append(pipeline.generator_spec)
+        if settings.broker_storage == "s3":
+            parts.append(retention.spec)  # Tansu trims nothing itself
     return parts
 
 

@@ -96,6 +96,8 @@ class RealtimeSettings:
     lake: LakeConfig | None = None
     poll_s: float = 0.02  # at most one INSERT per poll_s (each costs ms of CPU); a quiet
     # table inserts a record the moment it arrives (`Ingest._next_batch`)
+    # Over `eventing.kafka`'s consumer defaults: the broker storage's tuning.
+    consumer_overrides: dict[str, Any] = field(default_factory=dict)
     batch_max: int = 5000
     sweep_s: float = 10.0
     dedupe_window_s: float = 300.0  # 0 = keep replayed events (see eventing.tables.dedupe)
@@ -558,7 +560,7 @@ class Ingest:
         s = self.settings
         consumer = Consumer(consumer_config(
             s.bootstrap, f"sluice-realtime-{uuid.uuid4().hex[:8]}",
-            **{"enable.auto.offset.store": False}))
+            **{**s.consumer_overrides, "enable.auto.offset.store": False}))
         try:
             self._loop(consumer)
         except Exception as exc:

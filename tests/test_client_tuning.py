@@ -1,0 +1,64 @@
+"""The stream clients take their broker storage's tuning (`eventing.kafka.client_tuning`).
+
+On s3 storage a 10 ms fetch wait crowds the object store (see `eventing.kafka`), on memory
+a longer wait is pure latency: so the dispatcher built for a stack must carry the tuning of
+that stack's storage, and an explicit override from the caller must still win.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from eventing.delivery import dispatcher as dispatcher_mod
+from eventing.delivery.runner import RunSettings, build
+from eventing.kafka import CONSUMER_DEFAULTS, STREAM_PRODUCER, client_tuning
+from eventing.topology import Delivery, Function
+
+
+class _Client:
+    """Stands in for a confluent-kafka client: keeps the config it was made with."""
+
+    made: list[dict[str, Any]]
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        self.conf = conf
+        type(self).made.append(conf)
+
+
+@pytest.fixture
+def clients(monkeypatch: pytest.MonkeyPatch) -> tuple[type[_Client], type[_Client]]:
+    consumer = type("FakeConsumer", (_Client,), {"made": []})
+    producer = type("FakeProducer", (_Client,), {"made": []})
+    monkeypatch.setattr(dispatcher_mod, "Consumer", consumer)
+    monkeypatch.setattr(dispatcher_mod, "Producer", producer)
+    return consumer, producer
+
+
+def _function() -> Function:
+    return Function(name="conv", source="main.py", target="conv", topics=("payments.valid",),
+                    consumer_group="g", outputs={}, delivery=Delivery(timeout="PT2S"),
+                    invoke="http", url="http://127.0.0.1:9/")
+
+
+@pytest.mark.parametrize("storage", ["memory", "s3", None])
+def test_dispatcher_clients_follow_the_storage(clients, storage: str | None) -> None:
+    consumer, producer = clients
+    build(_function(), RunSettings("127.0.0.1:9", None, broker_storage=storage))
+    tuning = client_tuning(storage)
+    assert consumer.made[-1]["fetch.wait.max.ms"] == tuning.consumer.get(
+        "fetch.wait.max.ms", CONSUMER_DEFAULTS["fetch.wait.max.ms"])
+    assert producer.made[-1]["linger.ms"] == tuning.stream_producer.get(
+        "linger.ms", STREAM_PRODUCER["linger.ms"])
+
+
+def test_s3_waits_longer_than_memory_and_callers_still_win(clients) -> None:
+    consumer, _ = clients
+    assert (client_tuning("s3").consumer["fetch.wait.max.ms"]
+            > client_tuning("memory").consumer.get("fetch.wait.max.ms",
+                                                   CONSUMER_DEFAULTS["fetch.wait.max.ms"]))
+    build(_function(), RunSettings("127.0.0.1:9", None, broker_storage="s3"),
+          consumer_overrides={"fetch.wait.max.ms": 7, "group.id": "replay"})
+    assert consumer.made[-1]["fetch.wait.max.ms"] == 7
+    assert consumer.made[-1]["group.id"] == "replay"
