@@ -19,6 +19,7 @@ import pytest
 
 from eventing.stack import objectstore
 from eventing.stack.settings import load_settings
+from eventing.tables import arrow_memory
 from eventing.tables import maintenance as mnt
 from eventing.tables.lake import BatchBuilder, LakeWriter, SinkStats, open_table
 from eventing.tables.lakehouse import LakeConfig, catalog, duckdb_connect, s3_filesystem
@@ -125,6 +126,43 @@ def test_sink_keeps_a_bounded_number_of_maintenance_reports():
 
 
 # --------------------------------------------------------------------------- stack
+
+
+def _arrow_backend_after(code: str, env: dict[str, str]) -> str:
+    """Run `code` in a fresh interpreter (Arrow's pool is chosen once per process), then
+    print the default pool's backend; return it."""
+    import os
+    import subprocess
+    import sys
+
+    script = (code + "\nimport pyarrow as pa\n"
+              "print('BACKEND', pa.default_memory_pool().backend_name)")
+    clean = {k: v for k, v in os.environ.items() if k != arrow_memory.POOL_ENV} | env
+    out = subprocess.run([sys.executable, "-c", script], env=clean, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("BACKEND ")]
+    assert lines, out.stderr[-2000:]
+    return lines[-1].split()[1]
+
+
+def test_lake_sink_pool_is_one_that_returns_freed_memory():
+    # mimalloc (pyarrow's default here) kept +5 MiB/min in the sink (arrow_memory's doc).
+    code = "from eventing.tables.arrow_memory import use_returning_pool\nuse_returning_pool()"
+    assert _arrow_backend_after(code, {}) == "system"
+    # An operator's explicit choice is kept.
+    assert _arrow_backend_after(code, {arrow_memory.POOL_ENV: "jemalloc"}) == "jemalloc"
+
+
+def test_sink_lake_command_chooses_the_pool_before_arrow_loads(tmp_path):
+    # The command fails at the (absent) catalog; by then the pool must be chosen.
+    code = (
+        "from eventing.cli import main\n"
+        "try:\n"
+        f"    main(['--state-dir', {str(tmp_path)!r}, '--port-offset', '22850', 'sink', 'lake',"
+        " '--topic', 'x', '--no-maintenance'])\n"
+        "except BaseException:\n"
+        "    pass")
+    assert _arrow_backend_after(code, {}) == "system"
 
 
 @pytest.fixture

@@ -146,6 +146,9 @@ def sink_lake(edge: Edge) -> int:
     import threading
     from dataclasses import replace
 
+    from eventing.tables.arrow_memory import use_returning_pool
+
+    use_returning_pool()  # before pyarrow loads: the default pool kept freed memory
     from eventing.kafka import client_tuning
     from eventing.serde import AvroSerde
     from eventing.tables.lake import LakeSink, LakeSinkConfig, serve_metrics
