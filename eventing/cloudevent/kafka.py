@@ -261,21 +261,11 @@ def from_record(
     `wrap_invalid` is set: then it is converted like a non-CloudEvent record, which is
     what a KafkaSource does. `validate=False` skips attribute checks for trusted topics.
     """
-    attrs: dict[str, Any] = {}
-    if headers:
-        names = _kafka_names
-        try:
-            for name, raw in headers:
-                attr = names.get(name)
-                if attr is None:
-                    attr = _classify_kafka_header(name)
-                if attr:
-                    attrs[attr] = raw.decode()  # type: ignore[union-attr]
-        except (AttributeError, UnicodeDecodeError):
-            attrs = {"": None}  # a CloudEvents header is None or not UTF-8
+    header_attrs = _header_attrs(headers) if headers else {}
+    attrs: dict[str, Any] = header_attrs or {}
     content_type = attrs.get("datacontenttype")
     try:
-        if "" in attrs:
+        if header_attrs is None:
             raise BindingError("a CloudEvents header is missing its value or is not UTF-8")
         if content_type is not None and content_type[:23].lower() == "application/cloudevents":
             event = _from_structured(content_type, value, validate)
@@ -317,17 +307,7 @@ def from_message(msg: Any, *, source_name: str = "sluice") -> CloudEvent:
     """
     headers = msg.headers()
     if headers:
-        attrs: dict[str, Any] = {}
-        names = _kafka_names
-        try:
-            for name, raw in headers:
-                attr = names.get(name)
-                if attr is None:
-                    attr = _classify_kafka_header(name)
-                if attr:
-                    attrs[attr] = raw.decode()
-        except (AttributeError, UnicodeDecodeError):
-            attrs = {}
+        attrs = _header_attrs(headers) or {}
         content_type = attrs.get("datacontenttype")
         if (attrs.get("specversion") == SPECVERSION and attrs.get("id") and attrs.get("source")
                 and attrs.get("type") and (content_type is None or content_type[:23].lower()
@@ -342,6 +322,23 @@ def from_message(msg: Any, *, source_name: str = "sluice") -> CloudEvent:
         msg.key(), msg.value(), headers, topic=msg.topic(), partition=msg.partition(),
         offset=msg.offset(), timestamp_ms=ts if ts_type else None, source_name=source_name,
         wrap_invalid=True, validate=False)
+
+
+def _header_attrs(headers: list[tuple[str, bytes | None]]) -> dict[str, Any] | None:
+    """The CloudEvent attributes a record's headers carry, or None when one of them is
+    None or not UTF-8 (the record then cannot be read in binary mode)."""
+    attrs: dict[str, Any] = {}
+    names = _kafka_names
+    try:
+        for name, raw in headers:
+            attr = names.get(name)
+            if attr is None:
+                attr = _classify_kafka_header(name)
+            if attr:
+                attrs[attr] = raw.decode()  # type: ignore[union-attr]
+    except (AttributeError, UnicodeDecodeError):
+        return None
+    return attrs
 
 
 # Kafka header name -> attribute name ("" = not an attribute). `content-type` maps to
