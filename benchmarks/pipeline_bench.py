@@ -273,14 +273,16 @@ def latency(settings: StackSettings, rate: float, seconds: float) -> dict:
                     accepted_wall[p["payment_id"]] = wall
 
         start = time.perf_counter()
-        with Publisher(settings.gateway_url, concurrency=1) as pub, \
-                ThreadPoolExecutor(16) as pool:
-            for i in range(0, n, per_batch):
-                wait = start + (i / rate) - time.perf_counter()
-                if wait > 0:
-                    time.sleep(wait)
-                pool.submit(send, pub, payments[i:i + per_batch])
-        done.set()
+        try:
+            with Publisher(settings.gateway_url, concurrency=1) as pub, \
+                    ThreadPoolExecutor(16) as pool:
+                for i in range(0, n, per_batch):
+                    wait = start + (i / rate) - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
+                    pool.submit(send, pub, payments[i:i + per_batch])
+        finally:
+            done.set()  # the poller's 30 s drain starts even when publishing failed
 
     def poll() -> None:
         client = httpx.Client(timeout=30)
