@@ -7,17 +7,36 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from urllib.parse import urlsplit
-
-import httpx
+from urllib.parse import SplitResult, urlsplit
 
 
-def http_status(url: str, *, method: str = "GET", timeout: float = 1.0, **kwargs) -> int | None:
-    """HTTP status of `url`, or None when nothing answers."""
+def http_status(url: str, *, method: str = "GET", timeout: float = 1.0,
+                content: bytes | None = None,
+                headers: dict[str, str] | None = None) -> int | None:
+    """HTTP status of `url`, or None when nothing answers within `timeout`.
+
+    Over `http.client` like the probes below (why: `http_probe`); `up` and `status` ask
+    every part this in turn, so a slow client made them slow under load.
+    """
     try:
-        return httpx.request(method, url, timeout=timeout, **kwargs).status_code
-    except httpx.HTTPError:
+        return _status(urlsplit(url), method, timeout, content, headers)
+    except (OSError, http.client.HTTPException):
         return None
+
+
+def _status(parts: SplitResult, method: str, timeout: float, content: bytes | None,
+            headers: dict[str, str] | None) -> int:
+    """One request on a fresh connection; its status (one home for both helpers)."""
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
+                                      timeout=timeout)
+    try:
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        conn.request(method, path, body=content, headers=headers or {})
+        return conn.getresponse().status
+    finally:
+        conn.close()
 
 
 class ProbeFailed(Exception):
@@ -35,16 +54,9 @@ def http_probe(url: str, *, method: str = "GET", ok: range = range(200, 400),
     (max) at load average 38 here, most of it before the request was sent.
     """
     parts = urlsplit(url)
-    path = parts.path or "/"
 
     def probe(timeout: float) -> None:
-        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
-                                          timeout=timeout)
-        try:
-            conn.request(method, path, body=content, headers=headers or {})
-            status = conn.getresponse().status
-        finally:
-            conn.close()
+        status = _status(parts, method, timeout, content, headers)
         if status not in ok:
             raise ProbeFailed(f"{method} {url}: HTTP {status}")
     probe.url = url  # type: ignore[attr-defined] - what it probes, for tools
