@@ -50,7 +50,8 @@ attribute (`"attribute"`) or schema field (`"field"`) at fault:
     415 unsupported content type
     422 schema violation, or an event type with no route
     431 headers over the server's limits (`eventing.serving`)
-    503 broker/registry down (the only answer worth retrying)
+    503 broker/registry down, or intake paused for a broker rollover (`paused`):
+        the only answers worth retrying
 
 Every 4xx is permanent: the same request gets the same answer, so it carries no
 `Retry-After`. A batch answer lists at most `max_errors_listed` bad events (and says how
