@@ -232,3 +232,39 @@ def test_the_publisher_waits_out_a_pause_beyond_its_retries():
     with pytest.raises(GatewayError) as info:
         pub.send({"type": TYPE, "data": payment()})
     assert info.value.status == 503 and info.value.error == "paused"
+
+
+def test_the_loop_rolls_over_only_when_the_rss_is_above_the_cap():
+    b = FakeBroker()
+    r, recorded, _ = rollover(b, max_rss=500 << 20, check_s=0.0)
+
+    class StopAfter:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def is_set(self) -> bool:
+            return self.n <= 0
+
+        def wait(self, _s: float) -> None:
+            self.n -= 1
+
+    r.loop(StopAfter(3))  # 600 MiB: rolls over, then the new broker (30 MiB) is left alone
+    assert b.calls.count("restart") == 1 and len(recorded) == 1
+    assert "above 500 MiB" in recorded[0].reason
+
+
+def test_up_hands_the_rss_cap_and_token_file_to_the_rollover_part(tmp_path):
+    from eventing.stack import retention
+    from eventing.stack.settings import load_settings
+
+    token = tmp_path / "token"
+    token.write_text("t")
+    s = load_settings(state_dir=tmp_path / "state", broker_max_rss=64 << 20,
+                      gateway_token_file=token)
+    argv = retention.spec(s).argv
+    assert argv[argv.index("--max-broker-rss") + 1] == str(64 << 20)
+    assert argv[argv.index("--token-file") + 1] == str(token)
+    assert "64 MiB" in retention.spec(s).endpoint
+    from eventing.stack.supervisor import core_parts
+
+    assert retention.spec in core_parts(s)  # memory storage runs it too now

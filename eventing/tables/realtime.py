@@ -821,9 +821,10 @@ def create_app(table: RealtimeTable, ingest: Ingest | Sequence[Ingest] | None = 
         # Next offset per partition of each topic read (no consumer group commits it): how
         # a broker rollover knows this table has read to the end (eventing.stack.rollover).
         positions: dict[str, dict[str, int]] = {}
-        for i in ingests:
-            positions.setdefault(i.settings.topic, {}).update(
-                {str(p): o + 1 for p, o in list(i.last_offsets.items())})
+        for i in ingests:  # two tables of one topic: the one behind counts
+            read = positions.setdefault(i.settings.topic, {})
+            for p, o in list(i.last_offsets.items()):
+                read[str(p)] = min(read.get(str(p), o + 1), o + 1)
         body = {"status": "ok" if ok else "unhealthy", "ingest": detail, "rows": table.rows,
                 "tables": {n: t.rows for n, t in table.tables.items()},
                 "positions": positions,
