@@ -62,7 +62,7 @@ def read(bootstrap: str, topics: Sequence[str], *, since_ms: int | None = None,
          until_ms: int | None = None, from_beginning: bool = True, follow: bool = False,
          serde: Any = None, stop: threading.Event | None = None, idle_s: float = 1.0,
          timeout_s: float | None = None,
-         on_ready: Callable[[], None] | None = None) -> Iterator[Seen]:
+         on_ready: Callable[[], None] | None = None, raw: bool = False) -> Iterator[Any]:
     """Records of `topics` in arrival order per partition.
 
     Starts at `since_ms` (record time: the broker's time index gives where to start
@@ -73,7 +73,8 @@ def read(bootstrap: str, topics: Sequence[str], *, since_ms: int | None = None,
     after `until_ms` are skipped. With `follow` it runs until `stop` is set or
     `timeout_s` passes. `on_ready()` is called once the start offsets are fixed: a
     record produced after it is read (the end is taken as offsets now, not resolved
-    lazily at the first fetch).
+    lazily at the first fetch). With `raw`, the consumed messages themselves come back
+    (key, value, headers as written; nothing decoded: a broker rollover copies them).
     """
     consumer = Consumer(consumer_config(bootstrap, f"sluice-scan-{uuid.uuid4().hex}"))
     try:
@@ -100,15 +101,15 @@ def read(bootstrap: str, topics: Sequence[str], *, since_ms: int | None = None,
         if on_ready is not None:
             on_ready()
         yield from _consume(consumer, ends, since_ms, until_ms, follow, serde, stop, idle_s,
-                            timeout_s)
+                            timeout_s, raw)
     finally:
         consumer.close()
 
 
 def _consume(consumer: Consumer, ends: dict[tuple[str, int], tuple[int, int]],
              since_ms: int | None, until_ms: int | None, follow: bool, serde: Any,
-             stop: threading.Event | None, idle_s: float, timeout_s: float | None
-             ) -> Iterator[Seen]:
+             stop: threading.Event | None, idle_s: float, timeout_s: float | None,
+             raw: bool = False) -> Iterator[Any]:
     pending = {k for k, (start, high) in ends.items() if high > start}
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last_record = time.monotonic()
@@ -136,7 +137,37 @@ def _consume(consumer: Consumer, ends: dict[tuple[str, int], tuple[int, int]],
             if ts is not None and ((until_ms is not None and ts > until_ms)
                                    or (since_ms is not None and ts < since_ms)):
                 continue  # the broker's time index is a lower bound (Tansu: offset 0)
-            yield decode(msg, serde)
+            yield msg if raw else decode(msg, serde)
+
+
+def ends(bootstrap: str, topics: Sequence[str], idle_s: float = 0.5,
+         timeout_s: float = 30.0) -> dict[tuple[str, int], int]:
+    """The true next offset of every partition of `topics` (0 for an empty one).
+
+    Tansu may report the first offset of the last batch + 1 as the high watermark, and a
+    fetch returns whole batches: reading from the reported end - 1 to the end (the rule
+    of the module docstring) yields the last batch, whose last offset + 1 is the end.
+    """
+    consumer = Consumer(consumer_config(bootstrap, f"sluice-ends-{uuid.uuid4().hex}"))
+    out: dict[tuple[str, int], int] = {}
+    try:
+        fixed, bounds = [], {}
+        for tp in partitions(consumer, topics):
+            low, high = consumer.get_watermark_offsets(tp, timeout=10)
+            out[(tp.topic, tp.partition)] = max(high, 0)
+            if high > low:
+                start = max(low, high - 1)
+                fixed.append(TopicPartition(tp.topic, tp.partition, start))
+                bounds[(tp.topic, tp.partition)] = (start, high)
+        if fixed:
+            consumer.assign(fixed)
+            for msg in _consume(consumer, bounds, None, None, False, None, None, idle_s,
+                                timeout_s, True):
+                where = (msg.topic(), msg.partition())
+                out[where] = max(out[where], msg.offset() + 1)
+    finally:
+        consumer.close()
+    return out
 
 
 def decode(msg: Any, serde: Any) -> Seen:

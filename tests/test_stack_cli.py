@@ -75,14 +75,15 @@ def test_up_status_down_lifecycle_of_the_whole_stack(own_stack) -> None:
     names = {p["name"] for p in parts}
     assert names == {"objectstore", "broker", "registry", "collector", "tracestore",
                      "prometheus", "realtime", "gateway", "lakesink", "fn-validate", "fn-enrich",
-                     "fn-score", "generator", "supervisor"}
+                     "fn-score", "generator", "retention", "supervisor"}
     assert all(p["healthy"] and p["pid"] for p in parts), parts
     pids = {p["name"]: p["pid"] for p in parts}
 
     # Nothing listens on anything but loopback.
     for name, pid in pids.items():
         addrs = listening_addresses(pid)
-        assert addrs or name in ("generator", "tracestore"), f"{name} listens on nothing?"
+        assert addrs or name in ("generator", "tracestore", "retention"), (
+            f"{name} listens on nothing?")
         assert all(a == LOOPBACK_HEX for a, _ in addrs), (name, addrs)
 
     # Running `up` twice starts no duplicates (the supervisor is stopped first and

@@ -97,6 +97,7 @@ class Edge:
             trace_sampling=getattr(a, "trace_sampling", None),
             trace_retention_s=getattr(a, "trace_retention", None),
             trace_max_bytes=getattr(a, "trace_max_size", None),
+            broker_max_rss=getattr(a, "broker_max_rss", None) if a.command == "up" else None,
             topology=(getattr(a, "topology", None) if a.command == "up"
                       else None) or os.environ.get(ENV_TOPOLOGY),
             replicas=self.replicas,

@@ -99,7 +99,28 @@ def status(edge: Edge) -> int:
                          p.last_exit_reason or ""])
         output.emit(["PART", "PID", "HEALTH", "UPTIME", "RESTARTS", "ENDPOINT", "LAST EXIT"],
                     rows, fmt, numeric=[False, True, False, True, True, False, False])
+        if fmt == "table" and (line := _last_rollover(state_dir)):
+            output.note(line)
     return 0 if all(p.healthy for p in parts) else 3
+
+
+def _last_rollover(state_dir: Path) -> str | None:
+    """One line on the memory broker's last rollover (eventing.stack.rollover), if any."""
+    import datetime
+
+    from eventing.stack.rollover import load_outcomes
+
+    data = load_outcomes(state_dir)
+    last = data.get("last")
+    if not last:
+        return None
+    when = datetime.datetime.fromtimestamp(last["started_at"]).strftime("%Y-%m-%d %H:%M:%S")
+    mib = lambda b: "?" if b is None else f"{b / 2**20:.0f} MiB"  # noqa: E731
+    what = (f"intake paused {last['pause_s']:.1f}s, kept {sum(last['saved'].values())} records, "
+            f"broker RSS {mib(last['rss_before'])} -> {mib(last['rss_after'])}"
+            if last["rolled"] else last["reason"])
+    return (f"last broker rollover: {when}, {'done' if last['rolled'] else 'not done'}: "
+            f"{what} ({data.get('rolled', 0)} done, {data.get('aborted', 0)} aborted)")
 
 
 def _fmt(edge: Edge) -> str:
@@ -284,6 +305,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                   default_of="eventing.telemetry.traces:RetentionPolicy.max_bytes",
                   help="the trace store deletes its oldest traces above this size "
                        "(1GiB, 200MB; bytes)")
+    settings_flag(p, "--broker-max-rss", type=size_arg, metavar="SIZE",
+                  default_of="eventing.stack.rollover:RolloverSettings.max_rss",
+                  help="memory broker: the `retention` part rolls it over (drained, "
+                       "nothing accepted lost) when its RSS is above this (512MiB)")
     p.add_argument("--replicas", action="append", metavar="NAME=N",
                    help="run function NAME as N processes in one consumer group (repeatable; "
                         "default: the topology's scale.min, at least 1)")

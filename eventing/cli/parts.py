@@ -29,6 +29,7 @@ LAKE_SINK = "eventing.tables.lake:LakeSinkConfig"
 MAINTENANCE = "eventing.tables.maintenance:MaintenancePolicy"
 RETENTION = "eventing.telemetry.traces:RetentionPolicy"
 BROKER_RETENTION = "eventing.stack.retention:RetentionSettings"
+ROLLOVER = "eventing.stack.rollover:RolloverSettings"
 
 
 def registry(edge: Edge) -> int:
@@ -119,11 +120,30 @@ def tracestore(edge: Edge) -> int:
 
 
 def retention(edge: Edge) -> int:
-    """Trim the s3 broker's topics (eventing.stack.retention) until SIGINT/SIGTERM, or once."""
+    """Bound the broker until SIGINT/SIGTERM (or once): on s3 storage trim its topics
+    (eventing.stack.retention); on memory storage roll it over, drained, when its RSS is
+    above the cap (eventing.stack.rollover). `--rollover-now` rolls over once and exits."""
     from eventing.stack import retention as ret
+    from eventing.stack import rollover as roll
 
     a, s = edge.args, edge.settings
     topology = edge.topology()
+    if a.rollover_now or s.broker_storage == "memory":
+        settings_r = roll.RolloverSettings(**edge.given(
+            max_rss="max_broker_rss", check_s="rss_check", drain_timeout_s="drain_timeout"))
+        token = _gateway_token(edge)
+        if a.rollover_now:
+            logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+            logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request
+            outcome = roll.build(s, topology, settings_r, token).run("asked for (--rollover-now)")
+            print(json.dumps({k: v for k, v in vars(outcome).items()}, default=str))
+            if not outcome.rolled:
+                raise CommandFailed(f"no rollover: {outcome.reason}", 1)
+            return 0
+        stop = edge.foreground("sluice-retention")
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        roll.build(s, topology, settings_r, token).loop(stop)
+        return 0
     settings = ret.RetentionSettings(**edge.given(
         interval_s="interval", min_age_s="min_age", orphan_age_s="orphan_age"))
     if a.once:
@@ -137,6 +157,19 @@ def retention(edge: Edge) -> int:
     loop.run(stop)
     print(f"{loop.passes} passes, {loop.trimmed.total} objects trimmed")
     return 0
+
+
+def _gateway_token(edge: Edge) -> str | None:
+    """The token the gateway requires (env, else the stack's token file): the pause call
+    of a rollover must pass it like any client."""
+    token = edge.gateway_token()
+    token_file = edge.settings.gateway_token_file
+    if token is None and token_file:
+        try:
+            token = Path(token_file).read_text().strip() or None
+        except OSError as exc:
+            raise CommandFailed(f"cannot read the token file: {exc}") from None
+    return token
 
 
 def sink_lake(edge: Edge) -> int:
@@ -302,10 +335,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topology", help="topology whose `traceIds` are indexed "
                    "(default functions/topology.yaml)")
 
-    p = add_command(sub, "retention", retention, help="trim the broker's topics on s3 "
-                    "storage: batches every reader is done with, superseded changelog "
-                    "batches (foreground; `sluice up --storage s3` runs it)",
-                    example="sluice retention --once\nsluice retention --min-age 10m")
+    p = add_command(sub, "retention", retention, help="bound the broker: on s3 storage trim "
+                    "batches every reader is done with and superseded changelog batches; on "
+                    "memory storage roll it over (drained) above an RSS cap (foreground; "
+                    "`sluice up` runs it)",
+                    example="sluice retention --once\nsluice retention --min-age 10m\n"
+                    "sluice retention --rollover-now")
     p.add_argument("--topology", help="topology whose readers hold retention "
                    "(default functions/topology.yaml)")
     p.add_argument("--once", action="store_true", help="one pass, print what it trimmed")
@@ -318,6 +353,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                   default_of=f"{BROKER_RETENTION}.orphan_age_s",
                   help="trim topics no declared group reads (dead letters) past this age "
                   "(default: keep them)")
+    p.add_argument("--token-file", help="the gateway's bearer token, for the rollover's "
+                   "pause call (default: env SLUICE_GATEWAY_TOKEN)")
+    p.add_argument("--rollover-now", action="store_true",
+                   help="memory broker: one drained rollover now (pause intake, drain, "
+                   "save, restart, restore, resume), print its outcome")
+    settings_flag(p, "--max-broker-rss", type=size_arg, metavar="SIZE",
+                  default_of=f"{ROLLOVER}.max_rss",
+                  help="memory broker: roll over when its RSS is above this (512MiB)")
+    settings_flag(p, "--rss-check", type=duration_arg, metavar="AGE",
+                  default_of=f"{ROLLOVER}.check_s", help="how often the RSS is checked")
+    settings_flag(p, "--drain-timeout", type=duration_arg, metavar="AGE",
+                  default_of=f"{ROLLOVER}.drain_timeout_s",
+                  help="give up (resume, no rollover) when readers are not at the end by then")
 
     sink = add_command(sub, "sink", _no_sink, help="run a table sink (foreground)",
                     example="sluice sink lake --topic payments.scored")

@@ -12,6 +12,7 @@ reading the function sources; they are compacted, as the local stack creates the
 from __future__ import annotations
 
 import ast
+from typing import Any
 
 from eventing.deploy import docker
 from eventing.deploy.common import DeploySettings, k8s_name, labels
@@ -26,20 +27,27 @@ def state_topics(topology: Topology) -> dict[str, int]:
     """Changelog topics declared with `store(..., topic="...", partitions=N)` (or `x.store`)."""
     out: dict[str, int] = {}
     for fn in topology.functions.values():
-        for path in docker.function_files(fn):
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if not isinstance(node, ast.Call):
-                    continue
-                func = node.func
-                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-                if name != "store":
-                    continue
-                kw = {k.arg: k.value for k in node.keywords}
-                topic = kw.get("topic") or (node.args[1] if len(node.args) > 1 else None)
-                parts = kw.get("partitions") or (node.args[2] if len(node.args) > 2 else None)
-                if isinstance(topic, ast.Constant) and isinstance(topic.value, str):
-                    n = parts.value if isinstance(parts, ast.Constant) else 4
-                    out[topic.value] = int(n)
+        out |= function_state_topics(fn)
+    return out
+
+
+def function_state_topics(fn: Any) -> dict[str, int]:
+    """The changelog topics one function's code declares (its keyed state)."""
+    out: dict[str, int] = {}
+    for path in docker.function_files(fn):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name != "store":
+                continue
+            kw = {k.arg: k.value for k in node.keywords}
+            topic = kw.get("topic") or (node.args[1] if len(node.args) > 1 else None)
+            parts = kw.get("partitions") or (node.args[2] if len(node.args) > 2 else None)
+            if isinstance(topic, ast.Constant) and isinstance(topic.value, str):
+                n = parts.value if isinstance(parts, ast.Constant) else 4
+                out[topic.value] = int(n)
     return out
 
 

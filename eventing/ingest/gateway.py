@@ -50,7 +50,8 @@ attribute (`"attribute"`) or schema field (`"field"`) at fault:
     415 unsupported content type
     422 schema violation, or an event type with no route
     431 headers over the server's limits (`eventing.serving`)
-    503 broker/registry down (the only answer worth retrying)
+    503 broker/registry down, or intake paused for a broker rollover (`paused`):
+        the only answers worth retrying
 
 Every 4xx is permanent: the same request gets the same answer, so it carries no
 `Retry-After`. A batch answer lists at most `max_errors_listed` bad events (and says how
@@ -61,6 +62,14 @@ Schema lookups: the serde caches a subject's latest schema for `subject_ttl_s`; 
 that needs a topic whose cached schema is missing or about to go stale is validated on a
 worker thread, so a registry round trip (or a registry timeout) never blocks the event
 loop. Everything else runs inline: thread hops cost more than the ~10 us of work per event.
+
+**Pause for a broker rollover** (`eventing.stack.rollover`): `POST /admin/pause`
+`{"lease_s": N}` makes every later request answer 503 `paused` with `Retry-After` (a
+transient answer: publishers retry) and answers once every produce already under way
+has been acknowledged or failed (`{"paused": true, "in_flight": 0}`), so the broker then
+holds everything the gateway said 202 for. The pause ends by `POST /admin/resume` or
+when its lease runs out, so a rollover that dies never leaves intake shut. Both need the
+bearer token when one is set, and are served on the loopback listener like the rest.
 
 `GET /healthz` (alive), `GET /readyz` (broker metadata, route topics and registry
 reachable; 503 otherwise) and `GET /metrics` (Prometheus) need no token, so probes and
@@ -136,6 +145,8 @@ class GatewaySettings:
     # librdkafka's default `message.max.bytes`; a bigger record can never be written.
     max_record_bytes: int = 1_000_000
     limits: ServerLimits = field(default_factory=ServerLimits)
+    # A pause (`POST /admin/pause`) ends by itself after at most this long.
+    max_pause_s: float = 300.0
 
     @classmethod
     def from_topology(cls, topology: Any, **kwargs: Any) -> GatewaySettings:
@@ -467,9 +478,16 @@ class Gateway:
         self._fresh_until: dict[str, float] = {}
         self._topics_ready = threading.Event()
         self._stopping = threading.Event()
+        # Intake pause (a broker rollover): refused until this monotonic time; requests
+        # between the pause check and their broker ack are counted in `_in_flight`. Both
+        # are touched only on the event loop, so no lock.
+        self._paused_until = 0.0
+        self._in_flight = 0
         self.app = Starlette(
             routes=[
                 Route("/", self.ingest, methods=["POST"]),
+                Route("/admin/pause", self.pause, methods=["POST"]),
+                Route("/admin/resume", self.resume, methods=["POST"]),
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/readyz", self.readyz, methods=["GET"]),
                 Route("/metrics", self.metrics_endpoint, methods=["GET"]),
@@ -604,6 +622,7 @@ class Gateway:
         spans: list[Any] = []
         try:
             self._authorize(request)
+            self._refuse_if_paused()  # early too: no parsing work for a refused request
             mode = ce_http.mode(request.headers)
             self._check_content_type(mode, request)
             body = await self._read_body(request, _ce_header_bytes(request)
@@ -612,6 +631,10 @@ class Gateway:
                                                 _http_trace_context(request))
             self.metrics.batch_size.observe(len(records))
             assert self.bridge is not None
+            # No await between this check and the count: a pause that starts later
+            # waits for this request's ack (see `pause`).
+            self._refuse_if_paused()
+            self._in_flight += 1
             try:
                 await self.bridge.send(records, self.settings.message_timeout_ms / 1000,
                                        spans if any(spans) else None)
@@ -630,6 +653,8 @@ class Gateway:
                     "retried events on their CloudEvent id.",
                     headers={"Retry-After": str(self.settings.retry_after_s)},
                 ) from None
+            finally:
+                self._in_flight -= 1
             self.metrics.count_records(records, "accepted")
             status = 202
             return json_response({"accepted": len(ids), "ids": ids}, 202)
@@ -651,6 +676,51 @@ class Gateway:
                                  _exemplar(spans))
             if any(spans):
                 _finish_server_spans(spans, status)
+
+    # ---------------------------------------------------------------- pause (rollover)
+
+    def paused(self) -> bool:
+        return time.monotonic() < self._paused_until
+
+    def _refuse_if_paused(self) -> None:
+        if self.paused():
+            raise Rejection(503, "paused", "intake is paused while the broker rolls over; "
+                            "retry after Retry-After (nothing of this request was written)",
+                            headers={"Retry-After": "1"})
+
+    async def pause(self, request: Request) -> Response:
+        """Refuse new events for `lease_s` (capped by `max_pause_s`), then answer once no
+        produce is in flight: every 202 given so far is durable in the broker."""
+        try:
+            self._authorize(request)
+        except Rejection as rej:
+            return rej.response()
+        try:
+            body = orjson.loads(await request.body() or b"{}")
+            lease = float(body.get("lease_s", 60.0))
+        except (ValueError, TypeError, AttributeError):
+            return json_response({"error": "bad_request",
+                                  "reason": 'body must be {"lease_s": seconds}'}, 400)
+        lease = min(max(lease, 0.0), self.settings.max_pause_s)
+        self._paused_until = time.monotonic() + lease
+        log.warning("intake paused for at most %.0fs (broker rollover)", lease)
+        # In-flight requests end within message.timeout.ms (acked or 503): bounded.
+        deadline = time.monotonic() + self.settings.message_timeout_ms / 1000 + 2.0
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return json_response({"paused": self.paused(), "in_flight": self._in_flight,
+                              "lease_s": lease}, 200 if self._in_flight == 0 else 503)
+
+    async def resume(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except Rejection as rej:
+            return rej.response()
+        was = self.paused()
+        self._paused_until = 0.0
+        if was:
+            log.warning("intake resumed")
+        return json_response({"paused": False, "was_paused": was}, 200)
 
     def _authorize(self, request: Request) -> None:
         if self._token is None:

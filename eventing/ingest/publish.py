@@ -15,6 +15,9 @@ flight beside a rejected one may be written; none is started after it.
 A 503 (broker or registry unavailable) is retried after the gateway's `Retry-After`, a
 few times. The gateway may have written part of a batch it answered 503 for, so a retry
 can duplicate events; they keep their `id`, which is what consumers dedupe on.
+A 503 `paused` (the gateway holds intake while the broker rolls over, README "Broker
+rollover") wrote nothing and ends by itself, so it is retried every `Retry-After` for up
+to `pause_wait_s` without using up `retries`.
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ class Publisher:
 
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 30.0,
                  retries: int = 3, source: str = DEFAULT_SOURCE,
-                 client: httpx.Client | None = None, concurrency: int = 1) -> None:
+                 client: httpx.Client | None = None, concurrency: int = 1,
+                 pause_wait_s: float = 300.0) -> None:
         """`concurrency`: batch requests `send_many` keeps in flight. 1 (the default)
         sends one at a time, so events reach the topics in the order given; with more,
         batches in flight are written in whatever order the gateway answers them, so
@@ -87,6 +91,7 @@ class Publisher:
             raise ValueError("concurrency must be >= 1")
         self.url = url.rstrip("/") + "/"
         self.retries = retries
+        self.pause_wait_s = pause_wait_s
         self.source = source
         self.concurrency = concurrency
         headers = {"authorization": f"Bearer {token}"} if token else {}
@@ -188,6 +193,7 @@ class Publisher:
 
     def _post(self, body: bytes, content_type: str, offset: int) -> dict[str, Any]:
         attempt = 0
+        paused_since: float | None = None
         while True:
             try:
                 r = self._client.post(self.url, content=body,
@@ -210,6 +216,12 @@ class Publisher:
             self._answered = True
             if r.status_code == 202:
                 return r.json()
+            if r.status_code == 503 and _is_pause(r):
+                now = time.monotonic()
+                paused_since = now if paused_since is None else paused_since
+                if now - paused_since < self.pause_wait_s:
+                    time.sleep(_retry_after(r.headers.get("retry-after")))
+                    continue
             if r.status_code == 503 and attempt < self.retries:
                 attempt += 1
                 time.sleep(_retry_after(r.headers.get("retry-after")))
@@ -283,6 +295,14 @@ def publish_paced(publisher: Publisher, make: EventMaker, *, rate: float, durati
         if truth_fh:
             truth_fh.close()
     return sent, flagged
+
+
+def _is_pause(r: httpx.Response) -> bool:
+    """Whether a 503 is the gateway's deliberate, bounded intake pause (nothing written)."""
+    try:
+        return bool(r.json().get("error") == "paused")
+    except (ValueError, AttributeError):
+        return False
 
 
 def _retry_after(value: str | None) -> float:

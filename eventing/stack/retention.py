@@ -415,15 +415,27 @@ NAME = "retention"
 
 
 def spec(stack: StackSettings) -> PartSpec:
-    """The part `sluice up --storage s3` runs: `sluice retention` on the stack's topology.
-    Its health is being alive (it serves nothing); the supervisor restarts it."""
-    from eventing.stack.pipeline import _python_part
+    """The part `sluice up` runs with a pipeline: `sluice retention` on the stack's
+    topology, trimming an s3 broker or rolling a memory one over above its RSS cap
+    (`eventing.stack.rollover`). Its health is being alive (it serves nothing); the
+    supervisor restarts it. The gateway token reaches it through the environment."""
+    from eventing.stack.pipeline import _python_part, token_env
 
     args = ["--state-dir", str(stack.state_dir), "retention",
             "--topology", str(stack.topology_path)]
-    return _python_part(stack, NAME, args,
-                        "broker retention: trims consumed batches and superseded changelog "
-                        "batches in s3://" + stack.broker_bucket, lambda: True, [])
+    if stack.broker_storage == "s3":
+        what = ("broker retention: trims consumed batches and superseded changelog "
+                "batches in s3://" + stack.broker_bucket)
+    else:
+        from eventing.stack.rollover import RolloverSettings
+
+        if stack.broker_max_rss is not None:
+            args += ["--max-broker-rss", str(stack.broker_max_rss)]
+        if stack.gateway_token_file:
+            args += ["--token-file", str(stack.gateway_token_file)]
+        what = ("broker rollover: drained restart of the memory broker above "
+                f"{(stack.broker_max_rss or RolloverSettings().max_rss) >> 20} MiB RSS")
+    return _python_part(stack, NAME, args, what, lambda: True, [], env=token_env(stack))
 
 
 def build(stack: StackSettings, topology: topo.Topology, settings: RetentionSettings) -> Retention:

@@ -145,6 +145,9 @@ class StackSettings:
     # Trace store bounds; None leaves `eventing.telemetry.traces.RetentionPolicy`'s default.
     trace_retention_s: float | None = None
     trace_max_bytes: int | None = None
+    # Memory broker: RSS above which the `retention` part rolls it over; None leaves
+    # `eventing.stack.rollover.RolloverSettings`'s default.
+    broker_max_rss: int | None = None
     # The pipeline this stack runs (`sluice up --topology`); None: the payments example.
     topology_file: Path | None = None
     # Processes per function in one consumer group, where `--replicas NAME=N` overrides the
@@ -307,6 +310,7 @@ def load_settings(
     trace_sampling: float | None = None,
     trace_retention_s: float | None = None,
     trace_max_bytes: int | None = None,
+    broker_max_rss: int | None = None,
     topology: str | os.PathLike[str] | None = None,
     replicas: dict[str, int] | None = None,
 ) -> StackSettings:
@@ -326,6 +330,7 @@ def load_settings(
         gateway_token_file=Path(gateway_token_file).resolve() if gateway_token_file else None,
         trace_retention_s=trace_retention_s,
         trace_max_bytes=trace_max_bytes,
+        broker_max_rss=broker_max_rss,
         gateway_token=gateway_token or None,
         query_token=query_token or None,
         topology_file=Path(topology).resolve() if topology else None,

@@ -92,8 +92,9 @@ def core_parts(settings: StackSettings) -> list[SpecFactory]:
             parts.append(lakesink.spec)
         if settings.generator and pipeline.has_generator(settings):
             parts.append(pipeline.generator_spec)
-        if settings.broker_storage == "s3":
-            parts.append(retention.spec)  # Tansu trims nothing itself
+        # Tansu trims nothing itself: s3 storage is trimmed from outside, a memory
+        # broker is rolled over (drained) above its RSS cap.
+        parts.append(retention.spec)
     return parts
 
 

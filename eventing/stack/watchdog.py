@@ -415,6 +415,33 @@ PART_METRICS: list[tuple[str, str, str, Callable[[PartState], float | None]]] = 
 ]
 
 
+def rollover_metrics(state_dir: Path) -> Iterable[Any]:
+    """The memory broker's rollovers (`eventing.stack.rollover` writes them to the state
+    folder; the `retention` part serves no HTTP, so the supervisor exposes them)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from eventing.stack.rollover import load_outcomes
+
+    data = load_outcomes(state_dir)
+    count = CounterMetricFamily("sluice_broker_rollovers", "Drained rollovers of the memory "
+                                "broker, by outcome (rolled; aborted: intake resumed, broker "
+                                "kept)", labels=["outcome"])
+    for outcome in ("rolled", "aborted"):
+        count.add_metric([outcome], float(data.get(outcome, 0)))
+    yield count
+    yield CounterMetricFamily("sluice_broker_rollover_pause_seconds",
+                              "Intake paused by rollovers that rolled over, in total",
+                              value=float(data.get("pause_seconds_sum", 0.0)))
+    last = data.get("last") or {}
+    if last:
+        yield GaugeMetricFamily("sluice_broker_rollover_last_pause_seconds",
+                                "Intake pause of the last rollover attempt",
+                                value=float(last.get("pause_s", 0.0)))
+        yield GaugeMetricFamily("sluice_broker_rollover_last_timestamp_seconds",
+                                "When the last rollover attempt started (epoch s)",
+                                value=float(last.get("started_at", 0.0)))
+
+
 def serve_metrics(sup: Supervisor, host: str, port: int) -> None:
     """`sluice_part_*` per part for Prometheus, and `/healthz`."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -431,6 +458,7 @@ def serve_metrics(sup: Supervisor, host: str, port: int) -> None:
                     if (v := value(st)) is not None:
                         family.add_metric([part], v)
                 yield family
+            yield from rollover_metrics(sup.state_dir)
 
     REGISTRY.register(_Collector())
     metrics.serve_metrics(host, port, lambda: (True, {"parts": len(sup.states)}))

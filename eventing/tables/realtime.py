@@ -818,8 +818,16 @@ def create_app(table: RealtimeTable, ingest: Ingest | Sequence[Ingest] | None = 
         ok = all(state[0] for state in states.values())
         detail = ("; ".join(f"{name}: {state[1]}" for name, state in states.items())
                   or "no ingest")
+        # Next offset per partition of each topic read (no consumer group commits it): how
+        # a broker rollover knows this table has read to the end (eventing.stack.rollover).
+        positions: dict[str, dict[str, int]] = {}
+        for i in ingests:  # two tables of one topic: the one behind counts
+            read = positions.setdefault(i.settings.topic, {})
+            for p, o in list(i.last_offsets.items()):
+                read[str(p)] = min(read.get(str(p), o + 1), o + 1)
         body = {"status": "ok" if ok else "unhealthy", "ingest": detail, "rows": table.rows,
                 "tables": {n: t.rows for n, t in table.tables.items()},
+                "positions": positions,
                 "table": table.name, "lake": table.lake_error or "attached"}
         return _json(body, 200 if ok else 503)
 
