@@ -44,7 +44,8 @@ from tests.test_fraud_pipeline import (
     query_cli,
 )
 
-pytestmark = pytest.mark.stack
+# Its own ~3 minutes, plus the session stack's start and stop when run alone (load ~20).
+pytestmark = [pytest.mark.stack, pytest.mark.timeout(900)]
 
 CARDS = 30
 PER_CARD = 40  # 1,200 payments per run
