@@ -17,7 +17,9 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from eventing.delivery import dispatcher as dispatch
 from eventing.delivery.checkpoint import Checkpoint, DeliveryFailed
-from eventing.delivery.invoke import Failure
+from eventing.delivery.invoke import Failure, InProcessInvoker
+from eventing.fn.runtime import FunctionHost
+from eventing.fn.state import KeyedState
 from eventing.topology import Delivery, Function
 from tests.helpers import FakeMessage, FakeProducer
 
@@ -237,3 +239,78 @@ def test_a_recreated_topic_resumes_on_the_new_log_instead_of_committing_old_offs
     d.step()  # a normal step after it: no reset counted
     assert d.stats.topic_resets == 1
     assert d.consumer.calls[-1] == ("commit", [("t", 0, 5)], True)
+
+
+# --------------------------------------------------------------------------- keyed state
+
+# A stateful function for the dispatcher below (the host finds stores in its module).
+COUNTS = KeyedState("checkpoint-counts", topic="counts.state")
+
+
+def count(event) -> dict:
+    """Counts events per record key: read-modify-write of keyed state, as `score` does."""
+    key = event["key"] if "key" in event else "none"
+    n = (COUNTS.get(key) or 0) + 1
+    COUNTS.put(key, n)
+    return {"key": key, "n": n}
+
+
+class WatchedProducer(KafkaProducer):
+    """Notes, for every changelog record produced, how many outputs were still in flight."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__(config)
+        self.outputs_in_flight_at_state: list[int] = []
+
+    def produce(self, topic: str, value=None, key=None, headers=None, on_delivery=None) -> None:
+        if topic == "counts.state":
+            self.outputs_in_flight_at_state.append(sum(q[0] == "out" for q in self.queued))
+        super().produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+
+
+def stateful_dispatcher(monkeypatch) -> dispatch.Dispatcher:
+    monkeypatch.setattr(dispatch, "Producer", WatchedProducer)
+    COUNTS._data.clear()
+    COUNTS._dirty.clear()
+    fn = Function(name="count", source=Path(__file__), target="count", topics=("t",),
+                  consumer_group="g", outputs={"out": ("*",)},
+                  delivery=Delivery(ordering="ordered"))
+    host = FunctionHost(fn, None, user=count, defer_state=True)
+    return dispatch.Dispatcher(fn, "fake:9092", lambda p: InProcessInvoker(host, p))
+
+
+def keyed(offsets: range, keys: int = 2) -> list[FakeMessage]:
+    return [FakeMessage(topic="t", partition=0, offset=o, value=b"{}",
+                        key=f"k{o % keys}".encode()) for o in offsets]
+
+
+def test_state_reaches_its_changelog_only_after_the_outputs_are_acknowledged(
+        fake_kafka, monkeypatch) -> None:
+    """A kill -9 between two produce requests must not leave a state change in the
+    changelog whose event's output the broker never got: the next owner would replay the
+    event against state that already holds it (checkpoint step 3)."""
+    d = stateful_dispatcher(monkeypatch)
+    d.consumer.pending = keyed(range(6))
+    d.step()
+    d.consumer.pending = keyed(range(6, 9))
+    d.step()
+    produced = [(topic, key, value) for topic, key, value, _ in d.producer.records]
+    state = [(key, value) for topic, key, value in produced if topic == "counts.state"]
+    assert len([p for p in produced if p[0] == "out"]) == 9
+    # Latest value per key per commit: 2 keys after the first step, 2 after the second.
+    assert state == [(b"k0", b"3"), (b"k1", b"3"), (b"k0", b"5"), (b"k1", b"4")]
+    assert d.producer.outputs_in_flight_at_state == [0, 0, 0, 0]
+    assert d.consumer.calls == [("commit", [("t", 0, 6)], True), ("commit", [("t", 0, 9)], True)]
+
+
+def test_state_of_events_whose_outputs_failed_is_never_produced(fake_kafka, monkeypatch) -> None:
+    d = stateful_dispatcher(monkeypatch)
+    d.consumer.pending = keyed(range(2))
+    d.step()
+    d.consumer.pending = keyed(range(2, 4))
+    d.producer.failed_topic = "out"
+    with pytest.raises(DeliveryFailed):
+        d.step()
+    state = [value for topic, _, value, _ in d.producer.records if topic == "counts.state"]
+    assert state == [b"1", b"1"]  # only the first step's; the replay recomputes the rest
+    assert d.invoker.host.pending_state == {} and d.consumer.calls[-1] == ("seek", ("t", 0, 2))

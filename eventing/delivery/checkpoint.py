@@ -5,9 +5,22 @@ The order, for every consumed record, is:
 1. the function has run on it (or it has been dead-lettered after its last retry);
 2. every record it produced (its outputs, or the dead-letter copy) has been
    acknowledged by the broker with acks=all (`Producer.flush` returned with no errors);
-3. only then is the partition's offset committed, and only up to the first record
+3. then the keyed-state changes the function made while handling it are produced to
+   their changelog and acknowledged in turn (`after_outputs`): a function's state never
+   reaches the changelog ahead of the outputs computed from it;
+4. only then is the partition's offset committed, and only up to the first record
    that is not done: a record still waiting for a retry holds back the commit of every
    record after it, even those already processed (unordered mode).
+
+Why step 3 comes after step 2 and not with it. A crash (kill -9) between two produce
+requests could otherwise leave an event's state change in the changelog without its
+output: the next owner of the partition (a restart, or another replica after a
+rebalance) restores that state, replays the event, and the function sees its own event
+already applied, so it can only answer from a window that may also hold later events
+(the fraud scorer then reports an earlier payment as too late, or impossible travel
+with a country paid in afterwards). With state behind outputs, a replayed event finds
+either its output already written (the table keeps the first copy) or the state as it
+was before the event, and computes the same output again.
 
 So a crash at any point replays from the last commit: nothing acknowledged is lost, and
 the records processed after that commit are processed again. Those replays are the only
@@ -114,12 +127,16 @@ class Checkpoint:
 
     def __init__(self, producer: Flushes, consumer: Commits, *, name: str = "",
                  on_rewind: Callable[[], None] | None = None,
+                 after_outputs: Callable[[], int] | None = None,
                  flush_timeout_s: float = FLUSH_TIMEOUT_S) -> None:
         self.partitions: dict[tuple[str, int], PartitionProgress] = {}
         self._producer = producer
         self._consumer = consumer
         self._name = name
         self._on_rewind = on_rewind
+        # Produces records that may only follow durable outputs (keyed-state changes);
+        # returns how many it queued (step 3 of `commit`).
+        self._after_outputs = after_outputs
         self._flush_timeout_s = flush_timeout_s
         self._delivery_errors: list[str] = []
 
@@ -142,28 +159,25 @@ class Checkpoint:
             acknowledged, with acks=all, every output and dead-letter copy produced so far.
          2. Check delivery: an output still unacknowledged after the flush, or a delivery
             error reported since the last commit, fails the checkpoint.
-         3. On failure, rewind and stop: seek every partition back to its last commit
-            (or its first record, if never committed), forget its progress, drop what was
-            fetched (`on_rewind`) and raise `DeliveryFailed`. Nothing is committed; the
-            records replay (at-least-once).
-         4. Commit each partition up to its first record not done: a record waiting for
+         3. Produce what must follow durable outputs (`after_outputs`: keyed-state
+            changes), then flush and check again as in 1 and 2.
+         4. On a failure in 1-3, rewind and stop: seek every partition back to its last
+            commit (or its first record, if never committed), forget its progress, drop
+            what was fetched and held (`on_rewind`) and raise `DeliveryFailed`. Nothing
+            is committed; the records replay (at-least-once).
+         5. Commit each partition up to its first record not done: a record waiting for
             a retry holds back every record after it. Asynchronous unless `sync` (on
             revoke and close); the broker's "no offset to commit" is not an error.
-         5. Remember those offsets as committed, the point a later rewind returns to.
+         6. Remember those offsets as committed, the point a later rewind returns to.
 
         Returns True when offsets were committed (False: nothing new was safe).
         """
         # Steps 1 and 2: flush, then check what the broker acknowledged.
-        remaining = self._producer.flush(self._flush_timeout_s)
-        if remaining or self._delivery_errors:
-            errors, self._delivery_errors = self._delivery_errors, []
-            # Step 3: rewind; nothing after the last commit is known durable.
-            self._rewind()
-            raise DeliveryFailed(
-                f"{self._name}: {remaining} output(s) unacknowledged, "
-                f"errors: {errors[:3]}; nothing committed, records will be replayed"
-            )
-        # Step 4: commit what is done, up to each partition's first open record.
+        self._flushed()
+        # Step 3: state after the outputs it was computed with.
+        if self._after_outputs is not None and self._after_outputs():
+            self._flushed()
+        # Step 5: commit what is done, up to each partition's first open record.
         offsets = self._to_commit()
         if not offsets:
             return False
@@ -172,9 +186,21 @@ class Checkpoint:
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 raise
-        # Step 5: the new replay point.
+        # Step 6: the new replay point.
         self._mark_committed(offsets)
         return True
+
+    def _flushed(self) -> None:
+        """Steps 1-2 (and 4 on failure): everything produced so far is acknowledged."""
+        remaining = self._producer.flush(self._flush_timeout_s)
+        if remaining or self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors, []
+            # Step 4: rewind; nothing after the last commit is known durable.
+            self._rewind()
+            raise DeliveryFailed(
+                f"{self._name}: {remaining} output(s) unacknowledged, "
+                f"errors: {errors[:3]}; nothing committed, records will be replayed"
+            )
 
     def _rewind(self) -> None:
         """Replay every partition from its last commit (at-least-once after a failure):

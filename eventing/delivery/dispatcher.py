@@ -126,7 +126,8 @@ class Dispatcher:
         overrides = {"auto.offset.reset": function.initial_offset, **(consumer_overrides or {})}
         self.consumer = Consumer(consumer_config(bootstrap, function.consumer_group, **overrides))
         self.checkpoint = Checkpoint(self.producer, self.consumer, name=function.name,
-                                     on_rewind=self.lanes.clear)
+                                     on_rewind=self._rewound,
+                                     after_outputs=getattr(self.invoker, "produce_state", None))
         self.last_cycle = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
@@ -155,6 +156,17 @@ class Dispatcher:
             log.warning("%s: final commit skipped: %s", self.function.name, exc)
         self.consumer.close()
         self.invoker.close()
+
+    def _rewound(self) -> None:
+        """The checkpoint rewound: what was fetched is fetched again, and keyed-state
+        changes the invoker still holds belong to records that will be replayed. (The
+        in-memory store is then ahead of its changelog until the restore that follows: a
+        failed commit stops the dispatcher, a failed commit on revoke precedes an
+        assignment, and both restore.)"""
+        self.lanes.clear()
+        drop = getattr(self.invoker, "drop_state", None)
+        if drop is not None:
+            drop()
 
     # ------------------------------------------------------------------ one cycle
 

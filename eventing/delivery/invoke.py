@@ -107,6 +107,19 @@ class InProcessInvoker:
             self.producer.poll(0)
         return outcomes
 
+    def produce_state(self) -> int:
+        """Queue the keyed-state changes the function made since the last call (held by
+        the host: `FunctionHost.defer_state`). The checkpoint calls this only after the
+        outputs of those calls were acknowledged; returns how many records it queued."""
+        records = self.host.take_state()
+        if records:
+            self.output.send(records)
+        return len(records)
+
+    def drop_state(self) -> None:
+        """A rewind: the held changes belong to records that will be replayed."""
+        self.host.pending_state.clear()
+
     def close(self) -> None:
         pass
 

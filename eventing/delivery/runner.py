@@ -45,7 +45,9 @@ def build(function: Function, settings: RunSettings, **kwargs) -> Dispatcher:
     kwargs["consumer_overrides"] = {**tuning.consumer, **(kwargs.get("consumer_overrides") or {})}
     kwargs.setdefault("producer_overrides", tuning.stream_producer)
     if function.invoke == "inprocess":
-        host = FunctionHost(function, make_serde(settings.registry_url))
+        # State changes reach the changelog only after their events' outputs are
+        # acknowledged (`Checkpoint.commit` step 3 says why).
+        host = FunctionHost(function, make_serde(settings.registry_url), defer_state=True)
         factory: Callable[[Producer], Invoker] = lambda p: InProcessInvoker(host, p)  # noqa: E731
         if host.stores:
             # Restored again on every assignment: keys may have moved between instances.

@@ -97,8 +97,15 @@ class FunctionHost:
 
     def __init__(self, function: Function, serde: Serde | None,
                  user: Callable[[CloudEvent], Any] | None = None,
-                 tracer: tracing.Tracer | None = None) -> None:
+                 tracer: tracing.Tracer | None = None, *, defer_state: bool = False) -> None:
         self.function = function
+        # Deferred (the in-process dispatcher): a call's state changes are not returned
+        # with its outputs but held in `pending_state` (latest value per changelog key)
+        # until `take_state`, which the dispatcher calls only once the outputs of every
+        # call so far are acknowledged (`eventing.delivery.checkpoint`, step 3). So the
+        # changelog never holds the state of an event whose outputs the broker may lack.
+        self.defer_state = defer_state
+        self.pending_state: dict[tuple[str, bytes | None], OutputRecord] = {}
         self.tracer = tracer or tracing.get_tracer()
         self.serde = serde
         self.user = user or load_target(function.source, function.target)
@@ -163,9 +170,23 @@ class FunctionHost:
                 for st in self.stores:
                     st.discard_pending()
                 raise
-            for st in self.stores:
-                records.extend(st.drain())
+            if self.defer_state:
+                pending = self.pending_state
+                for st in self.stores:
+                    for record in st.drain():
+                        pending[record[0], record[1]] = record
+            else:
+                for st in self.stores:
+                    records.extend(st.drain())
             return records
+
+    def take_state(self) -> list[OutputRecord]:
+        """The held state changes (deferred mode), latest per key, and forget them."""
+        if not self.pending_state:
+            return []
+        records = list(self.pending_state.values())
+        self.pending_state.clear()
+        return records
 
     def restore_state(self, bootstrap: str) -> None:
         """Load every store of the function from its changelog (before events flow)."""

@@ -6,11 +6,17 @@ the store: real (the broker keeps it, on S3 with the durable stack), shared (any
 instance can restore any key), and compacted to one record per key.
 
 Why it stays consistent with at-least-once delivery: the function host drains the
-changes made while handling an event and produces them with that event's outputs, on the
-same producer, so the dispatcher's "flush, then commit" rule (see `eventing.delivery.checkpoint`)
-covers state too. After a crash, replayed events meet state that may already include
-them: state values should carry what they need to recognise an event already applied
-(the fraud scorer keeps recent payment ids), which makes replays harmless.
+changes made while handling an event, and they reach the changelog on the outputs'
+producer before the input's offset is committed. In the in-process dispatcher they reach
+it only *after* the outputs of the same events were acknowledged (held by the host,
+latest value per key, and produced at the commit: `eventing.delivery.checkpoint` step 3
+says why): so the changelog never holds the state of an event whose output could be
+lost, and a replayed event either finds its output already written or computes the same
+one again from the state it first saw. The HTTP host still produces them with the
+event's outputs and answers 2xx once both are acknowledged. Replayed events can still
+meet state that includes them (output and state both written, offset not yet
+committed): state values should carry what they need to recognise an event already
+applied (the fraud scorer keeps recent payment ids), so it is not counted twice.
 
 A function declares a store at import time (through `eventing.fn.api`, the one module
 functions import) and uses it like a dict:
