@@ -14,6 +14,10 @@ the object store grows with the lake (the tables are the product), compaction as
 RSS is the part's process and its children (from /proc); disk is the part's data folder
 (`.state/data/<part>/`), so the broker on memory storage shows its log in RSS only.
 
+`--broker-max-rss 96MiB` lowers the memory broker's rollover cap (README "Broker
+rollover") so a short soak shows the rollovers: the broker's line is then a sawtooth,
+read its `peak` column and the rollover count printed at the end.
+
 `--storage s3` runs the broker on the object store (with the retention part `up` adds);
 each sample then also counts the broker's objects and bytes in its bucket (`broker-s3`),
 since the object store's folder holds the lake too. Whether the pipeline keeps up is
@@ -38,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from eventing.stack.process import ProcessDir, is_alive, port_open  # noqa: E402
+from eventing.stack.rollover import load_outcomes  # noqa: E402
 from eventing.stack.settings import Ports  # noqa: E402
 from eventing.telemetry.traces import db_path  # noqa: E402
 
@@ -52,6 +57,12 @@ class Series:
     t: list[float] = field(default_factory=list)
     rss: list[int] = field(default_factory=list)
     disk: list[int] = field(default_factory=list)
+
+    def peak(self, values: list[int], warmup_min: float) -> int:
+        """The largest sample after the warm-up: a bounded sawtooth (the memory broker's
+        rollovers) has a slope near zero but a peak near its cap."""
+        return max((v for t, v in zip(self.t, values, strict=True) if t >= warmup_min),
+                   default=values[-1] if values else 0)
 
     def slope(self, values: list[int], warmup_min: float) -> float | None:
         """MiB per minute by least squares over the samples after the warm-up."""
@@ -147,6 +158,7 @@ def report(series: dict[str, Series], args: argparse.Namespace, elapsed_min: flo
         rows.append({"part": s.name, "samples": len(s.t),
                      "rss_first_mib": s.rss[0] / MiB, "rss_last_mib": s.rss[-1] / MiB,
                      "rss_slope_mib_min": s.slope(s.rss, args.warmup),
+                     "rss_peak_mib": s.peak(s.rss, args.warmup) / MiB,
                      "disk_first_mib": s.disk[0] / MiB, "disk_last_mib": s.disk[-1] / MiB,
                      "disk_slope_mib_min": s.slope(s.disk, args.warmup),
                      "series": {"minutes": s.t, "rss": s.rss, "disk": s.disk}})
@@ -156,10 +168,12 @@ def report(series: dict[str, Series], args: argparse.Namespace, elapsed_min: flo
 
     print(f"\nsoak: {elapsed_min:.1f} min, sample every {args.interval:.0f} s, slopes after "
           f"{args.warmup:.1f} min (MiB/min)")
-    print(f"{'PART':<12} {'RSS MiB':>17} {'slope':>7}   {'DISK MiB':>17} {'slope':>7}")
+    print(f"{'PART':<12} {'RSS MiB':>17} {'slope':>7} {'peak':>7}   {'DISK MiB':>17} "
+          f"{'slope':>7}")
     for r in rows:
         print(f"{r['part']:<12} {r['rss_first_mib']:>8.1f}->{r['rss_last_mib']:>7.1f} "
-              f"{fmt(r['rss_slope_mib_min']):>7}   {r['disk_first_mib']:>8.1f}->"
+              f"{fmt(r['rss_slope_mib_min']):>7} {r['rss_peak_mib']:>7.1f}   "
+              f"{r['disk_first_mib']:>8.1f}->"
               f"{r['disk_last_mib']:>7.1f} {fmt(r['disk_slope_mib_min']):>7}")
     return {"minutes": elapsed_min, "interval_s": args.interval, "warmup_min": args.warmup,
             "rate": args.rate, "trace_max_size": args.trace_max_size, "parts": rows}
@@ -175,6 +189,8 @@ def main() -> int:
     p.add_argument("--trace-max-size", help="trace store bound, e.g. 32MiB (default: up's)")
     p.add_argument("--trace-retention", help="trace store age bound, e.g. 10m (default: up's)")
     p.add_argument("--storage", choices=["memory", "s3"], help="broker storage (default: up's)")
+    p.add_argument("--broker-max-rss", help="memory broker's rollover cap, e.g. 96MiB "
+                   "(default: up's); a lower cap shows rollovers within a short soak")
     p.add_argument("--state-dir", type=Path, help="default: a fresh temporary folder")
     p.add_argument("--port-offset", type=int, help="default: the first free layout >= 24000")
     p.add_argument("--keep", action="store_true", help="leave the stack running at the end")
@@ -185,7 +201,7 @@ def main() -> int:
 
     up = ["up"]
     for flag, value in (("--rate", args.rate), ("--trace-max-size", args.trace_max_size),
-                        ("--storage", args.storage),
+                        ("--storage", args.storage), ("--broker-max-rss", args.broker_max_rss),
                         ("--trace-retention", args.trace_retention)):
         if value is not None:
             up += [flag, value]
@@ -241,6 +257,11 @@ def main() -> int:
         result = report(series, args, elapsed) if series else {}
         if result:
             result["pipeline"] = keepup
+        if result:
+            result["rollovers"] = load_outcomes(args.state_dir)
+            rolled = result["rollovers"]
+            print(f"broker rollovers: {rolled.get('rolled', 0)} done, "
+                  f"{rolled.get('aborted', 0)} aborted; last: {rolled.get('last')}")
         if args.json and result:
             args.json.write_text(json.dumps(result, indent=2))
         if not args.keep:
