@@ -86,3 +86,29 @@ def test_every_stream_consumer_part_of_an_s3_stack_sees_s3(tmp_path) -> None:
         edge = Edge(build_parser().parse_args(argv[3:]))
         assert edge.settings.broker_storage == "s3", f"{name} would run with memory's tuning"
         assert edge.settings.state_dir == settings.state_dir, name
+
+
+def test_a_stateful_functions_restore_reads_with_the_storage_tuning(
+        clients, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keyed-state restore on assignment reads its changelog from the start: on s3
+    with the general 10 ms wait it would read nothing and time out."""
+    from dataclasses import replace
+
+    from eventing.delivery import runner
+
+    restores: list[dict | None] = []
+
+    class _Host:
+        stores = ["a store"]
+
+        def __init__(self, *args: Any) -> None: ...
+
+        def restore_state(self, bootstrap: str, consumer_overrides: dict | None = None) -> None:
+            restores.append(consumer_overrides)
+
+    monkeypatch.setattr(runner, "FunctionHost", _Host)
+    monkeypatch.setattr(runner, "InProcessInvoker", lambda host, producer: object())
+    fn = replace(_function(), invoke="inprocess", url=None)
+    dispatcher = build(fn, RunSettings("127.0.0.1:9", None, broker_storage="s3"))
+    dispatcher._on_assign(None, ["a partition"])
+    assert restores == [client_tuning("s3").consumer]

@@ -16,10 +16,12 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from eventing import topology as topo
+from eventing.fn.state import KeyedState
 from eventing.kafka import client_tuning, consumer_config, ensure_topics, producer_config
 from eventing.serde import AvroSerde
 from eventing.stack import retention as ret
@@ -112,3 +114,23 @@ def test_the_s3_stacks_first_function_reads_past_where_it_stalled(
         time.sleep(2)
         committed = positions.committed("sluice-validate").get(("payments.raw", 0), -1)
     assert committed == OBJECTS, f"sluice-validate committed payments.raw[0] up to {committed}"
+
+
+def test_keyed_state_restores_a_long_changelog_with_the_storage_tuning(
+        s3_stack: StackSettings) -> None:
+    """A function's state restore reads its changelog from the start: with the general
+    10 ms wait it timed out on s3 (same quirk); the dispatcher now hands it the tuning."""
+    bootstrap = s3_stack.bootstrap
+    topic = f"state-{uuid.uuid4().hex[:8]}"
+    ensure_topics(bootstrap, {topic: 1}, config={topic: {"cleanup.policy": "compact"}})
+    _one_object_each(bootstrap, topic, [(b"k%d" % (i % 50), orjson.dumps(i), None)
+                                        for i in range(OBJECTS)])
+    latest = {f"k{i % 50}": i for i in range(OBJECTS)}
+
+    with pytest.raises(TimeoutError):
+        KeyedState("untuned", topic, partitions=1).restore(
+            bootstrap, timeout=8, consumer_overrides={"fetch.wait.max.ms": 1})
+    store = KeyedState("tuned", topic, partitions=1)
+    assert store.restore(bootstrap, timeout=60,
+                         consumer_overrides=client_tuning("s3").consumer) == len(latest)
+    assert {k: store.get(k) for k in latest} == latest
