@@ -20,13 +20,26 @@ The defaults here exist because of measured broker behaviour (see
   general default: there linger is added to every answer.
 
 On `--storage s3` (Tansu over SeaweedFS) the stream clients take `client_tuning("s3")`:
-consumers `fetch.wait.max.ms=300`, the dispatcher's producer `linger.ms=50`. Each fetch
-of a partition with new records LISTs its objects and GETs them, and each produce batch
-is a PUT plus a watermark update, so at 10 ms a consumer's fetches crowd the object store
-and the first hop of the example fell behind at 20 payments/s (validate consumed 109 of
-637 accepted in 150 s); at 300 ms / 50 ms every hop kept up (667 of 669), same machine,
-2026-11-30. The cost is up to 300 ms added per consumer hop, which memory storage
-(answers from RAM) need not pay, hence per storage.
+consumers `fetch.wait.max.ms=1000`, the dispatcher's producer `linger.ms=50`. The fetch
+wait is Tansu's *time budget* for the whole fetch, not only how long it may wait: the
+build we run (it reports 0.6.0; its code is tansu-io/tansu main at cf82d41, after
+"propagate max_wait into storage") LISTs a partition's batch objects from the oldest,
+stops listing when the request's `max_wait` is spent, keeps only objects at or after the
+fetch offset, and answers error NONE with no records when the listing had not reached
+that offset (`tansu-storage/src/dynostore.rs` `fetch`, `has_deadline_expired`). The
+consumer then asks for the same offset again and gets the same empty answer, for ever:
+a LIST that takes longer than the wait stalls the partition, and a stalled group also
+holds retention, so the partition only grows. Measured here (2026-11-30, load average
+~20, one partition of single-record objects, `assign()` at its end): a LIST of 600
+objects took 20-162 ms and of 1,650 objects 49-349 ms; a 10 ms wait read 0 of 600
+records in 20 s, 300 ms needed several empty fetches at 1,650 objects, 1000 ms read
+them at once. The example at 20 events/s keeps about (min-age 5 min + one 30 s pass) x
+5 records/s ~ 1,650 objects per partition (`eventing.stack.retention`), so 1000 ms is
+about three times the slowest LIST seen. The wait also shares out the budget between
+the request's partitions in order (librdkafka rotates the order), and when nothing is
+new an idle fetch returns after the wait, so a trickle pays up to ~0.5 s per consumer
+hop; memory storage answers from RAM and keeps 10 ms, hence per storage. Each produce
+batch is a PUT plus a watermark update, hence the longer linger for the dispatchers.
 
 They are harmless on Apache Kafka, so one configuration serves both. Every broker
 address comes from the caller: nothing here knows where the broker is.
@@ -85,7 +98,7 @@ class ClientTuning:
 # Measured reasons in the module docstring.
 _TUNING: dict[str, ClientTuning] = {
     "memory": ClientTuning(),
-    "s3": ClientTuning(consumer={"fetch.wait.max.ms": 300},
+    "s3": ClientTuning(consumer={"fetch.wait.max.ms": 1000},
                        stream_producer={"linger.ms": 50}),
 }
 

@@ -375,7 +375,8 @@ def replay(edge: Edge) -> int:
     if not consumers:
         raise CommandFailed(f"no function of {edge.topology_path} consumes {a.topic!r}")
     _broker_up(edge)
-    settings = RunSettings(bootstrap=_bootstrap(edge), registry_url=edge.settings.registry_url)
+    settings = RunSettings(bootstrap=_bootstrap(edge), registry_url=edge.settings.registry_url,
+                           broker_storage=edge.settings.broker_storage)
     stop = edge.foreground("sluice-replay")
     rows = []
     for function in consumers:

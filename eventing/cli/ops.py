@@ -281,8 +281,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="broker storage: memory (default) keeps up, grows ~4 MiB/min at "
                         "the example's rate and forgets on restart; s3 keeps topics in "
                         "the object store across restarts, bounded by the `retention` "
-                        "part, but the example's consumers stall on it here "
-                        "(README: Why memory is the default broker storage)")
+                        "part; consumers wait up to 1 s per fetch on it, so a "
+                        "trickle pays ~0.5 s per hop (README: Why memory is the "
+                        "default broker storage)")
     p.add_argument("--no-pipeline", action="store_true",
                    help="start only the infrastructure, not the gateway and functions")
     p.add_argument("--no-generator", action="store_true",

@@ -51,7 +51,8 @@ def build(function: Function, settings: RunSettings, **kwargs) -> Dispatcher:
         factory: Callable[[Producer], Invoker] = lambda p: InProcessInvoker(host, p)  # noqa: E731
         if host.stores:
             # Restored again on every assignment: keys may have moved between instances.
-            kwargs.setdefault("on_assign", lambda: host.restore_state(settings.bootstrap))
+            kwargs.setdefault("on_assign", lambda: host.restore_state(
+                settings.bootstrap, consumer_overrides=tuning.consumer))
         return Dispatcher(function, settings.bootstrap, factory, **kwargs)
     from eventing.delivery.http import HttpInvoker
 

@@ -188,10 +188,12 @@ class FunctionHost:
         self.pending_state.clear()
         return records
 
-    def restore_state(self, bootstrap: str) -> None:
-        """Load every store of the function from its changelog (before events flow)."""
+    def restore_state(self, bootstrap: str,
+                      consumer_overrides: dict[str, Any] | None = None) -> None:
+        """Load every store of the function from its changelog (before events flow);
+        `consumer_overrides`: the broker storage's tuning (`KeyedState.restore`)."""
         for st in self.stores:
-            st.restore(bootstrap)
+            st.restore(bootstrap, consumer_overrides=consumer_overrides)
 
     def _outputs(self, event: CloudEvent, result: Any, span: Any = None) -> list[OutputRecord]:
         if not isinstance(result, list | tuple):

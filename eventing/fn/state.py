@@ -139,13 +139,17 @@ class KeyedState:
         """Forget changes of a failed call; the next restore brings back the truth."""
         self._dirty.clear()
 
-    def restore(self, bootstrap: str, timeout: float = 60.0) -> int:
+    def restore(self, bootstrap: str, timeout: float = 60.0,
+                consumer_overrides: dict[str, Any] | None = None) -> int:
         """Read the whole changelog into memory. Returns the number of keys.
 
         The end of the log is found by writing a marker and reading until it comes back,
         because a broker's reported high watermark is not always right (Tansu).
+        `consumer_overrides` is the broker storage's tuning (`eventing.kafka.client_tuning`):
+        on s3 a 10 ms fetch wait reads nothing of a long changelog, and the restore
+        would time out.
         """
-        consumer, _ = self._read_changelog(bootstrap, timeout)
+        consumer, _ = self._read_changelog(bootstrap, timeout, consumer_overrides)
         consumer.close()
         return len(self._data)
 
@@ -214,14 +218,17 @@ class KeyedState:
 
     # ----------------------------------------------------------- reading the log
 
-    def _read_changelog(self, bootstrap: str, timeout: float) -> tuple[Consumer, dict[int, int]]:
+    def _read_changelog(self, bootstrap: str, timeout: float,
+                        consumer_overrides: dict[str, Any] | None = None,
+                        ) -> tuple[Consumer, dict[int, int]]:
         """Read the changelog to its marked end into `_data`; return the consumer (still
         assigned, positioned after the markers) and each partition's next offset."""
         ensure_topics(bootstrap, {self.topic: self.partitions},
                       config={self.topic: {"cleanup.policy": "compact"}})
         marker_id = uuid.uuid4().hex.encode()
         producer = Producer(producer_config(bootstrap))
-        consumer = Consumer(consumer_config(bootstrap, f"restore-{uuid.uuid4().hex}"))
+        consumer = Consumer(consumer_config(bootstrap, f"restore-{uuid.uuid4().hex}",
+                                            **(consumer_overrides or {})))
         try:
             parts = consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
             for p in parts:  # one marker per partition: each must be read to its end

@@ -124,9 +124,14 @@ def function_specs(settings: StackSettings) -> list[Callable[[StackSettings], Pa
             port = function_metrics_port(s, index)
             url = f"http://{s.host}:{port}/metrics"
             health = f"http://{s.host}:{port}/healthz"  # cheap; a scrape can take seconds
+            # `--state-dir` first, as for the lake sink and the real-time table: the
+            # dispatcher reads the stack's broker storage from it, hence its client
+            # tuning (`eventing.kafka.client_tuning`). Without it a function on an s3
+            # stack took memory's 10 ms fetch wait and stalled (README "Broker storage").
             return _python_part(
                 s, part,
-                ["run", "--function", name, "--topology", str(s.topology_path),
+                ["--state-dir", str(s.state_dir),
+                 "run", "--function", name, "--topology", str(s.topology_path),
                  "--bootstrap", s.bootstrap, "--registry", s.registry_url,
                  "--metrics-port", str(port), "--metrics-host", s.host,
                  *tracing_args(s, f"sluice-{name}")],

@@ -308,11 +308,15 @@ class Positions:
         their last batch (`ends`), or None when the end was not reached in time."""
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-        from eventing.kafka import consumer_config
+        from eventing.kafka import client_tuning, consumer_config
 
+        # Retention runs on s3 storage only, where a fetch wait shorter than Tansu's LIST
+        # of the partition reads nothing at all (`eventing.kafka`): with the general
+        # 10 ms, compaction of a long changelog was skipped pass after pass.
         consumer = Consumer(consumer_config(self.bootstrap,
                                             f"sluice-retention-{uuid.uuid4().hex}",
-                                            **{"enable.auto.commit": False}))
+                                            **{**client_tuning("s3").consumer,
+                                               "enable.auto.commit": False}))
         out: dict[int, dict[int, bytes | None]] = {p: {} for p in ends}
         pending = set(ends)
         try:
