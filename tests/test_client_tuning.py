@@ -101,7 +101,7 @@ def test_a_stateful_functions_restore_reads_with_the_storage_tuning(
     class _Host:
         stores = ["a store"]
 
-        def __init__(self, *args: Any) -> None: ...
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
 
         def restore_state(self, bootstrap: str, consumer_overrides: dict | None = None) -> None:
             restores.append(consumer_overrides)
