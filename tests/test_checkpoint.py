@@ -10,6 +10,7 @@ covered without a broker.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -314,3 +315,87 @@ def test_state_of_events_whose_outputs_failed_is_never_produced(fake_kafka, monk
     state = [value for topic, _, value, _ in d.producer.records if topic == "counts.state"]
     assert state == [b"1", b"1"]  # only the first step's; the replay recomputes the rest
     assert d.invoker.host.pending_state == {} and d.consumer.calls[-1] == ("seek", ("t", 0, 2))
+
+# --------------------------------------------------------------------------- early subscription
+
+
+class JoiningConsumer(KafkaConsumer):
+    """A consumer whose group join completes on its `joins_after`-th consume call."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__(config)
+        self.log: list[str] = []
+        self.joins_after = 3
+        self._on_assign = None
+
+    def subscribe(self, topics: list[str], **callbacks) -> None:
+        self.log.append("subscribe")
+        self._on_assign = callbacks["on_assign"]
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        self.log.append("consume")
+        if self.log.count("consume") == self.joins_after and self._on_assign is not None:
+            self._on_assign(self, [TopicPartition("t", 0)])
+        return []
+
+    def close(self) -> None:
+        self.log.append("close")
+
+
+def _function() -> Function:
+    return Function(name="fn", source=Path("main.py"), target="fn", topics=("t",),
+                    consumer_group="g", outputs={"out": ("*",)}, delivery=Delivery())
+
+
+def test_a_dispatcher_that_subscribes_first_joins_before_its_invoker_is_built(
+        monkeypatch) -> None:
+    """Cold start: the group join (seconds on Tansu) overlaps building the function."""
+    monkeypatch.setattr(dispatch, "Producer", KafkaProducer)
+    monkeypatch.setattr(dispatch, "Consumer", JoiningConsumer)
+    made: list[JoiningConsumer] = []
+
+    def consumer(config: dict) -> JoiningConsumer:
+        made.append(JoiningConsumer(config))
+        return made[-1]
+
+    monkeypatch.setattr(dispatch, "Consumer", consumer)
+    seen: list[list[str]] = []
+
+    def factory(producer):
+        seen.append(list(made[0].log))
+        return FailingOffsets(set())
+
+    d = dispatch.Dispatcher(_function(), "fake:9092", factory, subscribe_first=True)
+    assert seen == [["subscribe"]]  # subscribed when the factory ran
+    d.run(threading.Event(), max_seconds=0.0)
+    assert d.consumer.log.count("subscribe") == 1  # run() does not subscribe again
+
+
+def test_a_dispatcher_subscribes_in_run_by_default(monkeypatch) -> None:
+    monkeypatch.setattr(dispatch, "Producer", KafkaProducer)
+    monkeypatch.setattr(dispatch, "Consumer", JoiningConsumer)
+    d = dispatch.Dispatcher(_function(), "fake:9092", lambda p: FailingOffsets(set()))
+    assert "subscribe" not in d.consumer.log
+    d.run(threading.Event(), max_seconds=0.0)
+    assert d.consumer.log[0] == "subscribe"
+
+
+def test_a_failed_invoker_closes_the_consumer_only_after_its_join(monkeypatch) -> None:
+    """On Tansu a member leaving before its first join completes can stick the group."""
+    monkeypatch.setattr(dispatch, "Producer", KafkaProducer)
+    made: list[JoiningConsumer] = []
+
+    def consumer(config: dict) -> JoiningConsumer:
+        made.append(JoiningConsumer(config))
+        return made[-1]
+
+    monkeypatch.setattr(dispatch, "Consumer", consumer)
+
+    def broken(producer):
+        raise ImportError("the user's code does not import")
+
+    with pytest.raises(ImportError):
+        dispatch.Dispatcher(_function(), "fake:9092", broken, subscribe_first=True)
+    log = made[0].log
+    assert log[0] == "subscribe" and log[-1] == "close"
+    assert log.count("consume") == 3  # polled until the assignment, then closed

@@ -69,3 +69,33 @@ def test_unrouted_type_is_an_output_error() -> None:
     host = _host({"x": ("only.this",)}, None)
     with pytest.raises(OutputError, match="none of its outputs"):
         host._outputs(_input(), {"a": 1})
+
+
+def test_a_functions_framework_target_is_called_without_its_pass_through_wrapper() -> None:
+    """`@functions_framework.cloud_event` only forwards the call: the host calls what it
+    wraps (one frame less per event) and the outputs stay the same; any other decorator
+    stays in the call, since it may do something."""
+    import functions_framework
+
+    def convert(event):
+        return {"a": event.data["a"] + 1}
+
+    wrapped = functions_framework.cloud_event(convert)
+    called: list[str] = []
+
+    def logging_decorator(fn):
+        def inner(event):
+            called.append("decorator")
+            return fn(event)
+        return inner
+
+    decorated = logging_decorator(convert)
+    fn = Function(name="fn", source=Path("unused.py"), target="t", topics=("in",),
+                  consumer_group="g", outputs={"avro.out": ("*",)}, delivery=Delivery())
+    direct = FunctionHost(fn, FakeSerde(), user=wrapped)
+    plain = FunctionHost(fn, FakeSerde(), user=convert)
+    kept = FunctionHost(fn, FakeSerde(), user=decorated)
+    assert direct.user is wrapped and direct._invoke is convert
+    assert kept._invoke is decorated
+    assert direct.call(_input()) == plain.call(_input()) == kept.call(_input())
+    assert called == ["decorator"]

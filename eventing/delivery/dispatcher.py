@@ -100,7 +100,8 @@ class Dispatcher:
                  invoker_factory: Callable[[Producer], Invoker], *, max_backlog: int = 10_000,
                  consumer_overrides: dict | None = None,
                  producer_overrides: dict | None = None,
-                 on_assign: Callable[[], None] | None = None) -> None:
+                 on_assign: Callable[[], None] | None = None,
+                 subscribe_first: bool = False) -> None:
         self.function = function
         self.delivery = function.delivery
         self.ordered = function.delivery.ordering == "ordered"
@@ -115,8 +116,6 @@ class Dispatcher:
                           "delivery.report.only.error": not traced,
                           "on_delivery": self._on_delivery}
         ))
-        self.invoker = invoker_factory(self.producer)
-        self.tracer: tracing.Tracer = getattr(self.invoker, "tracer", None) or tracing.get_tracer()
         self._on_assign_hook = on_assign
         self._last_commit = 0.0
         self.max_backlog = max_backlog
@@ -125,6 +124,20 @@ class Dispatcher:
         self._assigned = threading.Event()
         overrides = {"auto.offset.reset": function.initial_offset, **(consumer_overrides or {})}
         self.consumer = Consumer(consumer_config(bootstrap, function.consumer_group, **overrides))
+        self._subscribed = False
+        if subscribe_first:
+            # The group join (seconds on Tansu) runs in librdkafka's threads while the
+            # invoker is built (user code imported, schemas fetched): cold start overlaps
+            # them instead of adding them up. Rebalance callbacks only run inside
+            # consume(), i.e. in `run`, after the invoker exists.
+            self.subscribe()
+        try:
+            self.invoker = invoker_factory(self.producer)
+        except BaseException:
+            if self._subscribed:
+                self._close_after_join()
+            raise
+        self.tracer: tracing.Tracer = getattr(self.invoker, "tracer", None) or tracing.get_tracer()
         self.checkpoint = Checkpoint(self.producer, self.consumer, name=function.name,
                                      on_rewind=self._rewound,
                                      after_outputs=getattr(self.invoker, "produce_state", None))
@@ -132,9 +145,31 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def subscribe(self) -> None:
+        """Join the function's consumer group (once); `run` calls it if nobody did."""
+        if not self._subscribed:
+            self.consumer.subscribe(list(self.function.topics), on_assign=self._on_assign,
+                                    on_revoke=self._on_revoke, on_lost=self._on_revoke)
+            self._subscribed = True
+
+    def _close_after_join(self, timeout_s: float = 10.0) -> None:
+        """Close a consumer that subscribed but will never run (its invoker failed).
+
+        Not at once: on Tansu a group whose member leaves before its first join completes
+        can stay stuck for minutes (shared/notes/local-parts.md), which would stall the
+        fixed function's next start. So wait (bounded) for the assignment first; records
+        fetched meanwhile are not processed and nothing is committed.
+        """
+        self._on_assign_hook = None
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not self._assigned.is_set() and time.monotonic() < deadline:
+                self.consumer.consume(1, 0.1)
+        finally:
+            self.consumer.close()
+
     def run(self, stop: threading.Event, *, max_seconds: float | None = None) -> Stats:
-        self.consumer.subscribe(list(self.function.topics), on_assign=self._on_assign,
-                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        self.subscribe()
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         try:
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from confluent_kafka import Producer
@@ -45,14 +44,23 @@ def build(function: Function, settings: RunSettings, **kwargs) -> Dispatcher:
     kwargs["consumer_overrides"] = {**tuning.consumer, **(kwargs.get("consumer_overrides") or {})}
     kwargs.setdefault("producer_overrides", tuning.stream_producer)
     if function.invoke == "inprocess":
+        # The host (user code, registry client, output schemas) is built by the factory,
+        # so a dispatcher that subscribes first builds it while its group join runs.
         # State changes reach the changelog only after their events' outputs are
         # acknowledged (`Checkpoint.commit` step 3 says why).
-        host = FunctionHost(function, make_serde(settings.registry_url), defer_state=True)
-        factory: Callable[[Producer], Invoker] = lambda p: InProcessInvoker(host, p)  # noqa: E731
-        if host.stores:
+        hosts: list[FunctionHost] = []
+
+        def factory(producer: Producer) -> Invoker:
+            hosts.append(FunctionHost(function, make_serde(settings.registry_url),
+                                      defer_state=True))
+            return InProcessInvoker(hosts[0], producer)
+
+        def restore() -> None:
             # Restored again on every assignment: keys may have moved between instances.
-            kwargs.setdefault("on_assign", lambda: host.restore_state(
-                settings.bootstrap, consumer_overrides=tuning.consumer))
+            if hosts and hosts[0].stores:
+                hosts[0].restore_state(settings.bootstrap, consumer_overrides=tuning.consumer)
+
+        kwargs.setdefault("on_assign", restore)
         return Dispatcher(function, settings.bootstrap, factory, **kwargs)
     from eventing.delivery.http import HttpInvoker
 
@@ -72,7 +80,7 @@ def run(topology: Topology, names: list[str], settings: RunSettings, stop: threa
     ensure_topics(settings.bootstrap, topology.all_topics())
     functions = [topology.function(n) for n in names] if names else list(
         topology.functions.values())
-    dispatchers = {f.name: build(f, settings) for f in functions}
+    dispatchers = {f.name: build(f, settings, subscribe_first=True) for f in functions}
     if metrics:
         from eventing.telemetry.metrics import serve_dispatcher_metrics
 
