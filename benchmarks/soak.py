@@ -73,19 +73,24 @@ class Series:
         return fit.slope / MiB
 
 
-def _children(pid: int) -> list[int]:
+def _children(pid: int, parts: frozenset[int] = frozenset()) -> list[int]:
+    """Descendants of `pid`, leaving out other parts and their subtrees."""
     try:
         out = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         return []
-    kids = [int(c) for c in out]
-    return kids + [g for k in kids for g in _children(k)]
+    kids = [c for c in map(int, out) if c not in parts]
+    return kids + [g for k in kids for g in _children(k, parts)]
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of `pid` and its descendants (VmRSS from /proc)."""
+def rss_bytes(pid: int, parts: frozenset[int] = frozenset()) -> int:
+    """Resident memory of `pid` and its descendants (VmRSS from /proc), except
+    descendants that are parts themselves (`parts`: their pids): a part started by
+    another (the broker and the keyed-state functions a rollover restarts are children
+    of the `retention` part, a part the supervisor restarted is its child) is counted
+    once, under its own name."""
     total = 0
-    for p in [pid, *_children(pid)]:
+    for p in [pid, *_children(pid, parts)]:
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -220,10 +225,11 @@ def main() -> int:
         while True:
             now_min = (time.monotonic() - t0) / 60
             records = [r for r in ProcessDir(args.state_dir).records() if is_alive(r)]
+            pids = frozenset(r.pid for r in records)
             for r in records:
                 s = series.setdefault(r.name, Series(r.name))
                 s.t.append(now_min)
-                s.rss.append(rss_bytes(r.pid))
+                s.rss.append(rss_bytes(r.pid, pids))
                 s.disk.append(disk_bytes(data / r.name))
             store = db_path(args.state_dir)
             store_mib = disk_bytes(store.parent) / MiB if store.parent.exists() else 0.0
