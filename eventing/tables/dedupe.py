@@ -134,9 +134,14 @@ class RecentIds:
 
 
 def restore(recent: RecentIds, bootstrap: str, topic: str, last: dict[int, int], *,
-            key_of: Callable[[Any], str | None] = event_key, timeout_s: float = 60.0) -> int:
+            key_of: Callable[[Any], str | None] = event_key, timeout_s: float = 60.0,
+            consumer_overrides: dict[str, Any] | None = None) -> int:
     """Add the keys of `topic`'s records in `(last_ts - window, last]` per partition,
     where `last` is the last offset the table holds. Returns the keys added.
+
+    `consumer_overrides`: the broker storage's tuning (`eventing.kafka.client_tuning`), as
+    the sink's own consumer has it: on s3 storage a fetch wait shorter than Tansu's
+    listing of the partition answers no records at all (README "Broker storage").
 
     Best effort: on a timeout it logs and keeps what it read (offsets still prevent
     duplicate records; only replays of events written just before the restart could
@@ -149,7 +154,8 @@ def restore(recent: RecentIds, bootstrap: str, topic: str, last: dict[int, int],
     wanted = {p: o for p, o in last.items() if o >= 0}
     if not wanted or recent.window_ms <= 0:
         return 0
-    consumer = Consumer(consumer_config(bootstrap, f"sluice-dedupe-restore-{uuid.uuid4().hex}"))
+    consumer = Consumer(consumer_config(bootstrap, f"sluice-dedupe-restore-{uuid.uuid4().hex}",
+                                        **(consumer_overrides or {})))
     deadline = time.monotonic() + timeout_s
     added = 0
     try:

@@ -600,7 +600,8 @@ class LakeSink:
             self.recent.forget(assigned)  # rebuilt from what the table holds now
             dedupe.restore(self.recent, self.bootstrap, self.config.topic,
                            {p: o for p, o in self._done.items() if p in assigned},
-                           key_of=lambda m: dedupe.event_key(m, self.config.dedupe_key))
+                           key_of=lambda m: dedupe.event_key(m, self.config.dedupe_key),
+                           consumer_overrides=self.config.consumer_overrides)
         consumer.assign(partitions)
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
