@@ -14,7 +14,14 @@ import pytest
 from starlette.testclient import TestClient
 
 from eventing.ingest.publish import GatewayError, Publisher
-from eventing.stack.rollover import Outcome, Rollover, RolloverSettings, Saved, latest_per_key
+from eventing.stack.rollover import (
+    Outcome,
+    Rollover,
+    RolloverSettings,
+    Saved,
+    Unfinished,
+    latest_per_key,
+)
 from tests.test_gateway import TYPE, Harness, payment, structured
 
 
@@ -30,7 +37,10 @@ class FakeClock:
 
 
 class FakeBroker:
-    """Records the calls in order; `fail` names a step that raises, `drain` the answers."""
+    """Records the calls in order; `fail` names a step that raises, `drain` the answers.
+    `file` stands for the unfinished-rollover file in the state folder and `broker_id`
+    for the broker process running (a restart gives a new one): both outlive a
+    `Rollover`, as the state folder and the broker outlive a killed rollover process."""
 
     def __init__(self, drain: list[tuple[bool, str]] | None = None,
                  fail: str | None = None) -> None:
@@ -38,6 +48,8 @@ class FakeBroker:
         self.drain = drain if drain is not None else [(True, "ends=5"), (True, "ends=5")]
         self.fail = fail
         self.size = 600 << 20
+        self.file: Unfinished | None = None
+        self.broker_id = (100, 1)
 
     def _call(self, name: str) -> None:
         self.calls.append(name)
@@ -66,11 +78,31 @@ class FakeBroker:
 
     def save(self) -> Saved:
         self._call("save")
-        return Saved({"_schemas": 1}, set(), [("_schemas", 0, 0, b"k", b"v", None, None)])
+        return Saved({"_schemas": 1}, set(), [("_schemas", 0, 0, b"k", b"v", None, None)],
+                     broker=self.broker_id)
 
-    def restart(self) -> None:
-        self._call("restart")
-        self.size = 30 << 20
+    def keep(self, unfinished: Unfinished) -> None:
+        self._call("keep")
+        self.file = unfinished
+
+    def unfinished(self) -> Unfinished | None:
+        return self.file
+
+    def pending(self) -> bool:
+        return self.file is not None
+
+    def forget(self) -> None:
+        self._call("forget")
+        self.file = None
+
+    def replaced(self, saved: Saved) -> bool:
+        return self.broker_id != saved.broker
+
+    def restart(self, saved: Saved) -> None:
+        if self.broker_id == saved.broker:
+            self._call("restart")
+            self.broker_id = (self.broker_id[0] + 1, 1)
+            self.size = 30 << 20
 
     def recreate_topics(self, saved: Saved) -> None:
         self._call("recreate")
@@ -95,8 +127,9 @@ def test_a_rollover_runs_its_steps_in_order_and_resumes_last():
     b = FakeBroker()
     r, recorded, _ = rollover(b)
     out = r.run("test")
-    assert b.calls == ["pause", "drained", "drained", "stop", "save", "restart", "recreate",
-                       "restore", "registry", "start fn-score", "resume"]
+    assert b.calls == ["pause", "drained", "drained", "stop", "save", "keep", "restart",
+                       "recreate", "restore", "registry", "forget", "start fn-score", "resume"]
+    assert b.file is None
     assert out.rolled and recorded == [out]
     assert out.saved == {"_schemas": 1}
     assert out.rss_before == 600 << 20 and out.rss_after == 30 << 20
@@ -131,13 +164,21 @@ def test_a_failure_before_the_restart_leaves_the_broker_and_restarts_what_stoppe
     assert ("start fn-score" in b.calls) == (step == "save")  # stopped -> started again
 
 
-def test_a_failure_after_the_restart_is_raised_after_starting_parts_and_resuming():
+def test_a_failure_after_the_restart_keeps_the_file_and_the_functions_held_then_is_finished():
     b = FakeBroker(fail="restore")
     r, recorded, _ = rollover(b)
     with pytest.raises(RuntimeError, match="restore broke"):
         r.run("test")
-    assert b.calls[-2:] == ["start fn-score", "resume"]
+    # Intake resumes, but score is not started on a broker without its changelog.
+    assert b.calls[-1] == "resume" and "start fn-score" not in b.calls
     assert len(recorded) == 1 and recorded[0].failed_step == "restore records"
+    assert b.file is not None and b.file.stopped == ["fn-score"]
+    # The next run finishes it: no drain, no second save or restart, the records back.
+    b.fail, b.calls = None, []
+    out = r.run("again")
+    assert b.calls == ["pause", "recreate", "restore", "registry", "forget",
+                       "start fn-score", "resume"]
+    assert out.rolled and out.finished and "test" in out.finished and b.file is None
 
 
 def test_due_only_above_the_cap():
