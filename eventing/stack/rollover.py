@@ -333,8 +333,12 @@ def lock_path(state_dir: Path) -> Path:
 def under_way(state_dir: Path) -> bool:
     """Whether a rollover holds the stack's lock, or one that died left records to put
     back: parts it held must not start yet (they would restore an empty changelog)."""
-    if unfinished_path(state_dir).exists():
-        return True
+    return (unfinished_path(state_dir).exists() or _locked(state_dir)
+            or unfinished_path(state_dir).exists())
+
+
+def _locked(state_dir: Path) -> bool:
+    """Whether a rollover holds the stack's lock (taken and given back at once if not)."""
     try:
         with open(lock_path(state_dir), "a") as fh:
             try:
@@ -344,7 +348,7 @@ def under_way(state_dir: Path) -> bool:
             fcntl.flock(fh, fcntl.LOCK_UN)
     except OSError:
         return False
-    return unfinished_path(state_dir).exists()
+    return False
 
 
 # The unfinished-rollover file: JSON lines, a header then one record per line; keys,
@@ -625,7 +629,10 @@ class StackBroker:
         return read_unfinished(unfinished_path(self.settings.state_dir))
 
     def pending(self) -> bool:
-        return unfinished_path(self.settings.state_dir).exists()
+        """An unfinished rollover's file is there and no rollover holds the lock (the one
+        writing it now, or one finishing it: nothing to do for this one)."""
+        return unfinished_path(self.settings.state_dir).exists() and not _locked(
+            self.settings.state_dir)
 
     def forget(self) -> None:
         unfinished_path(self.settings.state_dir).unlink(missing_ok=True)
