@@ -341,7 +341,7 @@ def test_a_rollover_killed_after_the_broker_restart_is_finished_by_the_next_run(
     out = r.run("an interrupted rollover left its saved records")
     assert b.calls == ["pause", "recreate", "restore", "registry", "forget",
                        "start fn-score", "resume"]
-    assert out.rolled and out.finished.startswith("rss") and recorded == [out]
+    assert out.rolled and out.finished.endswith("(rss)") and recorded == [out]
     assert out.saved == {"_schemas": 1}
 
 

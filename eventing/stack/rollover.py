@@ -84,8 +84,8 @@ class Saved:
     partitions: dict[str, int] = field(default_factory=dict)
     compacted: set[str] = field(default_factory=set)
     records: list[Record] = field(default_factory=list)
-    # The broker process they were read from (pid, start ticks): a resume restarts the
-    # broker only while that one still runs, and never a new one.
+    # The broker process they were read from (pid, start ticks): only that one is ever
+    # stopped; a resume that finds it still running has nothing to restore (it holds all).
     broker: tuple[int, int] | None = None
 
     def counts(self) -> dict[str, int]:
@@ -206,7 +206,8 @@ class Rollover:
             else:
                 # A rollover that died after step 4: finish it from its file, steps 5-10.
                 saved, stopped = unfinished.saved, list(unfinished.stopped)
-                out.finished = f"{unfinished.reason} (started {unfinished.started_at:.0f})"
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unfinished.started_at))
+                out.finished = f"{when} ({unfinished.reason})"
                 out.reason = f"{reason}; finishing an interrupted rollover: {out.finished}"
                 log.warning("finishing an interrupted rollover: %s", out.finished)
                 if not b.replaced(saved):
