@@ -256,7 +256,7 @@ def test_a_rollover_killed_after_the_broker_restart_is_finished_by_the_retention
     killed_at = time.monotonic()
 
     # Score stays held (its changelog is not back) while the file is there; the retention
-    # part's next check (every 30 s) finishes the rollover: the file goes, score runs.
+    # part's next look (every 2 s) finishes the rollover: the file goes, score runs.
     deadline = time.monotonic() + 90
     while True:
         running = procs.record("fn-score")
@@ -268,8 +268,8 @@ def test_a_rollover_killed_after_the_broker_restart_is_finished_by_the_retention
         time.sleep(0.2)
     finished_s = time.monotonic() - killed_at
     # The file goes at step 8; the outcome is written after steps 9 and 10.
-    last = wait_until(lambda: load_outcomes(pipeline.state_dir).get("last"), 60,
-                      "the finished rollover's outcome")
+    last = wait_until(lambda: (o := load_outcomes(pipeline.state_dir).get("last", {})).get(
+        "finished") and o, 60, "the finished rollover's outcome")
     print("\n" + "\n".join(ln for ln in procs.log_path("retention").read_text().splitlines()
                            if "rollover" in ln or "restore" in ln or "saved" in ln)[-3000:])
     assert last["rolled"] and last["finished"], last

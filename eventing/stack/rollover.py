@@ -64,6 +64,10 @@ class RolloverSettings:
 
     max_rss: int = 512 << 20        # roll over when the broker's RSS is above this
     check_s: float = 30.0           # how often the RSS is looked at
+    # How often the loop looks for an interrupted rollover to finish (a file exists and no
+    # lock is held: cheap). Short: until it is finished the new broker may lack topics,
+    # and consumers subscribed to a missing topic were seen to stay unassigned.
+    resume_poll_s: float = 2.0
     pause_lease_s: float = 180.0    # the gateway resumes by itself after this
     drain_timeout_s: float = 60.0   # readers not at the end by then: no rollover
     drain_poll_s: float = 0.5
@@ -292,15 +296,18 @@ class Rollover:
         """Check the broker's RSS every `check_s`; roll over when it is above the cap.
         Finish an interrupted rollover first (at the start, and whenever one is found:
         a `--rollover-now` killed while this part runs)."""
+        next_rss = self.clock()
         while not stop.is_set():
             try:
                 if self.broker.pending():
                     self.run("an interrupted rollover left its saved records")
-                elif self.due():
-                    self.run(f"broker RSS above {self.settings.max_rss >> 20} MiB")
+                elif self.clock() >= next_rss:
+                    next_rss = self.clock() + self.settings.check_s
+                    if self.due():
+                        self.run(f"broker RSS above {self.settings.max_rss >> 20} MiB")
             except Exception:  # noqa: BLE001 - logged; the next check tries again
                 log.exception("rollover failed")
-            stop.wait(self.settings.check_s)
+            stop.wait(min(self.settings.check_s, self.settings.resume_poll_s))
 
 
 # --------------------------------------------------------------------------- the stack
