@@ -726,6 +726,17 @@ class StackBroker:
 
         producer = Producer(producer_config(self.settings.bootstrap,
                                             **{"enable.idempotence": True}))
+        # A topic just created may not show its partitions yet: producing then fails with
+        # "Unknown partition" (seen once the restore no longer read the topics back first).
+        deadline = time.monotonic() + 30.0
+        for topic, count in sorted(saved.partitions.items()):
+            while True:
+                meta = producer.list_topics(topic, timeout=5).topics.get(topic)
+                if meta is not None and meta.error is None and len(meta.partitions) >= count:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{topic} has not {count} partitions after 30 s")
+                time.sleep(0.1)
         for topic, part, offset, key, value, headers, ts in todo:
             whole = topic not in saved.compacted
             kwargs: dict[str, Any] = {"partition": part, "headers": headers or None,
