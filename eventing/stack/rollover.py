@@ -728,8 +728,14 @@ class StackBroker:
                                             **{"enable.idempotence": True}))
         # A topic just created may not show its partitions yet: producing then fails with
         # "Unknown partition" (seen once the restore no longer read the topics back first).
+        # The partitions the records use, not the saved count: a topic can be there with
+        # fewer (`_schemas` was auto-created with 4 while an interrupted rollover left the
+        # topics missing; the stack creates it with 1 and the log uses partition 0).
+        used: dict[str, int] = {}
+        for r in todo:
+            used[r[0]] = max(used.get(r[0], 0), r[1] + 1)
         deadline = time.monotonic() + 30.0
-        for topic, count in sorted(saved.partitions.items()):
+        for topic, count in sorted(used.items()):
             while True:
                 meta = producer.list_topics(topic, timeout=5).topics.get(topic)
                 if meta is not None and meta.error is None and len(meta.partitions) >= count:
