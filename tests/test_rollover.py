@@ -14,7 +14,14 @@ import pytest
 from starlette.testclient import TestClient
 
 from eventing.ingest.publish import GatewayError, Publisher
-from eventing.stack.rollover import Outcome, Rollover, RolloverSettings, Saved, latest_per_key
+from eventing.stack.rollover import (
+    Outcome,
+    Rollover,
+    RolloverSettings,
+    Saved,
+    Unfinished,
+    latest_per_key,
+)
 from tests.test_gateway import TYPE, Harness, payment, structured
 
 
@@ -30,7 +37,10 @@ class FakeClock:
 
 
 class FakeBroker:
-    """Records the calls in order; `fail` names a step that raises, `drain` the answers."""
+    """Records the calls in order; `fail` names a step that raises, `drain` the answers.
+    `file` stands for the unfinished-rollover file in the state folder and `broker_id`
+    for the broker process running (a restart gives a new one): both outlive a
+    `Rollover`, as the state folder and the broker outlive a killed rollover process."""
 
     def __init__(self, drain: list[tuple[bool, str]] | None = None,
                  fail: str | None = None) -> None:
@@ -38,6 +48,8 @@ class FakeBroker:
         self.drain = drain if drain is not None else [(True, "ends=5"), (True, "ends=5")]
         self.fail = fail
         self.size = 600 << 20
+        self.file: Unfinished | None = None
+        self.broker_id = (100, 1)
 
     def _call(self, name: str) -> None:
         self.calls.append(name)
@@ -66,11 +78,31 @@ class FakeBroker:
 
     def save(self) -> Saved:
         self._call("save")
-        return Saved({"_schemas": 1}, set(), [("_schemas", 0, 0, b"k", b"v", None, None)])
+        return Saved({"_schemas": 1}, set(), [("_schemas", 0, 0, b"k", b"v", None, None)],
+                     broker=self.broker_id)
 
-    def restart(self) -> None:
-        self._call("restart")
-        self.size = 30 << 20
+    def keep(self, unfinished: Unfinished) -> None:
+        self._call("keep")
+        self.file = unfinished
+
+    def unfinished(self) -> Unfinished | None:
+        return self.file
+
+    def pending(self) -> bool:
+        return self.file is not None
+
+    def forget(self) -> None:
+        self._call("forget")
+        self.file = None
+
+    def replaced(self, saved: Saved) -> bool:
+        return self.broker_id != saved.broker
+
+    def restart(self, saved: Saved) -> None:
+        if self.broker_id == saved.broker:
+            self._call("restart")
+            self.broker_id = (self.broker_id[0] + 1, 1)
+            self.size = 30 << 20
 
     def recreate_topics(self, saved: Saved) -> None:
         self._call("recreate")
@@ -95,8 +127,9 @@ def test_a_rollover_runs_its_steps_in_order_and_resumes_last():
     b = FakeBroker()
     r, recorded, _ = rollover(b)
     out = r.run("test")
-    assert b.calls == ["pause", "drained", "drained", "stop", "save", "restart", "recreate",
-                       "restore", "registry", "start fn-score", "resume"]
+    assert b.calls == ["pause", "drained", "drained", "stop", "save", "keep", "restart",
+                       "recreate", "restore", "registry", "forget", "start fn-score", "resume"]
+    assert b.file is None
     assert out.rolled and recorded == [out]
     assert out.saved == {"_schemas": 1}
     assert out.rss_before == 600 << 20 and out.rss_after == 30 << 20
@@ -131,13 +164,21 @@ def test_a_failure_before_the_restart_leaves_the_broker_and_restarts_what_stoppe
     assert ("start fn-score" in b.calls) == (step == "save")  # stopped -> started again
 
 
-def test_a_failure_after_the_restart_is_raised_after_starting_parts_and_resuming():
+def test_a_failure_after_the_restart_keeps_the_file_and_the_functions_held_then_is_finished():
     b = FakeBroker(fail="restore")
     r, recorded, _ = rollover(b)
     with pytest.raises(RuntimeError, match="restore broke"):
         r.run("test")
-    assert b.calls[-2:] == ["start fn-score", "resume"]
+    # Intake resumes, but score is not started on a broker without its changelog.
+    assert b.calls[-1] == "resume" and "start fn-score" not in b.calls
     assert len(recorded) == 1 and recorded[0].failed_step == "restore records"
+    assert b.file is not None and b.file.stopped == ["fn-score"]
+    # The next run finishes it: no drain, no second save or restart, the records back.
+    b.fail, b.calls = None, []
+    out = r.run("again")
+    assert b.calls == ["pause", "recreate", "restore", "registry", "forget",
+                       "start fn-score", "resume"]
+    assert out.rolled and out.finished and "test" in out.finished and b.file is None
 
 
 def test_due_only_above_the_cap():
@@ -268,3 +309,127 @@ def test_up_hands_the_rss_cap_and_token_file_to_the_rollover_part(tmp_path):
     from eventing.stack.supervisor import core_parts
 
     assert retention.spec in core_parts(s)  # memory storage runs it too now
+
+
+# --------------------------------------------------------------------------- crash and resume
+
+
+class Killed(BaseException):
+    """Stands for kill -9 of the rollover process at the held step (nothing after it in
+    that process matters: the next `Rollover` starts from the fake's lasting state)."""
+
+
+def test_a_rollover_killed_after_the_broker_restart_is_finished_by_the_next_run():
+    b = FakeBroker()
+    clock = FakeClock()
+
+    def killed(s: float) -> None:  # the drain's polls pass; the hold is where it dies
+        if s >= 3600:
+            raise Killed
+        clock.sleep(s)
+
+    dying = Rollover(b, RolloverSettings(hold_at="recreate topics"), clock=clock, sleep=killed)
+    with pytest.raises(Killed):
+        dying.run("rss")
+    assert b.calls[:7] == ["pause", "drained", "drained", "stop", "save", "keep", "restart"]
+    assert "start fn-score" not in b.calls  # score stays held with the file
+    assert b.file is not None and b.file.saved.records == [
+        ("_schemas", 0, 0, b"k", b"v", None, None)]
+    # The retention part restarted by the supervisor: same steps from the one reached.
+    b.calls = []
+    r, recorded, _ = rollover(b)
+    out = r.run("an interrupted rollover left its saved records")
+    assert b.calls == ["pause", "recreate", "restore", "registry", "forget",
+                       "start fn-score", "resume"]
+    assert out.rolled and out.finished.endswith("(rss)") and recorded == [out]
+    assert out.saved == {"_schemas": 1}
+
+
+def test_an_interrupted_rollover_whose_broker_never_stopped_only_starts_and_resumes():
+    # Killed between writing the file and stopping the broker: the old broker still
+    # holds every record, so nothing is restored; score starts, intake resumes.
+    b = FakeBroker()
+    b.file = Unfinished("rss", 1.0, ["fn-score"], Saved({"_schemas": 1}, set(), [],
+                                                        broker=b.broker_id))
+    r, recorded, _ = rollover(b)
+    out = r.run("again")
+    assert b.calls == ["pause", "forget", "start fn-score", "resume"]
+    assert not out.rolled and "had not restarted the broker" in out.reason
+    assert b.file is None and recorded == [out]
+
+
+def test_the_loop_finishes_an_interrupted_rollover_below_the_cap():
+    b = FakeBroker()
+    b.size = 10 << 20
+    b.broker_id = (200, 1)  # restarted before the rollover died
+    b.file = Unfinished("rss", 1.0, ["fn-score"], Saved({"_schemas": 1}, set(), [],
+                                                        broker=(100, 1)))
+    r, recorded, _ = rollover(b, max_rss=500 << 20, check_s=0.0)
+
+    class Once:
+        n = 1
+
+        def is_set(self) -> bool:
+            return self.n <= 0
+
+        def wait(self, _s: float) -> None:
+            self.n -= 1
+
+    r.loop(Once())
+    assert recorded and recorded[0].rolled and b.file is None
+    assert "restart" not in b.calls and "start fn-score" in b.calls
+
+
+def test_the_unfinished_file_keeps_every_byte_and_a_cut_file_is_refused(tmp_path):
+    from eventing.stack.rollover import read_unfinished, write_unfinished
+
+    records = [("_schemas", 0, 0, b'{"k":1}', b"\x00\xff\xfe", None, 1700000000000),
+               ("dl", 1, 7, None, b"v", [("ce_id", b"\x80\x81"), ("empty", None),
+                                         ("ce_id", b"")], None),
+               ("score.state", 2, 3, b"card\x00", None, [], 5)]  # a tombstone
+    saved = Saved({"_schemas": 1, "dl": 2, "score.state": 3}, {"score.state"}, records,
+                  broker=(4242, 99))
+    path = tmp_path / "data" / "retention" / "unfinished.jsonl"
+    assert read_unfinished(path) is None
+    write_unfinished(path, Unfinished("why", 12.5, ["fn-score"], saved))
+    back = read_unfinished(path)
+    assert back is not None
+    assert back.saved.records == [(t, p, o, k, v, None if h is None else list(h), ts)
+                                  for t, p, o, k, v, h, ts in records]
+    assert (back.saved.partitions, back.saved.compacted, back.saved.broker) == (
+        saved.partitions, saved.compacted, (4242, 99))
+    assert (back.reason, back.started_at, back.stopped) == ("why", 12.5, ["fn-score"])
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")  # a record missing
+    with pytest.raises(ValueError, match="not a whole"):
+        read_unfinished(path)
+
+
+def test_missing_counts_each_present_record_once():
+    from eventing.stack.rollover import missing
+
+    saved = [("t", 0, 0, b"a", b"1", None, None), ("t", 0, 1, b"a", b"1", None, None),
+             ("t", 0, 2, b"b", b"2", [("h", b"x")], None), ("t", 1, 0, b"a", b"1", None, None)]
+    # A copy-back cut off after the first record of partition 0; headers as read back.
+    present = [("t", 0, 0, b"a", b"1", None, None)]
+    assert missing(saved, present) == saved[1:]
+    everything = [(t, p, o, k, v, list(h) if h else None, None) for t, p, o, k, v, h, _ in saved]
+    assert missing(saved, everything) == []
+    # Same bytes under another header value is another record.
+    assert missing(saved[2:3], [("t", 0, 0, b"b", b"2", [("h", b"y")], None)]) == saved[2:3]
+
+
+def test_under_way_while_the_lock_is_held_or_a_file_is_left(tmp_path):
+    import fcntl
+
+    from eventing.stack.rollover import lock_path, under_way, unfinished_path
+
+    assert not under_way(tmp_path)  # no folder yet
+    lock_path(tmp_path).parent.mkdir(parents=True)
+    with open(lock_path(tmp_path), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert under_way(tmp_path)
+    assert not under_way(tmp_path)  # released (as by the kernel at kill -9)
+    unfinished_path(tmp_path).write_text("x")
+    assert under_way(tmp_path)

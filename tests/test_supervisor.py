@@ -134,6 +134,44 @@ def test_a_part_being_stopped_or_never_started_is_left_alone(procs, tmp_path) ->
     procs.stopping_path("gone").unlink()
 
 
+def test_a_part_held_by_a_rollover_that_died_is_started_again_once_none_is_under_way(
+        procs, tmp_path) -> None:
+    # What a broker rollover does to fn-score: stop it, held (its record kept aside).
+    spec = _spec("held", "import sys, time; print(sys.argv); time.sleep(60)")
+    spec.argv = [*spec.argv, "--as-started"]
+    rollover = {"under_way": True}
+    sup = Supervisor(lambda: iter([("held", lambda: _spec("held", "raise SystemExit(9)"))]),
+                     procs, tmp_path, clock=Clock(), may_start_held=lambda: not rollover[
+                         "under_way"])
+    first = procs.start(spec)
+    assert procs.hold(first, timeout=2)
+    assert procs.record("held") is None and procs.held("held") is not None
+    for _ in range(3):
+        sup.tick()
+    assert procs.record("held") is None  # the rollover still runs (or has to restore)
+    assert sup.states["held"].state == "Held" and load_states(tmp_path)["held"]["state"] == "Held"
+
+    rollover["under_way"] = False  # it died, and no saved records wait to be put back
+    sup.tick()
+    again = procs.record("held")
+    assert again is not None and is_alive(again) and again.pid != first.pid
+    assert again.argv == spec.argv  # the command it was started with, not the spec's now
+    assert procs.held("held") is None
+    assert sup.states["held"].restarts == 1 and sup.states["held"].state == "Running"
+    assert "rollover" in sup.states["held"].last_exit_reason
+    sup.tick()
+    assert procs.record("held").pid == again.pid  # started once
+
+
+def test_a_part_stopped_by_down_stays_stopped_even_when_no_rollover_runs(procs, tmp_path):
+    spec = _spec("plain", "import time; time.sleep(60)")
+    sup = Supervisor(lambda: iter([("plain", lambda: spec)]), procs, tmp_path, clock=Clock(),
+                     may_start_held=lambda: True)
+    procs.stop(procs.start(spec), timeout=2)
+    sup.tick()
+    assert procs.record("plain") is None
+
+
 def test_a_later_part_waits_for_an_earlier_one_to_be_healthy(procs, tmp_path) -> None:
     healthy = {"ok": False}
     first = _spec("first", "import time; time.sleep(60)")

@@ -251,6 +251,14 @@ class Edge:
         return os.environ.get(ENV_GATEWAY_TOKEN) or None
 
     @staticmethod
+    def rollover_hold_at() -> str | None:
+        """Tests only: the rollover step to hold (sleep) before, so a test can kill -9
+        the rollover at a known point (`eventing.stack.rollover.ENV_HOLD_AT`)."""
+        from eventing.stack.rollover import ENV_HOLD_AT
+
+        return os.environ.get(ENV_HOLD_AT) or None
+
+    @staticmethod
     def query_token() -> str | None:
         """The real-time server's query token from the environment (never a flag)."""
         return os.environ.get(ENV_QUERY_TOKEN) or None

@@ -119,6 +119,8 @@ def _last_rollover(state_dir: Path) -> str | None:
     what = (f"intake paused {last['pause_s']:.1f}s, kept {sum(last['saved'].values())} records, "
             f"broker RSS {mib(last['rss_before'])} -> {mib(last['rss_after'])}"
             if last["rolled"] else last["reason"])
+    if last.get("finished"):
+        what += f"; finished the one interrupted of {last['finished']}"
     return (f"last broker rollover: {when}, {'done' if last['rolled'] else 'not done'}: "
             f"{what} ({data.get('rolled', 0)} done, {data.get('aborted', 0)} aborted)")
 

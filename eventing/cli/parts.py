@@ -130,11 +130,14 @@ def retention(edge: Edge) -> int:
     topology = edge.topology()
     if a.rollover_now or s.broker_storage == "memory":
         settings_r = roll.RolloverSettings(**edge.given(
-            max_rss="max_broker_rss", check_s="rss_check", drain_timeout_s="drain_timeout"))
+            max_rss="max_broker_rss", check_s="rss_check", drain_timeout_s="drain_timeout"),
+            hold_at=edge.rollover_hold_at())
         token = _gateway_token(edge)
         if a.rollover_now:
             logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
             logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request
+            # One that was interrupted (its saved records in the state folder) is
+            # finished instead: the outcome then names it (`finished`).
             outcome = roll.build(s, topology, settings_r, token).run("asked for (--rollover-now)")
             print(json.dumps({k: v for k, v in vars(outcome).items()}, default=str))
             if not outcome.rolled:

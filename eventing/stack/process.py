@@ -111,6 +111,22 @@ class ProcessDir:
     def record_path(self, name: str) -> Path:
         return self.run_dir / f"{name}.json"
 
+    def held_path(self, name: str) -> Path:
+        return self.run_dir / f"{name}.held"
+
+    def hold(self, record: PartRecord, timeout: float = 15.0) -> bool:
+        """Stop a part that its stopper will start again (a broker rollover stops the
+        functions with keyed state). Its record is kept as `<name>.held`, so the
+        supervisor can tell it from a part `down` stopped and bring it back if the
+        stopper dies before starting it (`watchdog.Supervisor`). `start` releases it."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.held_path(record.name).write_text(json.dumps(asdict(record), indent=2))
+        return self.stop(record, timeout)
+
+    def held(self, name: str) -> PartRecord | None:
+        """The record of `name` as it was when `hold` stopped it, or None."""
+        return PartRecord.load(self.held_path(name))
+
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
@@ -159,6 +175,7 @@ class ProcessDir:
             argv=spec.argv,
         )
         self.record_path(spec.name).write_text(json.dumps(asdict(record), indent=2))
+        self.held_path(spec.name).unlink(missing_ok=True)  # started: no longer held
         self.last_child = proc
         return record
 

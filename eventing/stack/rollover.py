@@ -20,12 +20,26 @@ The order is `Rollover.run`'s numbered steps (one place, like Quix Streams'
 `checkpoint.py`). Every step before the broker stops can fail or time out: intake then
 resumes and nothing was rolled over. `Broker` is the world the steps act on; the stack's
 (`StackBroker`) talks to the real gateway, broker, registry and parts, tests use fakes.
+
+Crash safety: between the broker restart and the copy-back the saved records would
+exist only in this process, so step 4 also writes them to the state folder (an
+*unfinished rollover* file, `unfinished_path`: written to a temporary file, fsynced,
+renamed) before the broker is touched, and deletes it once the registry check passed.
+A rollover that finds such a file (the `retention` part at its start and every check,
+`--rollover-now`) finishes that one instead of starting anew: the same steps from the
+restart on, each idempotent (a running new broker is not restarted again, topics are
+created if missing, only records the new broker lacks are produced). The functions it
+stopped are *held* (`ProcessDir.hold`), and the supervisor starts them again itself
+once no rollover is under way and none is left to finish (`under_way`).
 """
 
 from __future__ import annotations
 
+import base64
+import fcntl
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +48,8 @@ from typing import Any, Protocol
 
 from eventing import topology as topo
 from eventing.stack.settings import StackSettings
+
+ENV_HOLD_AT = "SLUICE_ROLLOVER_HOLD_AT"  # tests: hold (sleep) before the named step
 
 log = logging.getLogger("sluice.rollover")
 
@@ -48,9 +64,21 @@ class RolloverSettings:
 
     max_rss: int = 512 << 20        # roll over when the broker's RSS is above this
     check_s: float = 30.0           # how often the RSS is looked at
+    # How often the loop looks for an interrupted rollover to finish (a file exists and no
+    # lock is held: cheap). Short: until it is finished the new broker may lack topics,
+    # and consumers subscribed to a missing topic were seen to stay unassigned.
+    resume_poll_s: float = 2.0
     pause_lease_s: float = 180.0    # the gateway resumes by itself after this
     drain_timeout_s: float = 60.0   # readers not at the end by then: no rollover
     drain_poll_s: float = 0.5
+    # Tests only (env SLUICE_ROLLOVER_HOLD_AT, read at the CLI edge): stop before the
+    # step of this name and sleep, so a test can kill -9 the process at a known point.
+    hold_at: str | None = None
+
+
+Headers = list[tuple[str, bytes | None]] | None
+# (topic, partition, offset, key, value, headers, timestamp ms)
+Record = tuple[str, int, int, bytes | None, bytes | None, Headers, int | None]
 
 
 @dataclass
@@ -59,9 +87,10 @@ class Saved:
 
     partitions: dict[str, int] = field(default_factory=dict)
     compacted: set[str] = field(default_factory=set)
-    # (topic, partition, offset, key, value, headers, timestamp ms)
-    records: list[tuple[str, int, int, bytes | None, bytes | None,
-                        list[tuple[str, bytes]] | None, int | None]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    # The broker process they were read from (pid, start ticks): only that one is ever
+    # stopped; a resume that finds it still running has nothing to restore (it holds all).
+    broker: tuple[int, int] | None = None
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(self.partitions, 0)
@@ -84,6 +113,17 @@ class Outcome:
     saved: dict[str, int] = field(default_factory=dict)
     offsets_moved: int = 0   # copied records whose offset changed (should be 0)
     failed_step: str | None = None
+    finished: str | None = None  # a resume: the interrupted rollover's start and reason
+
+
+@dataclass
+class Unfinished:
+    """What a rollover wrote before restarting the broker: enough to finish it."""
+
+    reason: str
+    started_at: float
+    stopped: list[str]
+    saved: Saved
 
 
 class Broker(Protocol):
@@ -96,7 +136,12 @@ class Broker(Protocol):
     def stop_stateful(self) -> list[str]: ...
     def start_parts(self, names: list[str]) -> None: ...
     def save(self) -> Saved: ...
-    def restart(self) -> None: ...
+    def keep(self, unfinished: Unfinished) -> None: ...
+    def unfinished(self) -> Unfinished | None: ...
+    def pending(self) -> bool: ...
+    def forget(self) -> None: ...
+    def replaced(self, saved: Saved) -> bool: ...
+    def restart(self, saved: Saved) -> None: ...
     def recreate_topics(self, saved: Saved) -> None: ...
     def restore(self, saved: Saved) -> int: ...
     def check_registry(self) -> None: ...
@@ -122,8 +167,10 @@ class Rollover:
 
     def run(self, reason: str) -> Outcome:
         """The commit order of a rollover. Steps 1-4 may abort (intake resumes, the broker
-        keeps running); from step 5 the old broker is gone and the saved records are the
-        only copy, so failures there are raised after intake resumes, loudly."""
+        keeps running); from step 5 the old broker is gone and the saved records live in
+        the state folder until step 8 passed, so failures there are raised after intake
+        resumes, loudly, and the next run finishes the rollover (steps 5-10 again). A run
+        that finds such an unfinished rollover finishes it instead of starting anew."""
         b, s = self.broker, self.settings
         started = self.clock()
         out = Outcome(False, reason, time.time(), rss_before=b.rss())
@@ -134,54 +181,81 @@ class Rollover:
 
         def at(name: str) -> str:
             marks.append(f"{step} {self.clock() - started:.1f}s")
+            if name == s.hold_at:
+                log.warning("holding before step %r (%s, for tests)", name, ENV_HOLD_AT)
+                while True:
+                    self.sleep(3600)
             return name
         try:
             # 1. Pause intake: the gateway answers 503 `paused` (publishers retry) and
             #    confirms every produce it started is acknowledged: all 202s are in topics.
+            #    It also makes this the one rollover under way (a lock until step 10).
             b.pause_intake(s.pause_lease_s)
             paused_at = self.clock()
-            # 2. Drain: every declared reader has consumed (and committed) to the end of
-            #    every pipeline topic, twice in a row with the same ends (nothing moved).
-            step = at("drain")
-            self._drain()
-            # 3. Stop the functions with keyed state: on the new broker they would restore
-            #    from a changelog not yet copied back (their restore reads it at start).
-            step = at("stop stateful functions")
-            stopped = b.stop_stateful()
-            # 4. Save what must survive: keep topics whole, compact topics' latest per key.
-            step = at("save")
-            saved = b.save()
+            unfinished = b.unfinished()
+            if unfinished is None:
+                # 2. Drain: every declared reader has consumed (and committed) to the end
+                #    of every pipeline topic, twice in a row with the same ends.
+                step = at("drain")
+                self._drain()
+                # 3. Stop (hold) the functions with keyed state: on the new broker they
+                #    would restore from a changelog not yet copied back.
+                step = at("stop stateful functions")
+                stopped = b.stop_stateful()
+                # 4. Save what must survive: keep topics whole, compact topics' latest per
+                #    key; written (fsynced) to the state folder before the broker goes.
+                step = at("save")
+                saved = b.save()
+                b.keep(Unfinished(reason, out.started_at, stopped, saved))
+            else:
+                # A rollover that died after step 4: finish it from its file, steps 5-10.
+                saved, stopped = unfinished.saved, list(unfinished.stopped)
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unfinished.started_at))
+                out.finished = f"{when} ({unfinished.reason})"
+                out.reason = f"{reason}; finishing an interrupted rollover: {out.finished}"
+                log.warning("finishing an interrupted rollover: %s", out.finished)
+                if not b.replaced(saved):
+                    # It died before stopping the broker, which still holds everything.
+                    b.forget()
+                    raise Aborted("the interrupted rollover had not restarted the broker")
             out.saved = saved.counts()
         except Exception as exc:
             out.failed_step = step
-            out.reason = f"{reason}; aborted at {step}: {exc}"
+            out.reason = f"{out.reason}; aborted at {step}: {exc}"
             log.warning("rollover aborted at step %r, broker left as it was: %s", step, exc)
             self._finish(stopped, paused_at, started, out)
             return out
         try:
-            # 5. Restart the broker through its part spec (empty: memory storage).
+            # 5. Restart the broker through its part spec (empty: memory storage); a
+            #    broker that is not the one saved from already is the new one.
             step = at("restart broker")
-            b.restart()
+            b.restart(saved)
             # 6. Recreate the topology's topics and the saved ones, same partition counts.
             step = at("recreate topics")
             b.recreate_topics(saved)
-            # 7. Produce the saved records back (acks=all, same partition, key, headers).
+            # 7. Produce the saved records back (acks=all, same partition, key, headers),
+            #    those the new broker does not have yet.
             step = at("restore records")
             out.offsets_moved = b.restore(saved)
-            # 8. The registry's log resolves every schema id it serves, as before.
+            # 8. The registry's log resolves every schema id it serves, as before. Every
+            #    record is back: the file goes.
             step = at("check registry")
             b.check_registry()
+            b.forget()
             at("done")
             out.rolled = True
             log.info("rollover steps ended at: %s", ", ".join(marks))
         except Exception as exc:
             out.failed_step = step
-            out.reason = f"{reason}; FAILED at {step} after the broker restart: {exc}"
-            log.error("rollover failed at step %r after the broker restart: %s", step, exc)
+            out.reason = f"{out.reason}; FAILED at {step} after the broker restart: {exc}"
+            log.error("rollover failed at step %r after the broker restart (the saved "
+                      "records stay in the state folder for the next run): %s", step, exc)
             raise
         finally:
-            # 9. Start the stopped functions (they restore their state), 10. resume intake.
-            self._finish(stopped, paused_at, started, out)
+            # 9. Start the stopped functions (they restore their state) once the records
+            #    are back (else they stay held for the run that finishes this one),
+            #    10. resume intake.
+            self._finish(stopped if out.rolled else [], paused_at, started, out)
         out.rss_after = b.rss()
         self.record(out)
         return out
@@ -219,14 +293,21 @@ class Rollover:
                 self.record(out)
 
     def loop(self, stop: Any) -> None:
-        """Check the broker's RSS every `check_s`; roll over when it is above the cap."""
+        """Check the broker's RSS every `check_s`; roll over when it is above the cap.
+        Finish an interrupted rollover first (at the start, and whenever one is found:
+        a `--rollover-now` killed while this part runs)."""
+        next_rss = self.clock()
         while not stop.is_set():
             try:
-                if self.due():
-                    self.run(f"broker RSS above {self.settings.max_rss >> 20} MiB")
+                if self.broker.pending():
+                    self.run("an interrupted rollover left its saved records")
+                elif self.clock() >= next_rss:
+                    next_rss = self.clock() + self.settings.check_s
+                    if self.due():
+                        self.run(f"broker RSS above {self.settings.max_rss >> 20} MiB")
             except Exception:  # noqa: BLE001 - logged; the next check tries again
                 log.exception("rollover failed")
-            stop.wait(self.settings.check_s)
+            stop.wait(min(self.settings.check_s, self.settings.resume_poll_s))
 
 
 # --------------------------------------------------------------------------- the stack
@@ -245,6 +326,102 @@ def rss_of(pid: int) -> int | None:
 
 def outcomes_path(state_dir: Path) -> Path:
     return state_dir / "data" / "retention" / "rollovers.json"
+
+
+def unfinished_path(state_dir: Path) -> Path:
+    """The saved records of a rollover that restarted (or is restarting) the broker and
+    has not put them back yet."""
+    return state_dir / "data" / "retention" / "rollover-unfinished.jsonl"
+
+
+def lock_path(state_dir: Path) -> Path:
+    return state_dir / "data" / "retention" / "rollover.lock"
+
+
+def under_way(state_dir: Path) -> bool:
+    """Whether a rollover holds the stack's lock, or one that died left records to put
+    back: parts it held must not start yet (they would restore an empty changelog)."""
+    return (unfinished_path(state_dir).exists() or _locked(state_dir)
+            or unfinished_path(state_dir).exists())
+
+
+def _locked(state_dir: Path) -> bool:
+    """Whether a rollover holds the stack's lock (taken and given back at once if not)."""
+    try:
+        with open(lock_path(state_dir), "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False
+
+
+# The unfinished-rollover file: JSON lines, a header then one record per line; keys,
+# values and header values base64 (bytes-exact, None kept), header names as strings
+# (what confluent-kafka gives), partitions and offsets as numbers.
+_FORMAT = "sluice-rollover-unfinished/1"
+
+
+def _b64(b: bytes | None) -> str | None:
+    return None if b is None else base64.b64encode(b).decode("ascii")
+
+
+def _unb64(s: str | None) -> bytes | None:
+    return None if s is None else base64.b64decode(s, validate=True)
+
+
+def write_unfinished(path: Path, unfinished: Unfinished) -> None:
+    """Write `unfinished` so that a crash at any instant leaves either no file or the
+    whole one: a temporary file, fsynced, renamed over, the folder fsynced."""
+    saved = unfinished.saved
+    head = {"format": _FORMAT, "reason": unfinished.reason,
+            "started_at": unfinished.started_at, "stopped": unfinished.stopped,
+            "partitions": saved.partitions, "compacted": sorted(saved.compacted),
+            "broker": list(saved.broker) if saved.broker else None,
+            "records": len(saved.records)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(head) + "\n")
+        for topic, part, offset, key, value, headers, ts in saved.records:
+            fh.write(json.dumps([topic, part, offset, _b64(key), _b64(value),
+                                 None if headers is None
+                                 else [[k, _b64(v)] for k, v in headers], ts]) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def read_unfinished(path: Path) -> Unfinished | None:
+    """The file `write_unfinished` wrote, or None when there is none. A file that does
+    not parse or misses records raises ValueError (it is kept: it may be the only copy)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    lines = text.splitlines()
+    head = json.loads(lines[0]) if lines else {}
+    if head.get("format") != _FORMAT or len(lines) - 1 != head.get("records"):
+        raise ValueError(f"{path}: not a whole unfinished-rollover file "
+                         f"({len(lines) - 1} records, header says {head.get('records')})")
+    records: list[Record] = []
+    for line in lines[1:]:
+        topic, part, offset, key, value, headers, ts = json.loads(line)
+        records.append((topic, part, offset, _unb64(key), _unb64(value),
+                        None if headers is None else [(k, _unb64(v)) for k, v in headers],
+                        ts))
+    broker = head.get("broker")
+    saved = Saved(dict(head["partitions"]), set(head["compacted"]), records,
+                  (int(broker[0]), int(broker[1])) if broker else None)
+    return Unfinished(head["reason"], float(head["started_at"]), list(head["stopped"]), saved)
 
 
 def load_outcomes(state_dir: Path) -> dict[str, Any]:
@@ -284,6 +461,7 @@ class StackBroker:
         self.http_timeout_s = http_timeout_s
         self.procs = ProcessDir(settings.state_dir, settings.log_rotation)
         self._lock: Any = None  # the rollover lock file while intake is paused
+        self._fresh = False  # this process started the broker: its saved topics are empty
         self.policy = policies(topology, RetentionSettings(), settings.schemas_topic)
         # Pipeline topics (drained, not copied) and who must have read them.
         self.groups: dict[str, set[str]] = {}
@@ -310,11 +488,28 @@ class StackBroker:
         record = self._record()
         return rss_of(record.pid) if record and is_alive(record) else None
 
-    def restart(self) -> None:
-        from eventing.stack import broker
-        from eventing.stack.process import wait_healthy
+    def identity(self) -> tuple[int, int] | None:
+        """(pid, start ticks) of the running broker, None when none runs."""
+        from eventing.stack.process import is_alive
 
         record = self._record()
+        return (record.pid, record.start_ticks) if record and is_alive(record) else None
+
+    def replaced(self, saved: Saved) -> bool:
+        """Whether the broker `saved` was read from no longer runs (restarted or down)."""
+        return saved.broker is None or self.identity() != saved.broker
+
+    def restart(self, saved: Saved) -> None:
+        """Replace the broker `saved` was read from; when another one runs already (a
+        resume), leave it; when none runs (died mid-restart), start one."""
+        from eventing.stack import broker
+        from eventing.stack.process import is_alive, wait_healthy
+
+        record = self._record()
+        if record is not None and is_alive(record) and saved.broker is not None \
+                and (record.pid, record.start_ticks) != saved.broker:
+            log.info("the broker was already restarted (pid %d)", record.pid)
+            return
         if record is not None:
             # Tansu took ~5 s to exit on SIGTERM; a memory broker has nothing to write
             # out (what must survive is saved), so SIGKILL follows after 1 s.
@@ -324,6 +519,7 @@ class StackBroker:
         problem = wait_healthy(spec, new)
         if problem:
             raise RuntimeError(f"the broker did not come back: {problem}")
+        self._fresh = True
         log.info("broker restarted (pid %d)", new.pid)
 
     # ------------------------------------------------------------ intake (the gateway)
@@ -340,17 +536,20 @@ class StackBroker:
 
     def pause_intake(self, lease_s: float) -> None:
         # One rollover at a time per stack (the part's RSS loop and `--rollover-now`).
-        import fcntl
-
-        path = outcomes_path(self.settings.state_dir).with_name("rollover.lock")
+        path = lock_path(self.settings.state_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = open(path, "w")  # noqa: SIM115 - held until resume_intake
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.close()
-            self._lock = None
-            raise Aborted("another rollover of this stack is under way") from None
+        self._lock = open(path, "a")  # noqa: SIM115 - held until resume_intake
+        # The supervisor takes the lock for an instant to see whether one is under way.
+        for attempt in range(20):
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if attempt == 19:
+                    self._lock.close()
+                    self._lock = None
+                    raise Aborted("another rollover of this stack is under way") from None
+                time.sleep(0.1)
         answer = self._gateway("/admin/pause", {"lease_s": lease_s})
         if answer.get("in_flight"):
             raise Aborted(f"{answer['in_flight']} produce requests still in flight")
@@ -402,21 +601,51 @@ class StackBroker:
         return [part for name, part in function_processes(self.settings) if name in stateful]
 
     def stop_stateful(self) -> list[str]:
+        """Stop the functions with keyed state, *held* (`ProcessDir.hold`): if this
+        process dies the supervisor can tell them from parts `down` stopped."""
         stopped = []
         for part in self.stateful_parts():
             record = self.procs.record(part)
-            if record is not None and self.procs.stop(record, timeout=15):
+            if record is not None and self.procs.hold(record, timeout=15):
                 stopped.append(part)
         return stopped
 
     def start_parts(self, names: list[str]) -> None:
+        """Start held parts again with the command they ran (none twice: the supervisor
+        may have started one already)."""
         from eventing.stack.pipeline import function_processes, function_specs
+        from eventing.stack.process import is_alive
 
         specs = dict(zip([part for _, part in function_processes(self.settings)],
                          function_specs(self.settings), strict=True))
         for name in names:
-            self.procs.start(specs[name](self.settings))
+            running = self.procs.record(name)
+            if running is not None and is_alive(running):
+                self.procs.held_path(name).unlink(missing_ok=True)
+                continue
+            spec = specs[name](self.settings)
+            if (held := self.procs.held(name)) is not None:
+                spec.argv = list(held.argv)  # exactly what ran (as the supervisor does)
+            self.procs.start(spec)
             log.info("started %s again", name)
+
+    # ------------------------------------------------------------ the unfinished file
+
+    def keep(self, unfinished: Unfinished) -> None:
+        write_unfinished(unfinished_path(self.settings.state_dir), unfinished)
+        log.info("saved records written to %s", unfinished_path(self.settings.state_dir))
+
+    def unfinished(self) -> Unfinished | None:
+        return read_unfinished(unfinished_path(self.settings.state_dir))
+
+    def pending(self) -> bool:
+        """An unfinished rollover's file is there and no rollover holds the lock (the one
+        writing it now, or one finishing it: nothing to do for this one)."""
+        return unfinished_path(self.settings.state_dir).exists() and not _locked(
+            self.settings.state_dir)
+
+    def forget(self) -> None:
+        unfinished_path(self.settings.state_dir).unlink(missing_ok=True)
 
     # ------------------------------------------------------------ the records
 
@@ -427,7 +656,7 @@ class StackBroker:
         from eventing.kafka import admin_config
 
         meta = AdminClient(admin_config(self.settings.bootstrap)).list_topics(timeout=10).topics
-        saved = Saved()
+        saved = Saved(broker=self.identity())
         dropped = sorted(t for t in meta if t not in self.policy and not t.startswith("__"))
         if dropped:
             log.warning("not kept (the topology does not declare them): %s", ", ".join(dropped))
@@ -460,13 +689,30 @@ class StackBroker:
         ensure_topics(self.settings.bootstrap, saved.partitions,
                       config={t: {"cleanup.policy": "compact"} for t in saved.compacted})
 
+    def present(self, saved: Saved) -> list[Record]:
+        """What the broker holds now of the saved topics (a resume's copy-back may have
+        got part of the way)."""
+        from eventing import scan
+
+        return [(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers(),
+                 None) for m in scan.read(self.settings.bootstrap, sorted(saved.partitions),
+                                          raw=True, idle_s=1.0, timeout_s=60.0)]
+
     def restore(self, saved: Saved) -> int:
-        """Produce the saved records back; returns how many landed at another offset
-        than before (of the topics copied whole; compacted ones are renumbered)."""
+        """Produce back the saved records the broker does not hold yet (all of them after
+        a restart; the rest after a copy-back that was cut off); returns how many landed
+        at another offset than before (of the topics copied whole; compacted ones are
+        renumbered)."""
         from confluent_kafka import Producer
 
         from eventing.kafka import produce, producer_config
 
+        # Reading back costs ~1 s of the pause (an idle wait): only a resume needs it,
+        # a broker this process just started holds none of them.
+        todo = saved.records if self._fresh else missing(saved.records, self.present(saved))
+        if len(todo) < len(saved.records):
+            log.info("%d of %d saved records are in the broker already",
+                     len(saved.records) - len(todo), len(saved.records))
         moved = failed = 0
         errors: list[str] = []
 
@@ -480,7 +726,24 @@ class StackBroker:
 
         producer = Producer(producer_config(self.settings.bootstrap,
                                             **{"enable.idempotence": True}))
-        for topic, part, offset, key, value, headers, ts in saved.records:
+        # A topic just created may not show its partitions yet: producing then fails with
+        # "Unknown partition" (seen once the restore no longer read the topics back first).
+        # The partitions the records use, not the saved count: a topic can be there with
+        # fewer (`_schemas` was auto-created with 4 while an interrupted rollover left the
+        # topics missing; the stack creates it with 1 and the log uses partition 0).
+        used: dict[str, int] = {}
+        for r in todo:
+            used[r[0]] = max(used.get(r[0], 0), r[1] + 1)
+        deadline = time.monotonic() + 30.0
+        for topic, count in sorted(used.items()):
+            while True:
+                meta = producer.list_topics(topic, timeout=5).topics.get(topic)
+                if meta is not None and meta.error is None and len(meta.partitions) >= count:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{topic} has not {count} partitions after 30 s")
+                time.sleep(0.1)
+        for topic, part, offset, key, value, headers, ts in todo:
             whole = topic not in saved.compacted
             kwargs: dict[str, Any] = {"partition": part, "headers": headers or None,
                                       "on_delivery": (lambda e, m, o=offset, w=whole:
@@ -518,6 +781,26 @@ class StackBroker:
                     if copy.id != live["id"] or copy.schema != live["schema"]:
                         raise RuntimeError(f"{subject} v{version}: id {live['id']} in the "
                                            f"registry, {copy.id} in the copied log")
+
+
+def missing(saved: list[Record], present: list[Record]) -> list[Record]:
+    """The saved records the broker does not hold: each present record (same topic,
+    partition, key, value and headers) accounts for one saved copy, so producing the
+    result again gives each partition its saved records once, whatever part of them a
+    cut-off copy-back produced."""
+    from collections import Counter
+
+    def ident(r: Record) -> tuple[Any, ...]:
+        return (r[0], r[1], r[3], r[4], tuple(tuple(h) for h in (r[5] or ())))
+
+    have = Counter(ident(r) for r in present)
+    out = []
+    for r in saved:
+        if have[ident(r)] > 0:
+            have[ident(r)] -= 1
+        else:
+            out.append(r)
+    return out
 
 
 def latest_per_key(records: list[Any]) -> list[Any]:

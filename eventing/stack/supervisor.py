@@ -28,6 +28,7 @@ from eventing.stack import (
     realtime,
     registry,
     retention,
+    rollover,
     tracestore,
     watchdog,
 )
@@ -195,7 +196,9 @@ class Stack:
         return watchdog.Supervisor(parts, self.procs, self.settings.state_dir,
                                    after_healthy=lambda spec: self.after_healthy(spec, _quiet),
                                    liveness=self.settings.liveness,
-                                   log_rotation=self.settings.log_rotation)
+                                   log_rotation=self.settings.log_rotation,
+                                   may_start_held=lambda: not rollover.under_way(
+                                       self.settings.state_dir))
 
     def status(self) -> list[PartStatus]:
         out: list[PartStatus] = []

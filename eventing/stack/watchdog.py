@@ -33,8 +33,13 @@ orphans; only parts this process restarted are its children and have an exact ex
 status (signal or code). For a part `up` started the reason is the last line of its log.
 
 A part being stopped (`ProcessDir.stop` leaves a marker) or with no record (never started,
-or stopped by `down`) is not restarted. `up` and `down` stop the supervisor first, so it
-never races them. State is written to `data/supervisor/parts.json` for `sluice status`.
+or stopped by `down`) is not restarted, except a part *held* by a broker rollover
+(`ProcessDir.hold`: the functions with keyed state, stopped while the broker is replaced):
+while `may_start_held()` says no (a rollover is under way, or one that died left saved
+records for the next one to restore first) it shows `Held`; after that it is started
+again from its held record, so a rollover that died never leaves a function stopped.
+`up` and `down` stop the supervisor first, so it never races them. State is written to
+`data/supervisor/parts.json` for `sluice status`.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ CRASH_LOOP_EXITS = 3
 class PartState:
     """What the supervisor knows about one part (the `status` and metrics view)."""
 
-    state: str = "Running"               # Running | Waiting | CrashLoopBackOff
+    state: str = "Running"               # Running | Waiting | CrashLoopBackOff | Held
     restarts: int = 0
     last_exit_reason: str | None = None
     last_exit_code: int | None = None    # exit code, or -signal; None when unknown
@@ -197,8 +202,11 @@ class Supervisor:
                  after_healthy: Callable[[PartSpec], None] | None = None,
                  clock: Callable[[], float] = time.time,
                  liveness: Liveness | None = None,
-                 log_rotation: LogRotation | None = None) -> None:
+                 log_rotation: LogRotation | None = None,
+                 may_start_held: Callable[[], bool] | None = None) -> None:
         self.parts = parts
+        # Whether parts a rollover held (stopped) may be started again now.
+        self.may_start_held = may_start_held or (lambda: True)
         self.procs = procs
         self.state_dir = state_dir
         self.after_healthy = after_healthy or (lambda spec: None)
@@ -224,8 +232,23 @@ class Supervisor:
             if record is None or self.procs.stopping(name):
                 self._reap(name)
                 self.probers.pop(name, None)
+                held = None if record is not None or self.procs.stopping(name) \
+                    else self.procs.held(name)
+                if held is None:
+                    continue
+                if blocked or not self.may_start_held():
+                    st.state = "Held"  # its rollover starts it (or has to restore first)
+                    continue
+                log.warning("%s was held by a broker rollover that never started it again; "
+                            "starting it", name)
+                st.state, st.next_start_at = "Waiting", None
+                st.last_exit_reason = "stopped by a broker rollover that did not finish"
+                self._restart(name, held, factory(), st)
+                blocked = True
                 continue
             self._bound_log(record)
+            if st.state == "Held":  # started again by its rollover (or `up`)
+                st.state = "Running"
             if is_alive(record):
                 if st.killing is not None:
                     self._finish_kill(name, record, st, now)
