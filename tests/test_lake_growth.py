@@ -55,26 +55,49 @@ def test_object_store_part_gets_its_bounds_from_the_settings(tmp_path):
     assert f"-master.vacuumIntervalSeconds={objectstore.VACUUM_INTERVAL_S}" in spec.argv
 
 
-def test_janitor_purges_periodically_and_survives_a_failing_store(tmp_path, monkeypatch):
+def test_volume_totals_are_read_from_the_end_of_volume_list():
+    out = ("Topology volumeSizeLimit:1024 MB hdd(volume:2/71 active:2 free:69 remote:0)\n"
+           "  volume Id:2, Size:17429680, Collection:, FileCount:4, DeleteCount:0\n"
+           "total size:29308632 file_count:540 deleted_file:4 deleted_bytes:20328 \n")
+    assert objectstore.parse_volume_totals(out) == objectstore.VolumeTotals(29308632, 20328)
+    assert objectstore.parse_volume_totals("total size:155456 file_count:24 \n") == (
+        objectstore.VolumeTotals(155456, 0))  # nothing deleted yet: no deleted_bytes
+    assert objectstore.parse_volume_totals("error: no master") is None
+
+
+def test_janitor_purges_then_vacuums_each_round_and_survives_a_failing_store(
+        tmp_path, monkeypatch):
     import threading
 
-    calls: list[float] = []
+    calls: list[tuple[str, float]] = []
 
     def purge(settings: object, keep_s: float) -> int:
-        calls.append(keep_s)
+        calls.append(("purge", keep_s))
         if len(calls) == 1:
-            raise OSError("object store restarting")  # logged, retried next round
+            raise OSError("object store restarting")  # logged; the vacuum still runs
         return 2
 
+    def vacuum(settings: object, garbage_threshold: float) -> str:
+        calls.append(("vacuum", garbage_threshold))
+        if len(calls) == 4:
+            raise OSError("vacuum timed out")  # logged, retried next round
+        return ""
+
     monkeypatch.setattr(objectstore, "purge_filer_log", purge)
+    monkeypatch.setattr(objectstore, "vacuum_volumes", vacuum)
+    monkeypatch.setattr(objectstore, "volume_totals", lambda settings: None)
     settings = load_settings(state_dir=tmp_path / "state", port_offset=22800)
     stop = threading.Event()
-    janitor = objectstore.FilerLogJanitor(settings, stop, every_s=0.01).start()
-    wait_until(lambda: janitor.purged >= 4, 10, "two successful purges after a failure")
+    janitor = objectstore.ObjectStoreJanitor(settings, stop, every_s=0.01).start()
+    wait_until(lambda: janitor.purged >= 4 and janitor.vacuums >= 3, 10,
+               "rounds after a failed purge and a failed vacuum")
     stop.set()
     janitor._thread.join(5)
     assert not janitor._thread.is_alive()
-    assert set(calls) == {settings.filer_log_keep_s}
+    kinds = [kind for kind, _ in calls]
+    assert kinds[:6] == ["purge", "vacuum"] * 3  # the round's purged minutes, compacted
+    assert set(calls) == {("purge", settings.filer_log_keep_s),
+                          ("vacuum", settings.objectstore_garbage_threshold)}
 
 
 def test_prometheus_is_started_with_a_retention_bound(tmp_path):
@@ -267,3 +290,39 @@ def test_purge_filer_log_deletes_old_minutes_and_the_store_keeps_working(stack, 
     fs.delete_dir_contents(f"{bucket}/growth-test")
     assert not [i for i in fs.get_file_info(FileSelector(f"{bucket}/growth-test",
                                                          allow_not_found=True))]
+
+
+def _volume_files_bytes(settings) -> int:
+    """Bytes of every volume data file (`*.dat`) in the object store's data folder."""
+    folder = settings.state_dir / "data" / objectstore.NAME
+    return sum(f.stat().st_size for f in folder.glob("*.dat"))
+
+
+@pytest.mark.stack
+def test_vacuum_gives_deleted_objects_disk_back(stack, lake):
+    """Write 8 MiB of objects, delete them: the volumes keep the bytes (the master counts
+    them deleted) until `vacuum_volumes` compacts, after which the data folder's volume
+    files are smaller by most of it. This is what `weed mini` stops doing by itself."""
+    from pyarrow.fs import FileSelector
+
+    fs = s3_filesystem(lake)
+    prefix = f"{stack.broker_bucket}/vacuum-test-{uuid.uuid4().hex[:8]}"
+    blob, count = uuid.uuid4().bytes * (16384 // 16 * 16), 32  # 256 KiB each, 8 MiB
+    for i in range(count):
+        with fs.open_output_stream(f"{prefix}/{i}") as out:
+            out.write(blob)
+    written = len(blob) * count
+    on_disk = _volume_files_bytes(stack)
+    baseline = objectstore.volume_totals(stack)
+    assert baseline is not None
+    fs.delete_dir_contents(prefix)
+    # The volume server tells the master its deleted bytes by heartbeat (seconds).
+    wait_until(lambda: (t := objectstore.volume_totals(stack)) is not None
+               and t.deleted_bytes >= baseline.deleted_bytes + written // 2
+               or _volume_files_bytes(stack) < on_disk - written // 2,  # janitor was first
+               60, "the master to count the deleted objects", interval=1)
+    objectstore.vacuum_volumes(stack, garbage_threshold=0.01)
+    after = _volume_files_bytes(stack)
+    assert after < on_disk - written // 2, (on_disk, after, written)
+    assert not list(fs.get_file_info(FileSelector(prefix, allow_not_found=True)))
+    assert catalog(lake).list_namespaces() is not None  # the store works on

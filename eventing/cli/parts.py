@@ -448,8 +448,9 @@ def supervise(edge: Edge) -> int:
     sup = Stack(s).supervise()
     serve_metrics(sup, s.host, s.ports.supervisor)
     if (s.state_dir / "data" / objectstore.NAME).is_dir():
-        # SeaweedFS never deletes its filer's metadata log: the stack's keeper bounds it.
-        objectstore.FilerLogJanitor(s, stop).start()
+        # SeaweedFS never deletes its filer's metadata log, and `weed mini` switches its
+        # master's automatic vacuum off: the stack's keeper purges and compacts.
+        objectstore.ObjectStoreJanitor(s, stop).start()
     sup.run(stop)
     return 0
 

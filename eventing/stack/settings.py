@@ -158,8 +158,11 @@ class StackSettings:
     log_rotation: LogRotation = field(default_factory=LogRotation)
 
     # SeaweedFS bounds (eventing/stack/objectstore.py says why): its filer's metadata log
-    # is kept this long, and Go's soft memory limit for `weed mini` (GOMEMLIMIT, bytes).
+    # is kept this long, a volume is compacted once this share of it is deleted (each
+    # janitor round, every filer_log_keep_s / 2), and Go's soft memory limit for `weed
+    # mini` (GOMEMLIMIT, bytes).
     filer_log_keep_s: float = 300.0
+    objectstore_garbage_threshold: float = 0.1
     objectstore_memory_limit: int = 512 << 20
     # Prometheus keeps this much (its defaults: 15 days, no size bound): what a local
     # stack's dashboards and alerts look at, not an archive.
