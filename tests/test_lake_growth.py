@@ -281,7 +281,9 @@ def test_purge_filer_log_deletes_old_minutes_and_the_store_keeps_working(stack, 
     write_one()
     files = wait_until(log_files, 150, "a filer metadata log file", interval=5)
     purged = objectstore.purge_filer_log(stack, keep_s=0, now=time.time() + 3600)
-    assert purged >= len(files)
+    # The stack's own janitor (the supervisor) purges too and may take one first (a CI
+    # run: 4 purged of 5 listed): what must hold is that none of them is left.
+    assert purged >= 1
     assert not set(files) & set(log_files())
     key = write_one()  # the store works on
     assert fs.get_file_info(key).size == 100

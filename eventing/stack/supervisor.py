@@ -198,7 +198,8 @@ class Stack:
                                    liveness=self.settings.liveness,
                                    log_rotation=self.settings.log_rotation,
                                    may_start_held=lambda: not rollover.under_way(
-                                       self.settings.state_dir))
+                                       self.settings.state_dir),
+                                   rollover_restarts=frozenset({broker.NAME}))
 
     def status(self) -> list[PartStatus]:
         out: list[PartStatus] = []

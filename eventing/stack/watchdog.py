@@ -203,10 +203,15 @@ class Supervisor:
                  clock: Callable[[], float] = time.time,
                  liveness: Liveness | None = None,
                  log_rotation: LogRotation | None = None,
-                 may_start_held: Callable[[], bool] | None = None) -> None:
+                 may_start_held: Callable[[], bool] | None = None,
+                 rollover_restarts: frozenset[str] = frozenset()) -> None:
         self.parts = parts
         # Whether parts a rollover held (stopped) may be started again now.
         self.may_start_held = may_start_held or (lambda: True)
+        # Parts a rollover under way restarts itself (the broker): the supervisor
+        # restarting one too raced it for the port (the rollover's broker "exited during
+        # start" in a CI run) and the rollover failed after the restart.
+        self.rollover_restarts = rollover_restarts
         self.procs = procs
         self.state_dir = state_dir
         self.after_healthy = after_healthy or (lambda spec: None)
@@ -268,6 +273,10 @@ class Supervisor:
                         blocked = True
                 if st.state != "Running" and now - record.started_at >= RESET_AFTER_S:
                     st.state, st.quick_exits, st.backoff_s = "Running", 0, 0.0
+                continue
+            if name in self.rollover_restarts and not self.may_start_held():
+                st.state = "Held"  # the rollover under way starts it (or its resume does)
+                blocked = True
                 continue
             if st.next_start_at is None:
                 self._note_exit(name, record, st, now)
