@@ -163,6 +163,30 @@ def test_a_part_held_by_a_rollover_that_died_is_started_again_once_none_is_under
     assert procs.record("held").pid == again.pid  # started once
 
 
+def test_a_broker_that_exited_during_a_rollover_is_left_to_the_rollover(procs, tmp_path):
+    """The rollover kills the broker and starts the new one itself: a supervisor that
+    restarted it too raced it for the port (a CI run). Once no rollover is under way, an
+    exited broker is the supervisor's to restart again."""
+    spec = _spec("broker", "import time; time.sleep(60)")
+    rollover = {"under_way": True}
+    sup = Supervisor(lambda: iter([("broker", lambda: spec)]), procs, tmp_path, clock=Clock(),
+                     may_start_held=lambda: not rollover["under_way"],
+                     rollover_restarts=frozenset({"broker"}))
+    first = procs.start(spec)
+    os.kill(first.pid, signal.SIGKILL)  # as the rollover's stop ends
+    _wait_dead(procs, "broker")
+    for _ in range(3):
+        sup.tick()
+    assert procs.record("broker").pid == first.pid  # not started by the supervisor
+    assert sup.states["broker"].state == "Held" and sup.states["broker"].restarts == 0
+
+    rollover["under_way"] = False  # the rollover died before starting one
+    sup.tick()
+    again = procs.record("broker")
+    assert again.pid != first.pid and is_alive(again)
+    assert sup.states["broker"].restarts == 1
+
+
 def test_a_part_stopped_by_down_stays_stopped_even_when_no_rollover_runs(procs, tmp_path):
     spec = _spec("plain", "import time; time.sleep(60)")
     sup = Supervisor(lambda: iter([("plain", lambda: spec)]), procs, tmp_path, clock=Clock(),
