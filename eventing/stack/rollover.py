@@ -788,16 +788,32 @@ class StackBroker:
         records = [r for m in scan.read(self.settings.bootstrap, [self.settings.schemas_topic],
                                         raw=True, idle_s=1.0, timeout_s=60.0)
                    if (r := _decode_record(m.key(), m.value(), m.offset())) is not None]
+        from eventing.registry.errors import RegistryError
+
         store = SchemaStore(MemoryLog(records))
         url = self.settings.registry_url
+        absent: list[str] = []
         with httpx.Client(timeout=10) as http:
             for subject in http.get(url + "/subjects").json():
                 for version in http.get(f"{url}/subjects/{subject}/versions").json():
                     live = http.get(f"{url}/subjects/{subject}/versions/{version}").json()
-                    copy = store.get_version(subject, version)
+                    try:
+                        copy = store.get_version(subject, version)
+                    except RegistryError:
+                        absent.append(f"{subject} v{version}")
+                        continue
                     if copy.id != live["id"] or copy.schema != live["schema"]:
                         raise RuntimeError(f"{subject} v{version}: id {live['id']} in the "
                                            f"registry, {copy.id} in the copied log")
+        if absent:
+            # Not this rollover's doing: an earlier broker crash (not a rollover) emptied
+            # `_schemas` while the running registry kept them in memory, so the log the
+            # rollover copied never had them (a CI run: `alerts.fraud-value`). Failing
+            # here failed the rollover for good after the restart; the registry still
+            # serves them, and a registry restart would lose them either way.
+            log.warning("the registry serves %d versions its `_schemas` log lacks (lost by an "
+                        "earlier broker restart, not by this rollover): %s", len(absent),
+                        ", ".join(absent[:10]))
 
 
 def missing(saved: list[Record], present: list[Record]) -> list[Record]:
