@@ -497,9 +497,15 @@ class Tracer:
                 return f"{n:032x}", (n & _TRACE_ID_LIMIT) < bound
 
     def _start(self, name: str, kind: SpanKind, parent: w3c.TraceParent | None,
-               tracestate: str | None, attributes: dict[str, Any], start: int | None = None,
-               trace_id: str | None = None) -> Span | None:
-        """An SDK span, child of `parent` (remote) or a root; None when not sampled."""
+               tracestate: str | bytes | None, attributes: dict[str, Any],
+               start: int | None = None, trace_id: str | None = None) -> Span | None:
+        """An SDK span, child of `parent` (remote) or a root; None when not sampled.
+
+        `tracestate` may be a record header's raw bytes (`ce_kafka.header_value`, the
+        sinks): the SDK's parser takes text only, and a sampled record carrying one
+        crashed the sink that wrote it (found in a CI run)."""
+        if isinstance(tracestate, bytes):
+            tracestate = tracestate.decode("utf-8", "replace")
         if parent is not None:
             ctx = otel_trace.set_span_in_context(NonRecordingSpan(SpanContext(
                 int(parent.trace_id, 16), int(parent.span_id, 16), is_remote=True,
