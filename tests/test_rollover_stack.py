@@ -54,6 +54,20 @@ N = 2000
 RATE = 100.0
 
 
+
+def _before(pipeline, witness: str, tag: str, now: int, n: int, seed: int):
+    """`n` payments (not yet sent), a poison one, and the witness card's three payments;
+    the three and the poison are published: scored, and the poison a dead letter."""
+    payments = [p for p, _ in traffic(slice(300, 650), n, seed=seed, fraud_share=0.0)]
+    prefix = payments[0]["payment_id"].rsplit("-", 1)[0]
+    poison = dict(payments[0], payment_id=f"{prefix}-poison", event_time=10**16)
+    before = [_witness(witness, tag, now, i) for i in range(3)]
+    assert publish(pipeline, [*before, poison]) == 4
+    assert len(read_scored(pipeline, {p["payment_id"] for p in before})) == 3
+    wait_until(lambda: poison["payment_id"] in _deadletters(pipeline) or None, 30,
+               "the poison payment among the dead letters")
+    return payments, prefix, poison, before
+
 def _witness(card: str, tag: str, now: int, index: int) -> dict:
     return {"payment_id": f"w{tag}-{card}-{index}", "card_id": card, "merchant_id": "m-0001",
             "amount": 20.0 + index, "currency": "EUR", "country": REF.cards[card],
@@ -87,14 +101,7 @@ def test_a_rollover_mid_stream_loses_nothing_accepted(pipeline, lake_con) -> Non
     now = int(time.time() * 1000)
     witness, control = CARDS[660], CARDS[661]
     # Before: the witness card pays three times, and one payment is a dead letter.
-    payments = [p for p, _ in traffic(slice(300, 650), N, seed=61, fraud_share=0.0)]
-    prefix = payments[0]["payment_id"].rsplit("-", 1)[0]
-    poison = dict(payments[0], payment_id=f"{prefix}-poison", event_time=10**16)
-    before = [_witness(witness, tag, now, i) for i in range(3)]
-    assert publish(pipeline, [*before, poison]) == 4
-    assert len(read_scored(pipeline, {p["payment_id"] for p in before})) == 3
-    wait_until(lambda: poison["payment_id"] in _deadletters(pipeline) or None, 30,
-               "the poison payment among the dead letters")
+    payments, prefix, poison, before = _before(pipeline, witness, tag, now, N, 61)
     letters_before = _deadletters(pipeline)
     ids_before = _schema_ids(pipeline)
     # What days of `make up` leave in a memory broker: records every reader is done
@@ -207,14 +214,7 @@ def test_a_rollover_killed_after_the_broker_restart_is_finished_by_the_retention
     # Cards of their own per case: a card's window still counts the other case's payments.
     i = HOLD_AT.index(hold_at)
     witness, control = CARDS[670 + 2 * i], CARDS[671 + 2 * i]
-    payments = [p for p, _ in traffic(slice(300, 650), 300, seed=67, fraud_share=0.0)]
-    prefix = payments[0]["payment_id"].rsplit("-", 1)[0]
-    poison = dict(payments[0], payment_id=f"{prefix}-poison", event_time=10**16)
-    before = [_witness(witness, tag, now, i) for i in range(3)]
-    assert publish(pipeline, [*before, poison]) == 4
-    assert len(read_scored(pipeline, {p["payment_id"] for p in before})) == 3
-    wait_until(lambda: poison["payment_id"] in _deadletters(pipeline) or None, 30,
-               "the poison payment among the dead letters")
+    payments, prefix, poison, before = _before(pipeline, witness, tag, now, 300, 67)
     letters_before = _deadletters(pipeline)
     ids_before = _schema_ids(pipeline)
     kept_before = _kept_counts(pipeline)
